@@ -1,0 +1,202 @@
+"""The loader seam: one small interface every backend implements, and the registry that picks one for a path.
+
+A loader turns a path plus a typed options object into a LoadedModel. A LoadedModel streams TokenEvents for a
+prompt, encodes and decodes, exposes its chat template and declares what it can do. Stop strings, queueing and
+prompt building live above this seam, in the core, written once for every loader.
+"""
+from __future__ import annotations
+
+import importlib
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from modules.errors import ConfigError, ModelLoadError
+from modules.generation import GenerationParams, TokenEvent
+
+
+class Capability(StrEnum):
+    TOKENIZE = "tokenize"  # encode/decode locally; the core hands the loader token ids
+    LOGPROBS = "logprobs"  # chosen-token and top-k log-probabilities
+    GRAMMAR = "grammar"  # GBNF grammar and JSON schema constrained output
+    LORA = "lora"  # apply/remove LoRA adapters on the loaded model
+    EMBEDDINGS = "embeddings"
+    BATCHING = "batching"
+    LOGITS_PROCESSORS = "logits_processors"  # extensions may add logits processors
+
+
+class LoaderOptions(BaseModel):
+    """Base of each loader's options. Fields carry descriptions (the help text of flags and UI widgets)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+@dataclass
+class ModelInfo:
+    """What the Model tab and /v1/internal/model/info show about the loaded model."""
+
+    name: str
+    loader: str
+    path: str
+    context_length: int
+    dtype: str
+    device: str
+    memory_bytes: int
+    loras: list[str] = field(default_factory=list)
+    capabilities: list[str] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class LoadedModel(ABC):
+    """A model in memory. Subclasses fill the attributes in __init__ and implement the abstract methods."""
+
+    loader_name: ClassVar[str]
+    capabilities: frozenset[Capability] = frozenset()
+    #: GenerationParams fields this model honours (see modules.generation.check_supported).
+    supported_params: frozenset[str] = frozenset()
+
+    name: str
+    path: Path
+    context_length: int
+    chat_template: str | None  # Jinja, from the model's own metadata; None when it has none
+    bos_token: str | None
+    eos_token: str | None
+
+    @abstractmethod
+    def stream(self, prompt: list[int] | str, params: GenerationParams,
+               cancel: threading.Event) -> Iterator[TokenEvent]:
+        """Yield tokens until EOS, max_new_tokens, or `cancel` is set (checked before every token).
+
+        Closing the iterator early must stop generation and free resources at once."""
+
+    @abstractmethod
+    def encode(self, text: str, *, add_bos: bool = False) -> list[int]:
+        """Token ids of `text`, parsing special tokens written in it (such as <|im_start|>)."""
+
+    @abstractmethod
+    def decode(self, ids: list[int], *, skip_special_tokens: bool = False) -> str: ...
+
+    def token_count(self, text: str) -> int:
+        return len(self.encode(text))
+
+    def apply_loras(self, paths: list[Path], scales: list[float] | None = None) -> None:
+        raise ModelLoadError(f"The {self.loader_name} loader cannot apply LoRA adapters.")
+
+    def remove_loras(self) -> None:
+        raise ModelLoadError(f"The {self.loader_name} loader cannot apply LoRA adapters.")
+
+    @property
+    def loras(self) -> list[str]:
+        return []
+
+    @abstractmethod
+    def info(self) -> ModelInfo: ...
+
+    @abstractmethod
+    def unload(self) -> None:
+        """Free the weights now; the object must not be used afterwards."""
+
+
+class Loader(ABC):
+    """A backend. Loaders are stateless: all state lives in the LoadedModel they return."""
+
+    name: ClassVar[str]
+    Options: ClassVar[type[LoaderOptions]]
+    description: ClassVar[str] = ""
+
+    @classmethod
+    @abstractmethod
+    def accepts(cls, path: Path) -> bool:
+        """Whether this loader recognises what `path` holds (used to pick a loader when none is forced)."""
+
+    @classmethod
+    @abstractmethod
+    def load(cls, path: Path, options: LoaderOptions) -> LoadedModel:
+        """Load or raise ModelLoadError; never leave a half-loaded model behind."""
+
+    @classmethod
+    def parse_options(cls, values: dict[str, Any] | None) -> LoaderOptions:
+        try:
+            return cls.Options(**(values or {}))
+        except ValidationError as exc:
+            problems = "; ".join(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors())
+            raise ConfigError(f"Bad {cls.name} loader option(s): {problems}") from None
+
+
+@dataclass(frozen=True)
+class LoaderEntry:
+    """A registry row: the import path is resolved only when the loader is used, so listing loaders (for
+    --help, the Model tab) does not import torch or llama.cpp."""
+
+    name: str
+    module: str
+    class_name: str
+
+    def resolve(self) -> type[Loader]:
+        module = importlib.import_module(self.module)
+        return getattr(module, self.class_name)
+
+
+BUILTIN_LOADERS: tuple[LoaderEntry, ...] = (
+    LoaderEntry("llama.cpp", "loaders.llama_cpp_loader", "LlamaCppLoader"),
+    LoaderEntry("transformers", "loaders.transformers_loader", "TransformersLoader"),
+)
+
+
+class LoaderRegistry:
+    """The loaders an app knows, by name. Extensions may register more."""
+
+    def __init__(self, entries: tuple[LoaderEntry, ...] | list[LoaderEntry] = BUILTIN_LOADERS):
+        self._entries: dict[str, LoaderEntry] = {entry.name: entry for entry in entries}
+
+    def register(self, entry: LoaderEntry) -> None:
+        self._entries[entry.name] = entry
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._entries)
+
+    def get(self, name: str) -> type[Loader]:
+        key = _LOADER_ALIASES.get(name.lower(), name)
+        if key not in self._entries:
+            raise ConfigError(f"Unknown loader {name!r}; known loaders: {', '.join(self._entries)}.")
+        try:
+            return self._entries[key].resolve()
+        except ImportError as exc:
+            raise ModelLoadError(f"The {key} loader is not installed: {exc}") from None
+
+    def detect(self, path: Path) -> type[Loader]:
+        """Pick the loader for what `path` holds."""
+        if not path.exists():
+            raise ModelLoadError(f"No model at {path}.")
+        for name in self._entries:
+            try:
+                loader = self.get(name)
+            except ModelLoadError:
+                continue
+            if loader.accepts(path):
+                return loader
+        raise ModelLoadError(
+            f"No loader recognises {path.name}: expected a .gguf file, or a folder with config.json and "
+            "*.safetensors weights. Pick a loader explicitly with --loader if you know better.")
+
+
+_LOADER_ALIASES = {"llama_cpp": "llama.cpp", "llamacpp": "llama.cpp", "llama-cpp": "llama.cpp",
+                   "hf": "transformers", "huggingface": "transformers"}
+
+
+def gguf_files(path: Path) -> list[Path]:
+    """GGUF weights at `path`: the file itself, or those directly in the folder (first shard of a split only)."""
+    if path.is_file():
+        return [path] if path.suffix.lower() == ".gguf" else []
+    if path.is_dir():
+        files = sorted(p for p in path.glob("*.gguf") if p.is_file())
+        shards = [p for p in files if "-of-" in p.stem]
+        return [p for p in files if p not in shards] + [p for p in shards if "-00001-of-" in p.stem]
+    return []

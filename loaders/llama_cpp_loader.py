@@ -1,0 +1,326 @@
+"""llama.cpp through llama-cpp-python: GGUF files, native samplers, GBNF grammars, GGUF LoRA adapters.
+
+We drive the decode loop ourselves (Llama.eval + a native sampler chain) instead of create_completion, because
+the high-level API builds a fixed chain without DRY, XTC, top-n-sigma, dynamic temperature or sampler order.
+"""
+from __future__ import annotations
+
+import ctypes
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from pydantic import Field, model_validator
+
+from loaders.base import Capability, LoadedModel, Loader, LoaderOptions, ModelInfo, gguf_files
+from loaders.llama_cpp_sampling import build_sampler_chain, SUPPORTED_PARAMS
+from modules.errors import GenerationError, ModelLoadError
+from modules.generation import GenerationParams, TokenEvent, TopLogprob
+
+CacheType = Literal["f16", "f32", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0", "iq4_nl"]
+
+
+class LlamaCppOptions(LoaderOptions):
+    n_ctx: int = Field(8192, ge=0, description="Context length in tokens; 0 = the model's trained length. "
+                                               "Capped at the trained length unless rope scaling is set.")
+    n_gpu_layers: int = Field(0, ge=-1, description="Layers to offload to the GPU; -1 = all.")
+    n_threads: int | None = Field(None, ge=1, description="Threads for generation (default: llama.cpp's choice).")
+    n_threads_batch: int | None = Field(None, ge=1, description="Threads for prompt processing.")
+    n_batch: int = Field(512, ge=1, description="Prompt tokens per decode call (logical batch).")
+    n_ubatch: int = Field(512, ge=1, description="Physical micro-batch size.")
+    use_mmap: bool = Field(True, description="Map the file instead of reading it into memory.")
+    use_mlock: bool = Field(False, description="Lock the weights in RAM (no swapping).")
+    tensor_split: list[float] | None = Field(None, description="Share of the model per GPU, e.g. 60,40.")
+    flash_attn: bool = Field(False, description="Use flash attention (needed for a quantized V cache).")
+    cache_type: CacheType = Field("f16", description="KV cache type: f16, q8_0, q4_0, ...")
+    rope_freq_base: float = Field(0.0, ge=0.0, description="RoPE base frequency; 0 = from the model.")
+    rope_freq_scale: float = Field(0.0, ge=0.0, description="RoPE frequency scale (e.g. 0.5 doubles the context); "
+                                                          "0 = from the model.")
+
+    @model_validator(mode="after")
+    def _quantized_v_needs_flash(self) -> "LlamaCppOptions":
+        if self.cache_type not in ("f16", "f32", "bf16") and not self.flash_attn:
+            raise ValueError(f"cache_type {self.cache_type} quantizes the V cache, which llama.cpp only allows "
+                             "with flash_attn on")
+        return self
+
+
+_GGML_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q8_0": 8, "iq4_nl": 20, "bf16": 30}
+_GGUF_MAGIC = b"GGUF"
+
+
+class LlamaCppLoader(Loader):
+    name = "llama.cpp"
+    Options = LlamaCppOptions
+    description = "GGUF files through llama-cpp-python (CPU, CUDA, Metal)."
+
+    @classmethod
+    def accepts(cls, path: Path) -> bool:
+        return bool(gguf_files(path))
+
+    @classmethod
+    def load(cls, path: Path, options: LoaderOptions) -> "LlamaCppModel":
+        assert isinstance(options, LlamaCppOptions)
+        files = gguf_files(path)
+        if not files:
+            raise ModelLoadError(f"{path.name} holds no .gguf file; the llama.cpp loader needs GGUF weights.")
+        if len(files) > 1:
+            raise ModelLoadError(f"{path.name} holds several GGUF files ({', '.join(f.name for f in files)}); "
+                                 "pick one file.")
+        return LlamaCppModel(files[0], options)
+
+
+def check_gguf_header(file: Path) -> int:
+    """Refuse files that are not GGUF or are cut short, before llama.cpp sees them (it may abort otherwise).
+    Returns the trained context length from the metadata (0 when absent)."""
+    try:
+        size = file.stat().st_size
+        with open(file, "rb") as handle:
+            magic = handle.read(4)
+    except OSError as exc:
+        raise ModelLoadError(f"Cannot read {file.name}: {exc.strerror}.") from None
+    if magic != _GGUF_MAGIC:
+        raise ModelLoadError(f"{file.name} is not a GGUF file (its first bytes are {magic!r}, not b'GGUF').")
+    try:
+        from gguf import GGUFReader
+
+        reader = GGUFReader(str(file))
+        end = max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=0)
+        arch = reader.fields["general.architecture"].contents()
+        context_field = reader.fields.get(f"{arch}.context_length")
+        n_ctx_train = int(context_field.contents()) if context_field is not None else 0
+    except Exception as exc:  # the reader raises many kinds of errors on a damaged header
+        raise ModelLoadError(f"{file.name} is a corrupt or truncated GGUF file: {exc}") from None
+    if end > size:
+        raise ModelLoadError(f"{file.name} is truncated: its tensors need {end:,} bytes but the file has {size:,}.")
+    return n_ctx_train
+
+
+class LlamaCppModel(LoadedModel):
+    loader_name = "llama.cpp"
+    capabilities = frozenset({Capability.TOKENIZE, Capability.LOGPROBS, Capability.GRAMMAR, Capability.LORA})
+    supported_params = SUPPORTED_PARAMS
+
+    def __init__(self, file: Path, options: LlamaCppOptions):
+        import llama_cpp
+
+        n_ctx_train = check_gguf_header(file)
+        self._lib = llama_cpp
+        self.path = file
+        self.name = file.name
+        self.options = options
+        kwargs = dict(
+            model_path=str(file), n_gpu_layers=options.n_gpu_layers, n_batch=options.n_batch,
+            n_ubatch=options.n_ubatch, use_mmap=options.use_mmap, use_mlock=options.use_mlock,
+            tensor_split=options.tensor_split, flash_attn=options.flash_attn, verbose=False,
+            type_k=_GGML_TYPES[options.cache_type], type_v=_GGML_TYPES[options.cache_type],
+            rope_freq_base=options.rope_freq_base, rope_freq_scale=options.rope_freq_scale,
+        )
+        if options.n_threads:
+            kwargs["n_threads"] = options.n_threads
+        if options.n_threads_batch:
+            kwargs["n_threads_batch"] = options.n_threads_batch
+        try:
+            n_ctx = options.n_ctx or n_ctx_train
+            if n_ctx_train and options.rope_freq_scale == 0 and options.rope_freq_base == 0:
+                n_ctx = min(n_ctx, n_ctx_train)
+            self._llama = llama_cpp.Llama(n_ctx=n_ctx, **kwargs)
+        except (ValueError, RuntimeError, OSError) as exc:
+            raise ModelLoadError(f"llama.cpp could not load {file.name}: {exc}") from None
+        llama = self._llama
+        self._vocab = llama._model.vocab
+        self._n_vocab = llama.n_vocab()
+        self.context_length = llama.n_ctx()
+        metadata = llama.metadata
+        self.chat_template = metadata.get("tokenizer.chat_template") or None
+        self.bos_token = self._token_text(llama.token_bos())
+        self.eos_token = self._token_text(llama.token_eos())
+        self._eog = {t for t in (llama.token_eos(), llama_cpp.llama_vocab_eot(self._vocab)) if t >= 0}
+        self._metadata = metadata
+        self._loras: list[tuple[str, object]] = []
+        self._lock = threading.Lock()  # one decode loop at a time per context
+
+    # --- tokens ------------------------------------------------------------------------------------------------
+    def _token_text(self, token: int) -> str | None:
+        if token < 0:
+            return None
+        return self._piece(token, special=True).decode("utf-8", errors="replace")
+
+    def _piece(self, token: int, *, special: bool) -> bytes:
+        size = 64
+        while True:
+            buffer = ctypes.create_string_buffer(size)
+            n = self._lib.llama_token_to_piece(self._vocab, token, buffer, size, 0, special)
+            if n >= 0:
+                return buffer.raw[:n]
+            size = -n
+
+    def encode(self, text: str, *, add_bos: bool = False) -> list[int]:
+        return self._llama.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True)
+
+    def decode(self, ids: list[int], *, skip_special_tokens: bool = False) -> str:
+        if not ids:
+            return ""
+        tokens = (self._lib.llama_token * len(ids))(*ids)
+        size = max(64, 8 * len(ids))
+        while True:
+            buffer = ctypes.create_string_buffer(size)
+            n = self._lib.llama_detokenize(self._vocab, tokens, len(ids), buffer, size, False,
+                                           not skip_special_tokens)
+            if n >= 0:
+                return buffer.raw[:n].decode("utf-8", errors="replace")
+            size = -n
+
+    def is_end_of_generation(self, token: int) -> bool:
+        return token in self._eog or bool(self._lib.llama_vocab_is_eog(self._vocab, token))
+
+    # --- generation --------------------------------------------------------------------------------------------
+    def stream(self, prompt: list[int] | str, params: GenerationParams,
+               cancel: threading.Event) -> Iterator[TokenEvent]:
+        ids = self.encode(prompt, add_bos=params.add_bos_token) if isinstance(prompt, str) else list(prompt)
+        if not ids:
+            raise GenerationError("The prompt is empty: there is nothing to continue.")
+        if len(ids) >= self.context_length:
+            raise GenerationError(f"The prompt has {len(ids)} tokens but the context holds {self.context_length}.")
+        with self._lock:
+            yield from self._decode_loop(ids, params, cancel)
+
+    def _decode_loop(self, ids: list[int], params: GenerationParams, cancel: threading.Event) -> Iterator[TokenEvent]:
+        llama = self._llama
+        lib = self._lib
+        to_eval = self._reuse_prefix(ids)
+        chain = build_sampler_chain(lib, llama, params, ids, eog_tokens=self._eog)
+        decoder = _Utf8Stream()
+        try:
+            for _ in range(params.max_new_tokens):
+                if cancel.is_set():
+                    return
+                if llama.n_tokens + len(to_eval) > self.context_length:
+                    return  # context full
+                try:
+                    llama.eval(to_eval)
+                except RuntimeError as exc:
+                    raise GenerationError(f"llama.cpp failed to decode: {exc}") from None
+                token = lib.llama_sampler_sample(chain, llama._ctx.ctx, -1)
+                if self.is_end_of_generation(token) and not params.ban_eos_token:
+                    return
+                event = TokenEvent(token_id=token, text=decoder.push(
+                    self._piece(token, special=not params.skip_special_tokens)))
+                if params.logprobs:
+                    self._fill_logprobs(event, params.logprobs)
+                to_eval = [token]
+                yield event
+        finally:
+            lib.llama_sampler_free(chain)
+
+    def _reuse_prefix(self, ids: list[int]) -> list[int]:
+        """Keep the KV cache of the longest common prefix with the previous prompt (always re-evaluating at
+        least the last token, whose logits we need)."""
+        llama = self._llama
+        cached = llama.n_tokens
+        common = 0
+        limit = min(cached, len(ids) - 1)
+        previous = llama.input_ids
+        while common < limit and previous[common] == ids[common]:
+            common += 1
+        if common > 0 and llama._ctx.kv_cache_seq_rm(-1, common, -1):
+            llama.n_tokens = common
+            return ids[common:]
+        llama.reset()
+        return ids
+
+    def _fill_logprobs(self, event: TokenEvent, top_n: int) -> None:
+        logits = np.ctypeslib.as_array(self._lib.llama_get_logits_ith(self._llama._ctx.ctx, -1),
+                                       shape=(self._n_vocab,))
+        logprobs = logits - _logsumexp(logits)
+        event.logprob = float(logprobs[event.token_id])
+        top = np.argpartition(-logprobs, top_n)[:top_n]
+        top = top[np.argsort(-logprobs[top])]
+        event.top_logprobs = [TopLogprob(self._token_text(int(t)) or "", int(t), float(logprobs[t])) for t in top]
+
+    # --- LoRA --------------------------------------------------------------------------------------------------
+    def apply_loras(self, paths: list[Path], scales: list[float] | None = None) -> None:
+        lib = self._lib
+        scales = scales or [1.0] * len(paths)
+        loaded = []
+        for path in paths:
+            files = gguf_files(path)
+            if len(files) != 1:
+                raise ModelLoadError(f"The llama.cpp loader applies LoRA adapters as one GGUF file; {path.name} "
+                                     "holds none (export the adapter to GGUF from the Training tab).")
+            adapter = lib.llama_adapter_lora_init(self._llama._model.model, str(files[0]).encode("utf-8"))
+            if not adapter:
+                for _, handle in loaded:
+                    lib.llama_adapter_lora_free(handle)
+                raise ModelLoadError(f"llama.cpp could not load the LoRA adapter {files[0].name} (wrong base "
+                                     "model or not a GGUF LoRA).")
+            loaded.append((path.name, adapter))
+        self.remove_loras()
+        handles = (lib.llama_adapter_lora_p_ctypes * len(loaded))(*[h for _, h in loaded])
+        factors = (ctypes.c_float * len(loaded))(*scales)
+        if lib.llama_set_adapters_lora(self._llama._ctx.ctx, handles, len(loaded), factors) != 0:
+            for _, handle in loaded:
+                lib.llama_adapter_lora_free(handle)
+            raise ModelLoadError("llama.cpp refused the LoRA adapter(s) for this model.")
+        self._loras = loaded
+        self._llama.reset()  # cached KV was computed without the adapter
+
+    def remove_loras(self) -> None:
+        if not self._loras:
+            return
+        self._lib.llama_set_adapters_lora(self._llama._ctx.ctx, None, 0, None)
+        for _, handle in self._loras:
+            self._lib.llama_adapter_lora_free(handle)
+        self._loras = []
+        self._llama.reset()
+
+    @property
+    def loras(self) -> list[str]:
+        return [name for name, _ in self._loras]
+
+    # --- lifecycle ---------------------------------------------------------------------------------------------
+    def info(self) -> ModelInfo:
+        file_type = self._metadata.get("general.file_type")
+        return ModelInfo(
+            name=self.name, loader=self.loader_name, path=str(self.path), context_length=self.context_length,
+            dtype=_FILE_TYPES.get(str(file_type), f"GGUF type {file_type}") if file_type else "GGUF",
+            device="cuda" if self.options.n_gpu_layers else "cpu",
+            memory_bytes=int(self._lib.llama_model_size(self._llama._model.model)),
+            loras=self.loras, capabilities=sorted(self.capabilities),
+            extra={"architecture": self._metadata.get("general.architecture", ""),
+                   "n_ctx_train": self._lib.llama_model_n_ctx_train(self._llama._model.model)},
+        )
+
+    def unload(self) -> None:
+        llama = getattr(self, "_llama", None)
+        if llama is None:
+            return
+        try:
+            self.remove_loras()
+        finally:
+            llama.close()
+            self._llama = None
+
+
+class _Utf8Stream:
+    """Turns token pieces (bytes that may split a UTF-8 character) into text as soon as it is complete."""
+
+    def __init__(self) -> None:
+        import codecs
+
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def push(self, piece: bytes) -> str:
+        return self._decoder.decode(piece)
+
+
+def _logsumexp(values: np.ndarray) -> float:
+    peak = float(values.max())
+    return peak + float(np.log(np.exp(values - peak).sum()))
+
+
+_FILE_TYPES = {"0": "F32", "1": "F16", "2": "Q4_0", "3": "Q4_1", "7": "Q8_0", "8": "Q5_0", "9": "Q5_1",
+               "10": "Q2_K", "11": "Q3_K_S", "12": "Q3_K_M", "13": "Q3_K_L", "14": "Q4_K_S", "15": "Q4_K_M",
+               "16": "Q5_K_S", "17": "Q5_K_M", "18": "Q6_K", "32": "BF16"}

@@ -1,0 +1,68 @@
+"""One home for turning user-supplied names into paths that stay inside their folder."""
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from pathlib import Path
+
+from modules.errors import PathError
+
+_DRIVE = re.compile(r"^[A-Za-z]:")
+
+
+def resolve_inside(base: str | os.PathLike[str], name: str, *, what: str = "file", must_exist: bool = False) -> Path:
+    """Return `base/name` resolved, refusing names that are absolute, climb out with '..', use backslashes
+    (Windows separators) or reach outside `base` through a symlink.
+
+    `name` may contain '/' to reach into sub-folders (a model folder, a character sub-folder), never above `base`.
+    """
+    if not isinstance(name, str) or not name.strip():
+        raise PathError(f"The {what} name is empty.")
+    if "\x00" in name:
+        raise PathError(f"The {what} name {name!r} contains a NUL byte.")
+    if "\\" in name or _DRIVE.match(name) or name.startswith(("/", "~")):
+        raise PathError(f"The {what} name {name!r} is not a plain name inside {base}: absolute paths, '~' and "
+                        "backslashes are refused.")
+    parts = Path(name).parts
+    if any(part == ".." for part in parts):
+        raise PathError(f"The {what} name {name!r} climbs out of its folder with '..'; it is refused.")
+    root = Path(base).resolve()
+    target = (root / name).resolve()
+    if target != root and root not in target.parents:
+        raise PathError(f"The {what} name {name!r} leads outside {root}; it is refused.")
+    if target == root:
+        raise PathError(f"The {what} name {name!r} names the folder itself, not a {what} in it.")
+    if must_exist and not target.exists():
+        raise PathError(f"No {what} named {name!r} in {root}.")
+    return target
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str, *, encoding: str = "utf-8") -> None:
+    """Write through a temporary file in the same folder and rename it over the target, so that a crash
+    leaves either the old file or the new one, never half of one."""
+    atomic_write_bytes(path, text.encode(encoding))
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    try:  # make the rename itself durable
+        fd = os.open(target.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
