@@ -1,0 +1,375 @@
+"""Hugging Face Transformers: safetensors folders and GGUF files, CPU or CUDA, bitsandbytes quantization, PEFT LoRAs.
+
+Generation runs `model.generate` in a worker thread and streams token ids back through a queue; our own
+logits-processor chain (modules.samplers) is the whole sampler, in the order GenerationParams gives.
+"""
+from __future__ import annotations
+
+import gc
+import queue
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from loaders.base import Capability, LoadedModel, Loader, LoaderOptions, ModelInfo, gguf_files
+from loaders.transformers_support import (IncrementalDetokenizer, LogprobRecorder, QueueStreamer,
+                                          check_memory, pick_dtype, weight_files)
+from modules.errors import GenerationError, ModelLoadError
+from modules.generation import GenerationParams, TokenEvent
+
+DType = Literal["auto", "float32", "bfloat16", "float16"]
+
+
+class TransformersOptions(LoaderOptions):
+    dtype: DType = Field("auto", description="Weights dtype; auto = the checkpoint's dtype on GPU, float32 on CPU "
+                                             "for float16 checkpoints.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where to put the model; auto = CUDA when "
+                                                                       "present (spread with device_map).")
+    cpu_memory: str | None = Field(None, description="Most CPU RAM the weights may use, e.g. 8GiB (accelerate).")
+    gpu_memory: list[str] | None = Field(None, description="Most memory per GPU, e.g. 20GiB 10GiB (accelerate).")
+    disk_offload: bool = Field(False, description="Offload layers that do not fit to disk (accelerate).")
+    load_in_8bit: bool = Field(False, description="8-bit weights through bitsandbytes (CUDA only).")
+    load_in_4bit: bool = Field(False, description="4-bit weights through bitsandbytes (CUDA only).")
+    use_double_quant: bool = Field(False, description="4-bit: quantize the quantization constants too.")
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit quantization type.")
+    compute_dtype: Literal["bfloat16", "float16", "float32"] = Field("bfloat16", description="4-bit compute dtype.")
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2", "flex_attention"] = Field(
+        "auto", description="Attention kernel.")
+    trust_remote_code: bool = Field(False, description="Run Python code shipped with the model (off: it is code "
+                                                       "from the internet).")
+    allow_pickle_weights: bool = Field(False, description="Also load .bin/.pt checkpoints, through "
+                                                          "torch.load(weights_only=True).")
+    static_cache: bool = Field(False, description="Static KV cache with a compiled decode step (faster after a "
+                                                  "warm-up compile).")
+    max_seq_len: int = Field(0, ge=0, description="Context length; 0 = the model's max_position_embeddings.")
+
+    @model_validator(mode="after")
+    def _one_quantization(self) -> "TransformersOptions":
+        if self.load_in_4bit and self.load_in_8bit:
+            raise ValueError("choose load_in_4bit or load_in_8bit, not both")
+        return self
+
+
+class TransformersLoader(Loader):
+    name = "transformers"
+    Options = TransformersOptions
+    description = "Hugging Face Transformers: safetensors folders and GGUF files."
+
+    @classmethod
+    def accepts(cls, path: Path) -> bool:
+        if path.is_dir():
+            return (path / "config.json").is_file() and bool(weight_files(path, allow_pickle=True))
+        return bool(gguf_files(path))
+
+    @classmethod
+    def load(cls, path: Path, options: LoaderOptions) -> "TransformersModel":
+        assert isinstance(options, TransformersOptions)
+        return TransformersModel(path, options)
+
+
+class TransformersModel(LoadedModel):
+    loader_name = "transformers"
+    capabilities = frozenset({Capability.TOKENIZE, Capability.LOGPROBS, Capability.GRAMMAR, Capability.LORA,
+                              Capability.LOGITS_PROCESSORS})
+
+    def __init__(self, path: Path, options: TransformersOptions):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from modules.samplers import TRANSFORMERS_SUPPORTED_PARAMS
+
+        self.supported_params = TRANSFORMERS_SUPPORTED_PARAMS
+        self._torch = torch
+        self.path = path
+        self.name = path.name
+        self.options = options
+        self._loras: list[str] = []
+        self.extra_processors: list[Any] = []  # logits processors added by extensions
+        source, kwargs = self._from_pretrained_args(path, options)
+        model = None
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(source, **{k: v for k, v in kwargs.items()
+                                                                       if k in ("gguf_file", "trust_remote_code")})
+            model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+            model.eval()
+        except (OSError, ValueError, RuntimeError, KeyError, TypeError, ImportError, MemoryError) as exc:
+            del model
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            if isinstance(exc, ModelLoadError):
+                raise
+            kind = "out of memory" if "out of memory" in str(exc).lower() or isinstance(exc, MemoryError) else None
+            raise ModelLoadError(f"Transformers could not load {path.name}: {kind or exc}") from None
+        self.model = model
+        config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        trained = int(getattr(config, "max_position_embeddings", 0) or 2048)
+        self.context_length = options.max_seq_len or trained
+        self.chat_template = getattr(self.tokenizer, "chat_template", None) or None
+        if isinstance(self.chat_template, dict):  # several named templates: take the default one
+            self.chat_template = self.chat_template.get("default") or next(iter(self.chat_template.values()))
+        self.bos_token = self.tokenizer.bos_token
+        self.eos_token = self.tokenizer.eos_token
+        self._vocab_size = int(getattr(config, "vocab_size", 0) or len(self.tokenizer))
+        self._eos_ids = _eos_ids(model, self.tokenizer)
+        self._lock = threading.Lock()
+        if options.static_cache:
+            from transformers import CompileConfig
+
+            compile_config = CompileConfig()
+            compile_config._compile_all_devices = True  # CPU too: measured faster in bench/generation.py
+            model.generation_config.cache_implementation = "static"
+            model.generation_config.compile_config = compile_config
+
+    @staticmethod
+    def _from_pretrained_args(path: Path, options: TransformersOptions) -> tuple[str, dict[str, Any]]:
+        import torch
+
+        cuda = torch.cuda.is_available()
+        if options.device == "cuda" and not cuda:
+            raise ModelLoadError("device=cuda was asked for, but PyTorch sees no CUDA GPU here.")
+        if (options.load_in_4bit or options.load_in_8bit) and not cuda:
+            raise ModelLoadError("4-bit/8-bit loading goes through bitsandbytes, which needs a CUDA GPU; none "
+                                 "is present. Load without quantization, or use a GGUF file with llama.cpp.")
+        kwargs: dict[str, Any] = {"trust_remote_code": options.trust_remote_code}
+        files = gguf_files(path)
+        if files:
+            if len(files) > 1:
+                raise ModelLoadError(f"{path.name} holds several GGUF files; pick one.")
+            source = str(files[0].parent)
+            kwargs["gguf_file"] = files[0].name
+        else:
+            if not (path / "config.json").is_file():
+                raise ModelLoadError(f"{path.name} has no config.json: not a Transformers model folder.")
+            weights = weight_files(path, allow_pickle=options.allow_pickle_weights)
+            if not weights:
+                pickled = weight_files(path, allow_pickle=True)
+                if pickled:
+                    raise ModelLoadError(f"{path.name} holds only pickle checkpoints ({pickled[0].name}); they can "
+                                         "run code when loaded. Convert them to safetensors, or set "
+                                         "allow_pickle_weights to load them with torch.load(weights_only=True).")
+                raise ModelLoadError(f"{path.name} holds no weights (*.safetensors).")
+            source = str(path)
+            kwargs["use_safetensors"] = weights[0].suffix == ".safetensors"
+            check_memory(weights, options, cuda)
+        device = "cuda" if (options.device == "cuda" or (options.device == "auto" and cuda)) else "cpu"
+        kwargs["dtype"] = pick_dtype(options.dtype, path, device)
+        if device == "cuda":
+            kwargs["device_map"] = "auto"
+        if options.cpu_memory or options.gpu_memory:
+            max_memory: dict[Any, str] = {}
+            for index, limit in enumerate(options.gpu_memory or []):
+                max_memory[index] = limit
+            if options.cpu_memory:
+                max_memory["cpu"] = options.cpu_memory
+            kwargs["max_memory"] = max_memory
+            kwargs.setdefault("device_map", "auto")
+        if options.disk_offload:
+            offload = Path(".cache/offload") / path.name
+            offload.mkdir(parents=True, exist_ok=True)
+            kwargs["offload_folder"] = str(offload)
+            kwargs.setdefault("device_map", "auto")
+        if options.attn_implementation != "auto":
+            kwargs["attn_implementation"] = options.attn_implementation
+        if options.load_in_4bit or options.load_in_8bit:
+            try:
+                from transformers import BitsAndBytesConfig
+                import bitsandbytes  # noqa: F401
+            except ImportError:
+                raise ModelLoadError("4-bit/8-bit loading needs bitsandbytes: pip install bitsandbytes") from None
+            kwargs["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=options.load_in_4bit, load_in_8bit=options.load_in_8bit,
+                bnb_4bit_use_double_quant=options.use_double_quant, bnb_4bit_quant_type=options.quant_type,
+                bnb_4bit_compute_dtype=getattr(torch, options.compute_dtype))
+        return source, kwargs
+
+    # --- tokens ------------------------------------------------------------------------------------------------
+    def encode(self, text: str, *, add_bos: bool = False) -> list[int]:
+        ids = list(self.tokenizer.encode(text, add_special_tokens=False))
+        bos = self.tokenizer.bos_token_id
+        if add_bos and bos is not None and (not ids or ids[0] != bos):
+            ids.insert(0, bos)
+        return ids
+
+    def decode(self, ids: list[int], *, skip_special_tokens: bool = False) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    # --- generation --------------------------------------------------------------------------------------------
+    def stream(self, prompt: list[int] | str, params: GenerationParams,
+               cancel: threading.Event) -> Iterator[TokenEvent]:
+        ids = self.encode(prompt, add_bos=params.add_bos_token) if isinstance(prompt, str) else list(prompt)
+        if not ids:
+            raise GenerationError("The prompt is empty: there is nothing to continue.")
+        with self._lock:
+            yield from self._generate(ids, params, cancel)
+
+    def _generate(self, ids: list[int], params: GenerationParams, cancel: threading.Event) -> Iterator[TokenEvent]:
+        from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteriaList, set_seed
+
+        from modules.samplers import build_logits_processors, generate_kwargs
+
+        torch = self._torch
+        if params.seed >= 0:
+            set_seed(params.seed)
+        processors = LogitsProcessorList(build_logits_processors(
+            params, tokenizer=self.tokenizer, vocab_size=self._vocab_size, eos_token_ids=self._eos_ids,
+            prompt_length=len(ids)))
+        processors.extend(self.extra_processors)
+        recorder = None
+        if params.logprobs and params.num_beams == 1:
+            recorder = LogprobRecorder(params.logprobs)
+            processors.append(recorder)
+
+        class _Cancelled(StoppingCriteria):
+            def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+                return torch.full((input_ids.shape[0],), cancel.is_set(), dtype=torch.bool,
+                                  device=input_ids.device)
+
+        streamer = QueueStreamer(skip_prompt=True)
+        device = self.model.device
+        input_ids = torch.tensor([ids], dtype=torch.long, device=device)
+        kwargs = generate_kwargs(params, tokenizer=self.tokenizer, eos_token_ids=self._eos_ids)
+        kwargs.update(
+            input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=params.max_new_tokens,
+            logits_processor=processors, stopping_criteria=StoppingCriteriaList([_Cancelled()]),
+            streamer=streamer, pad_token_id=self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None
+            else self._eos_ids[0])
+        if params.ban_eos_token:
+            kwargs["eos_token_id"] = None
+        else:
+            kwargs["eos_token_id"] = self._eos_ids
+        failure: list[BaseException] = []
+
+        def work() -> None:
+            try:
+                with torch.inference_mode():
+                    self.model.generate(**kwargs)
+            except BaseException as exc:  # surfaced to the consumer below
+                failure.append(exc)
+            finally:
+                streamer.end()
+
+        worker = threading.Thread(target=work, name="transformers-generate", daemon=True)
+        worker.start()
+        detok = IncrementalDetokenizer(self.tokenizer, skip_special_tokens=params.skip_special_tokens)
+        try:
+            while True:
+                try:
+                    token = streamer.queue.get(timeout=0.1)
+                except queue.Empty:
+                    if not worker.is_alive() and streamer.queue.empty():
+                        break
+                    continue
+                if token is None:
+                    break
+                if token in self._eos_ids and not params.ban_eos_token:
+                    break
+                event = TokenEvent(token_id=token, text=detok.push(token))
+                if recorder is not None:
+                    recorder.fill(event, self.tokenizer)
+                yield event
+        finally:
+            cancel.set()
+            worker.join()
+        if failure:
+            exc = failure[0]
+            if isinstance(exc, (ModelLoadError, GenerationError)):
+                raise exc
+            raise GenerationError(f"Generation failed: {type(exc).__name__}: {exc}") from exc
+
+    # --- LoRA --------------------------------------------------------------------------------------------------
+    def apply_loras(self, paths: list[Path], scales: list[float] | None = None) -> None:
+        from peft import PeftModel
+
+        self.remove_loras()
+        base = self.model
+        try:
+            for index, path in enumerate(paths):
+                if not (path / "adapter_config.json").is_file():
+                    raise ModelLoadError(f"{path.name} is not a PEFT LoRA folder (no adapter_config.json).")
+                if not (path / "adapter_model.safetensors").is_file():
+                    raise ModelLoadError(f"{path.name} has no adapter_model.safetensors; pickle adapters are "
+                                         "refused.")
+                name = _adapter_name(path.name)
+                if index == 0:
+                    self.model = PeftModel.from_pretrained(base, str(path), adapter_name=name, is_trainable=False)
+                else:
+                    self.model.load_adapter(str(path), adapter_name=name, is_trainable=False)
+            if len(paths) > 1:
+                self.model.base_model.set_adapter([_adapter_name(p.name) for p in paths])
+        except ModelLoadError:
+            self._restore_base(base)
+            raise
+        except (OSError, ValueError, RuntimeError, KeyError) as exc:
+            self._restore_base(base)
+            raise ModelLoadError(f"Could not apply the LoRA: {exc}") from None
+        if scales:
+            for path, scale in zip(paths, scales):
+                self.model.base_model.set_scale(_adapter_name(path.name), scale) if hasattr(
+                    self.model.base_model, "set_scale") else None
+        self._loras = [p.name for p in paths]
+
+    def _restore_base(self, base: Any) -> None:
+        from peft import PeftModel
+
+        if isinstance(self.model, PeftModel):
+            self.model = self.model.unload()
+        else:
+            self.model = base
+        self._loras = []
+
+    def remove_loras(self) -> None:
+        from peft import PeftModel
+
+        if isinstance(self.model, PeftModel):
+            self.model = self.model.unload()
+        self._loras = []
+
+    @property
+    def loras(self) -> list[str]:
+        return list(self._loras)
+
+    # --- lifecycle ---------------------------------------------------------------------------------------------
+    def info(self) -> ModelInfo:
+        model = self.model
+        quant = getattr(model.config, "quantization_config", None)
+        dtype = str(model.dtype).replace("torch.", "")
+        if quant is not None:
+            method = quant.get("quant_method") if isinstance(quant, dict) else getattr(quant, "quant_method", "")
+            dtype = f"{dtype} ({getattr(method, 'value', method)})"
+        return ModelInfo(
+            name=self.name, loader=self.loader_name, path=str(self.path), context_length=self.context_length,
+            dtype=dtype, device=str(model.device), memory_bytes=int(model.get_memory_footprint()),
+            loras=self.loras, capabilities=sorted(self.capabilities),
+            extra={"architecture": (getattr(model.config, "architectures", None) or [""])[0],
+                   "static_cache": self.options.static_cache},
+        )
+
+    def unload(self) -> None:
+        if getattr(self, "model", None) is None:
+            return
+        self.model = None
+        self.tokenizer = None
+        gc.collect()
+        if self._torch.cuda.is_available():
+            self._torch.cuda.empty_cache()
+
+
+def _adapter_name(folder: str) -> str:
+    return folder.replace(".", "_")
+
+
+def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
+    ids: list[int] = []
+    configured = getattr(model.generation_config, "eos_token_id", None)
+    for value in (configured if isinstance(configured, list) else [configured]):
+        if value is not None:
+            ids.append(int(value))
+    if tokenizer.eos_token_id is not None:
+        ids.append(int(tokenizer.eos_token_id))
+    if not ids:
+        raise ModelLoadError("The model defines no end-of-sequence token; it cannot stop by itself.")
+    return list(dict.fromkeys(ids))

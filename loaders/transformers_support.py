@@ -1,0 +1,120 @@
+"""Small pieces the Transformers loader needs: streaming, incremental detokenization, log-probabilities,
+weight-file discovery and a memory check before loading."""
+from __future__ import annotations
+
+import json
+import queue
+from pathlib import Path
+from typing import Any
+
+from modules.errors import ModelLoadError
+from modules.generation import TokenEvent, TopLogprob
+
+_SAFE = ("*.safetensors",)
+_PICKLE = ("*.bin", "*.pt", "*.pth", "*.ckpt")
+
+
+def weight_files(folder: Path, *, allow_pickle: bool) -> list[Path]:
+    files = [p for pattern in _SAFE for p in sorted(folder.glob(pattern))]
+    if not files and allow_pickle:
+        files = [p for pattern in _PICKLE for p in sorted(folder.glob(pattern)) if "training_args" not in p.name]
+    return files
+
+
+def pick_dtype(choice: str, path: Path, device: str) -> Any:
+    """'auto' keeps the checkpoint's dtype, except float16 on CPU (slow and lossy there), which becomes float32."""
+    import torch
+
+    if choice != "auto":
+        return getattr(torch, choice)
+    stored = None
+    config = path / "config.json"
+    if config.is_file():
+        data = json.loads(config.read_text())
+        stored = data.get("dtype") or data.get("torch_dtype")
+    if stored == "float16" and device == "cpu":
+        return torch.float32
+    return getattr(torch, stored) if isinstance(stored, str) and hasattr(torch, stored) else "auto"
+
+
+def check_memory(weights: list[Path], options: Any, cuda: bool) -> None:
+    """Refuse a CPU load that cannot fit in free RAM, before Transformers starts and the OS kills us."""
+    if cuda or options.disk_offload or options.cpu_memory:
+        return
+    import psutil
+
+    needed = sum(p.stat().st_size for p in weights)
+    if options.dtype == "float32":
+        needed *= 2  # checkpoints are usually 16-bit
+    available = psutil.virtual_memory().available
+    if needed > available * 0.95:
+        raise ModelLoadError(f"Not enough memory: the weights need about {needed / 2**30:.1f} GiB and "
+                             f"{available / 2**30:.1f} GiB are free. Try a quantized GGUF with llama.cpp, or "
+                             "cpu_memory with disk_offload.")
+
+
+class QueueStreamer:
+    """A generate() streamer that hands token ids to the consuming thread."""
+
+    def __init__(self, *, skip_prompt: bool = True):
+        self.queue: queue.Queue[int | None] = queue.Queue()
+        self._skip = skip_prompt
+
+    def put(self, value: Any) -> None:
+        if self._skip:  # the first call carries the prompt
+            self._skip = False
+            return
+        for token in value.reshape(-1).tolist():
+            self.queue.put(int(token))
+
+    def end(self) -> None:
+        self.queue.put(None)
+
+
+class IncrementalDetokenizer:
+    """Text deltas from token ids without re-decoding the whole output each step (vLLM's offsets method):
+    decode a short window, emit what it adds, hold back an incomplete UTF-8 character."""
+
+    def __init__(self, tokenizer: Any, *, skip_special_tokens: bool):
+        self._tok = tokenizer
+        self._skip = skip_special_tokens
+        self._ids: list[int] = []
+        self._prefix = 0  # start of the window whose text has been emitted up to _read
+        self._read = 0
+
+    def push(self, token: int) -> str:
+        self._ids.append(token)
+        prefix_text = self._tok.decode(self._ids[self._prefix:self._read], skip_special_tokens=self._skip)
+        new_text = self._tok.decode(self._ids[self._prefix:], skip_special_tokens=self._skip)
+        if len(new_text) > len(prefix_text) and not new_text.endswith("\ufffd"):
+            delta = new_text[len(prefix_text):]
+            self._prefix, self._read = self._read, len(self._ids)
+            return delta
+        return ""
+
+
+class LogprobRecorder:
+    """The last logits processor: remembers the final distribution of each step so the streamed token can be
+    paired with its log-probability and the top alternatives."""
+
+    def __init__(self, top_n: int):
+        self.top_n = top_n
+        self._pending: queue.Queue[Any] = queue.Queue()
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        import torch
+
+        self._pending.put(torch.log_softmax(scores[0].float(), dim=-1))
+        return scores
+
+    def fill(self, event: TokenEvent, tokenizer: Any) -> None:
+        import torch
+
+        try:
+            logprobs = self._pending.get_nowait()
+        except queue.Empty:
+            return
+        event.logprob = float(logprobs[event.token_id])
+        values, ids = torch.topk(logprobs, self.top_n)
+        event.top_logprobs = [TopLogprob(tokenizer.decode([int(i)]), int(i), float(v))
+                              for v, i in zip(values.tolist(), ids.tolist())]

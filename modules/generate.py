@@ -1,0 +1,117 @@
+"""Command line for scripts: print a completion to stdout as it streams; errors go to stderr with exit code 2.
+
+    python -m modules.generate --model NAME [--loader L] [--preset P] [--max-new-tokens N] [--seed S] [--chat]
+                               [--json-schema FILE] --prompt TEXT
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from modules.errors import WorkbenchError
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m modules.generate", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True, help="Model name in --model-dir (a .gguf file or a folder).")
+    parser.add_argument("--loader", help="Force a loader (llama.cpp, transformers).")
+    parser.add_argument("--model-dir", default="models", help="Folder of models.")
+    parser.add_argument("--preset-dir", default="presets", help="Folder of presets.")
+    parser.add_argument("--preset", help="Preset name (default: none, the neutral defaults).")
+    parser.add_argument("--max-new-tokens", type=int, help="Most tokens to generate.")
+    parser.add_argument("--seed", type=int, help="Random seed.")
+    parser.add_argument("--temperature", type=float, help="Sampling temperature (0 = greedy).")
+    parser.add_argument("--stop", action="append", default=None, help="Stop string (repeatable).")
+    parser.add_argument("--chat", action="store_true", help="Wrap the prompt as a user turn in the model's chat "
+                                                           "template.")
+    parser.add_argument("--system", help="System message, with --chat.")
+    parser.add_argument("--json-schema", type=Path, help="File with a JSON schema the output must follow.")
+    parser.add_argument("--grammar", type=Path, help="File with a GBNF grammar the output must follow.")
+    parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                        help="Loader option, e.g. --option n_ctx=2048 (repeatable; values parsed as JSON).")
+    parser.add_argument("--prompt", required=True, help="The prompt text ('-' reads standard input).")
+    return parser.parse_args(argv)
+
+
+def _loader_options(pairs: list[str]) -> dict[str, object]:
+    options: dict[str, object] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise WorkbenchError(f"--option {pair!r} is not KEY=VALUE.")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    return options
+
+
+def run(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from modules.chat.templates import choose_template, render_chat
+    from modules.generation import GenerationParams
+    from modules.model_manager import ModelManager
+    from modules.presets import load_preset
+
+    params = load_preset(Path(args.preset_dir), args.preset) if args.preset else GenerationParams()
+    updates: dict[str, object] = {}
+    if args.max_new_tokens is not None:
+        updates["max_new_tokens"] = args.max_new_tokens
+    if args.seed is not None:
+        updates["seed"] = args.seed
+    if args.temperature is not None:
+        updates["temperature"] = args.temperature
+    if args.stop:
+        updates["stop"] = args.stop
+    if args.json_schema:
+        try:
+            updates["json_schema"] = json.loads(args.json_schema.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise WorkbenchError(f"Cannot read the JSON schema {args.json_schema}: {exc}") from None
+    if args.grammar:
+        try:
+            updates["grammar_string"] = args.grammar.read_text()
+        except OSError as exc:
+            raise WorkbenchError(f"Cannot read the grammar {args.grammar}: {exc.strerror}") from None
+    params = GenerationParams(**{**params.model_dump(), **updates})
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+
+    manager = ModelManager(Path(args.model_dir), Path("loras"))
+    manager.load(args.model, args.loader, _loader_options(args.option))
+    model = manager.require_model()
+    if args.chat:
+        messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
+                   [{"role": "user", "content": prompt}]
+        chosen = choose_template(model.chat_template)
+        if chosen.warning:
+            print(f"warning: {chosen.warning}", file=sys.stderr)
+        prompt = render_chat(chosen.template, messages, add_generation_prompt=True, bos_token=model.bos_token,
+                             eos_token=model.eos_token)
+    generation = manager.generate(prompt, params)
+    for warning in generation.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    for chunk in generation:
+        sys.stdout.write(chunk.text)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    manager.unload()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING)
+    try:
+        return run(argv)
+    except WorkbenchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,356 @@
+"""The one owner of the loaded model. Every caller (UI, API, CLI, extensions) asks it to load, swap or
+generate; it runs one generation at a time in arrival order, cancels cleanly, and never swaps a model under a
+running request."""
+from __future__ import annotations
+
+import gc
+import logging
+import random
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from loaders.base import Capability, LoadedModel, LoaderRegistry, ModelInfo
+from modules.errors import GenerationError, ModelLoadError, NoModelLoaded, WorkbenchError
+from modules.generation import GenerationParams, GenerationStats, check_supported
+from modules.paths import resolve_inside
+from modules.stopping import StopStringFilter, StreamChunk
+
+log = logging.getLogger(__name__)
+
+
+class FairQueue:
+    """A lock granted in arrival order (threading.Lock is not fair), releasable from any thread, whose waiters
+    can give up when their own cancel event is set."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._waiting: deque[object] = deque()
+        self._holder: object | None = None
+
+    @contextmanager
+    def turn(self, cancel: threading.Event | None = None) -> Iterator[bool]:
+        """Yields True once it is our turn, or False if `cancel` was set while waiting."""
+        ticket = object()
+        with self._cond:
+            self._waiting.append(ticket)
+            while self._holder is not None or self._waiting[0] is not ticket:
+                if cancel is not None and cancel.is_set():
+                    self._waiting.remove(ticket)
+                    self._cond.notify_all()
+                    break
+                self._cond.wait(timeout=0.05)
+            else:
+                self._waiting.popleft()
+                self._holder = ticket
+        try:
+            yield self._holder is ticket
+        finally:
+            with self._cond:
+                if self._holder is ticket:
+                    self._holder = None
+                self._cond.notify_all()
+
+    @property
+    def busy(self) -> bool:
+        with self._cond:
+            return self._holder is not None
+
+    @property
+    def waiting(self) -> int:
+        with self._cond:
+            return len(self._waiting)
+
+
+@dataclass
+class LoadResult:
+    info: ModelInfo
+    seconds: float
+    warnings: list[str]
+
+
+class Generation:
+    """One request. Iterate it for StreamChunks (text safe to show, with its token events); afterwards `stats`
+    and `text` hold the outcome. `cancel()` may be called from any thread; closing the iterator cancels too."""
+
+    def __init__(self, manager: "ModelManager", prompt: str | list[int], params: GenerationParams,
+                 *, add_bos: bool | None, strict: bool):
+        self._manager = manager
+        self.prompt = prompt
+        self.params = params if params.seed >= 0 else params.model_copy(update={"seed": random.randrange(2**31)})
+        self._add_bos = add_bos
+        self._strict = strict
+        self.cancel_event = threading.Event()
+        self.stats = GenerationStats()
+        self.text = ""
+        self.warnings: list[str] = []
+        self.prompt_ids: list[int] | None = None
+        model = manager.model
+        if model is not None:  # fail fast on knobs the current model cannot honour
+            self.warnings = check_supported(self.params, model.supported_params, model.loader_name, strict=strict)
+
+    def cancel(self) -> None:
+        self.cancel_event.set()
+
+    def __iter__(self) -> Iterator[StreamChunk]:
+        manager = self._manager
+        with manager._queue.turn(self.cancel_event) as granted:
+            if not granted:
+                self.stats.finish_reason = "cancelled"
+                return
+            manager._running = self
+            try:
+                yield from self._run()
+            finally:
+                manager._running = None
+
+    def _run(self) -> Iterator[StreamChunk]:
+        model = self._manager.model
+        if model is None:
+            raise NoModelLoaded("No model is loaded. Load one in the Model tab or with --model.")
+        params = self.params
+        self.warnings = check_supported(params, model.supported_params, model.loader_name, strict=self._strict)
+        prompt = self._prepare_prompt(model)
+        stops = StopStringFilter(params.stop)
+        started = time.perf_counter()
+        stats = self.stats
+        stats.finish_reason = "stop"
+        pieces: list[str] = []
+        tokens = model.stream(prompt, params, self.cancel_event)
+        try:
+            for token in tokens:
+                if stats.time_to_first_token_s is None:
+                    stats.time_to_first_token_s = time.perf_counter() - started
+                stats.completion_tokens += 1
+                chunk = stops.push(token)
+                if chunk.text or chunk.tokens:
+                    pieces.append(chunk.text)
+                    yield chunk
+                if stops.stopped:
+                    break
+                if self.cancel_event.is_set():
+                    stats.finish_reason = "cancelled"
+                    break
+            else:
+                tail = stops.flush()
+                if tail.text or tail.tokens:
+                    pieces.append(tail.text)
+                    yield tail
+                if self.cancel_event.is_set():
+                    stats.finish_reason = "cancelled"
+                elif stats.completion_tokens >= params.max_new_tokens:
+                    stats.finish_reason = "length"
+        except GeneratorExit:
+            stats.finish_reason = "cancelled"
+            raise
+        except WorkbenchError:
+            stats.finish_reason = "error"
+            raise
+        except Exception as exc:  # a backend failure mid-stream: report it, never a bare traceback
+            stats.finish_reason = "error"
+            raise GenerationError(f"Generation failed: {type(exc).__name__}: {exc}") from exc
+        finally:
+            close = getattr(tokens, "close", None)
+            if close is not None:  # stops the backend at once when we leave early (stop string, cancel)
+                close()
+            stats.seconds = time.perf_counter() - started
+            self.text = "".join(pieces)
+
+    def _prepare_prompt(self, model: LoadedModel) -> list[int] | str:
+        params = self.params
+        if Capability.TOKENIZE not in model.capabilities:
+            self.stats.prompt_tokens = 0
+            return self.prompt if isinstance(self.prompt, str) else model.decode(self.prompt)
+        if isinstance(self.prompt, str):
+            add_bos = params.add_bos_token if self._add_bos is None else self._add_bos
+            if add_bos and model.bos_token and self.prompt.startswith(model.bos_token):
+                add_bos = False  # the template already wrote it; never send two
+            ids = model.encode(self.prompt, add_bos=add_bos)
+        else:
+            ids = list(self.prompt)
+        budget = model.context_length - params.max_new_tokens
+        if budget <= 0:
+            raise GenerationError(f"max_new_tokens ({params.max_new_tokens}) leaves no room for the prompt in a "
+                                  f"context of {model.context_length} tokens.")
+        if len(ids) > budget:
+            self.warnings.append(f"The prompt had {len(ids)} tokens; its oldest {len(ids) - budget} were cut to "
+                                 f"fit the context of {model.context_length} minus max_new_tokens.")
+            ids = ids[-budget:]
+        self.prompt_ids = ids
+        self.stats.prompt_tokens = len(ids)
+        return ids
+
+
+class ModelManager:
+    def __init__(self, model_dir: Path, lora_dir: Path, *, registry: LoaderRegistry | None = None,
+                 loader_options: dict[str, Any] | None = None):
+        self.model_dir = Path(model_dir)
+        self.lora_dir = Path(lora_dir)
+        self.registry = registry or LoaderRegistry()
+        #: Loader options from settings/flags (flat: each loader takes the keys its Options type has); a load
+        #: request's own options override them.
+        self.loader_options = loader_options or {}
+        self._queue = FairQueue()
+        self._model: LoadedModel | None = None
+        self._running: Generation | None = None
+        self._listeners: list[Callable[[str, ModelInfo | None], None]] = []
+
+    # --- queries -----------------------------------------------------------------------------------------------
+    @property
+    def model(self) -> LoadedModel | None:
+        return self._model
+
+    def info(self) -> ModelInfo | None:
+        return self._model.info() if self._model is not None else None
+
+    def require_model(self) -> LoadedModel:
+        if self._model is None:
+            raise NoModelLoaded("No model is loaded. Load one in the Model tab or with --model.")
+        return self._model
+
+    def list_models(self) -> list[str]:
+        """GGUF files and model folders in the model folder, the loaded one first."""
+        if not self.model_dir.is_dir():
+            return []
+        names = sorted(p.name for p in self.model_dir.iterdir()
+                       if not p.name.startswith(".") and not p.name.endswith((".part", ".converting"))
+                       and (p.suffix.lower() == ".gguf" or (p.is_dir() and _looks_like_model(p))))
+        loaded = self._model.path.name if self._model is not None else None
+        return sorted(names, key=lambda n: n != loaded)
+
+    def list_loras(self) -> list[str]:
+        if not self.lora_dir.is_dir():
+            return []
+        return sorted(p.name for p in self.lora_dir.iterdir()
+                      if p.is_dir() and ((p / "adapter_config.json").is_file() or any(p.glob("*.gguf"))))
+
+    def model_path(self, name: str) -> Path:
+        return resolve_inside(self.model_dir, name, what="model", must_exist=True)
+
+    def on_change(self, listener: Callable[[str, ModelInfo | None], None]) -> None:
+        """Call `listener(event, info)` after 'loaded', 'unloaded' and 'loras' changes."""
+        self._listeners.append(listener)
+
+    def _notify(self, event: str) -> None:
+        info = self.info()
+        for listener in self._listeners:
+            try:
+                listener(event, info)
+            except Exception:  # a listener must never break loading
+                log.exception("model change listener failed")
+
+    # --- load / unload -----------------------------------------------------------------------------------------
+    def load(self, name: str, loader: str | None = None, options: dict[str, Any] | None = None, *,
+             cancel_running: bool = False, loras: list[str] | None = None) -> LoadResult:
+        """Load `name` from the model folder, replacing the current model. Waits for the running generation
+        (or cancels it, and everything queued, when `cancel_running`)."""
+        path = self.model_path(name)
+        loader_cls = self.registry.get(loader) if loader else self.registry.detect(path)
+        defaults = {k: v for k, v in self.loader_options.items() if k in loader_cls.Options.model_fields}
+        merged = {**defaults, **(options or {})}
+        parsed = loader_cls.parse_options(merged)
+        if cancel_running:
+            self.stop_all()
+        with self._queue.turn() as _:
+            self._unload_locked()
+            started = time.perf_counter()
+            try:
+                model = loader_cls.load(path, parsed)
+            except WorkbenchError:
+                gc.collect()
+                raise
+            except MemoryError:
+                gc.collect()
+                raise ModelLoadError(f"Not enough memory to load {name}.") from None
+            except Exception as exc:  # a backend error we did not foresee: say so plainly
+                gc.collect()
+                log.exception("loading %s failed", name)
+                raise ModelLoadError(f"{loader_cls.name} could not load {name}: {type(exc).__name__}: {exc}") from None
+            self._model = model
+            warnings: list[str] = []
+            if model.chat_template is None:
+                warnings.append(f"{name} has no chat template in its metadata; chat uses the template you pick "
+                                "(or ChatML by default).")
+            if loras:
+                self._apply_loras_locked(loras)
+            seconds = time.perf_counter() - started
+        self._notify("loaded")
+        return LoadResult(model.info(), seconds, warnings)
+
+    def unload(self, *, cancel_running: bool = False) -> None:
+        if cancel_running:
+            self.stop_all()
+        with self._queue.turn():
+            self._unload_locked()
+        self._notify("unloaded")
+
+    def _unload_locked(self) -> None:
+        model, self._model = self._model, None
+        if model is not None:
+            try:
+                model.unload()
+            finally:
+                del model
+                gc.collect()
+
+    # --- LoRA ----------------------------------------------------------------------------------------------------
+    def apply_loras(self, names: list[str], scales: list[float] | None = None) -> ModelInfo:
+        with self._queue.turn():
+            self._apply_loras_locked(names, scales)
+        self._notify("loras")
+        return self.require_model().info()
+
+    def _apply_loras_locked(self, names: list[str], scales: list[float] | None = None) -> None:
+        model = self.require_model()
+        paths = [resolve_inside(self.lora_dir, n, what="LoRA", must_exist=True) for n in names]
+        if paths:
+            model.apply_loras(paths, scales)
+        else:
+            model.remove_loras()
+
+    def remove_loras(self) -> ModelInfo:
+        return self.apply_loras([])
+
+    # --- generation ----------------------------------------------------------------------------------------------
+    def generate(self, prompt: str | list[int], params: GenerationParams, *, add_bos: bool | None = None,
+                 strict: bool = False) -> Generation:
+        """A Generation to iterate. Knobs the model cannot honour raise (strict) or become warnings."""
+        if isinstance(prompt, str) and not prompt:
+            raise GenerationError("The prompt is empty.")
+        return Generation(self, prompt, params, add_bos=add_bos, strict=strict)
+
+    def complete(self, prompt: str | list[int], params: GenerationParams, **kwargs: Any) -> Generation:
+        """Run a generation to the end; the returned Generation holds text and stats."""
+        generation = self.generate(prompt, params, **kwargs)
+        for _ in generation:
+            pass
+        return generation
+
+    def stop_all(self) -> None:
+        """Cancel the running generation; queued ones are not affected."""
+        running = self._running
+        if running is not None:
+            running.cancel()
+
+    @property
+    def busy(self) -> bool:
+        return self._queue.busy
+
+    # --- tokens --------------------------------------------------------------------------------------------------
+    def encode(self, text: str, *, add_bos: bool = False) -> list[int]:
+        return self.require_model().encode(text, add_bos=add_bos)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.require_model().decode(ids)
+
+    def token_count(self, text: str) -> int:
+        return len(self.encode(text))
+
+
+def _looks_like_model(folder: Path) -> bool:
+    return (folder / "config.json").is_file() or any(folder.glob("*.gguf"))

@@ -1,0 +1,262 @@
+"""One typed Settings object, built from defaults < user_data/settings.yaml < command-line flags.
+
+Flags are generated from the fields (and from every loader's options type), so a new setting or loader option is
+one line in its model and appears in `--help`, in settings.yaml and, later, in the UI.
+"""
+from __future__ import annotations
+
+import argparse
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from loaders.base import BUILTIN_LOADERS, LoaderOptions
+from modules.errors import ConfigError
+from modules.generation import GenerationParams
+
+DEFAULT_SETTINGS_FILE = Path("user_data/settings.yaml")
+
+
+class ChatSettings(BaseModel):
+    """Chat defaults the Chat tab starts with (and "Save UI defaults" writes)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    mode: Literal["chat", "chat-instruct", "instruct"] = Field(
+        "instruct", description="instruct: the model's chat template; chat: character roleplay; chat-instruct: "
+                                "the template wraps a roleplay command.")
+    character: str = Field("Assistant", description="Character used in chat modes.")
+    user_name: str = Field("You", description="Your name in chat modes.")
+    user_bio: str = Field("", description="Your persona, given to the character.")
+    instruction_template: str = Field("", description="Template from instruction-templates/; empty = the model's.")
+    system_message: str = Field("", description="System message for instruct mode.")
+    chat_instruct_command: str = Field("", description="Command wrapping chat-instruct mode; empty = the default.")
+    custom_stopping_strings: list[str] = Field(default_factory=list, description="Extra stop strings for chat.")
+    truncation_length: int = Field(0, ge=0, description="Prompt budget in tokens; 0 = the model's context.")
+
+
+class Settings(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    # --- model ------------------------------------------------------------------------------------------------
+    model: str | None = Field(None, description="Model to load at start (a name in --model-dir).")
+    loader: str | None = Field(None, description="Force a loader (llama.cpp, transformers); default: from the path.")
+    lora: list[str] = Field(default_factory=list, description="LoRA adapters (names in --lora-dir) to apply.")
+    model_dir: Path = Field(Path("models"), description="Folder of models.")
+    lora_dir: Path = Field(Path("loras"), description="Folder of LoRA adapters.")
+    preset_dir: Path = Field(Path("presets"), description="Folder of generation presets.")
+    character_dir: Path = Field(Path("characters"), description="Folder of characters.")
+    template_dir: Path = Field(Path("instruction-templates"), description="Folder of instruction templates.")
+    user_data_dir: Path = Field(Path("user_data"), description="Folder of chat histories and user files.")
+    loader_options: dict[str, Any] = Field(default_factory=dict, description="Loader options (see the flags).")
+    # --- generation and chat defaults -------------------------------------------------------------------------
+    preset: str = Field("Default", description="Generation preset (a name in --preset-dir).")
+    generation: dict[str, Any] = Field(default_factory=dict, description="GenerationParams overriding the preset.")
+    chat: ChatSettings = Field(default_factory=ChatSettings)
+    # --- web UI -----------------------------------------------------------------------------------------------
+    listen: bool = Field(False, description="Listen on the network (0.0.0.0 or --listen-host), not just 127.0.0.1.")
+    listen_host: str | None = Field(None, description="Address to bind with --listen.")
+    listen_port: int = Field(7860, ge=1, le=65535, description="Web UI port.")
+    share: bool = Field(False, description="Ask Gradio for a public share link (off by default).")
+    gradio_auth: str | None = Field(None, description="Protect the UI: user:password (comma-separate several).")
+    gradio_auth_path: Path | None = Field(None, description="File of user:password lines protecting the UI.")
+    multi_user: bool = Field(False, description="Each browser session keeps its own chats and state.")
+    dark_theme: bool = Field(False, description="Start the UI in dark mode.")
+    # --- API and extensions -----------------------------------------------------------------------------------
+    api: bool = Field(False, description="Serve the OpenAI-compatible API.")
+    api_port: int = Field(5000, ge=1, le=65535, description="API port.")
+    api_key: str | None = Field(None, description="Bearer key every API request must send.")
+    admin_key: str | None = Field(None, description="Key for load/unload routes (default: --api-key).")
+    api_cors_origins: list[str] = Field(default_factory=list, description="Origins allowed by CORS (off if empty).")
+    api_autoload: bool = Field(False, description="Load a model named in an API request if it is not loaded.")
+    extensions: list[str] = Field(default_factory=list, description="Extensions to enable (names in extensions/).")
+    extension_params: dict[str, dict[str, Any]] = Field(default_factory=dict,
+                                                        description="Parameters per extension.")
+    # --- misc -------------------------------------------------------------------------------------------------
+    settings: Path | None = Field(None, description="Settings YAML to read (default: user_data/settings.yaml).")
+    verbose: bool = Field(False, description="Log more (prompts, timings).")
+
+    @field_validator("extensions", mode="before")
+    @classmethod
+    def _extension_list(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _extensions_mapping(cls, data: Any) -> Any:
+        """settings.yaml may write `extensions: {name: {param: value}}`, which enables each named extension
+        (unless it says `enabled: false`) and sets its params."""
+        if isinstance(data, dict) and isinstance(data.get("extensions"), dict):
+            mapping = data["extensions"]
+            data = dict(data)
+            params = dict(data.get("extension_params") or {})
+            enabled = []
+            for name, values in mapping.items():
+                values = dict(values or {})
+                if values.pop("enabled", True):
+                    enabled.append(name)
+                params[name] = {**params.get(name, {}), **values}
+            data["extensions"] = enabled
+            data["extension_params"] = params
+        return data
+
+    @field_validator("generation")
+    @classmethod
+    def _valid_generation(cls, value: dict[str, Any]) -> dict[str, Any]:
+        GenerationParams(**value)  # raises with the bad key named
+        return value
+
+    @field_validator("loader_options")
+    @classmethod
+    def _valid_loader_options(cls, value: dict[str, Any]) -> dict[str, Any]:
+        known = all_loader_option_fields()
+        unknown = [key for key in value if key not in known]
+        if unknown:
+            raise ValueError(f"unknown loader option(s) {unknown}; known: {sorted(known)}")
+        return value
+
+    @property
+    def host(self) -> str:
+        if not self.listen:
+            return "127.0.0.1"
+        return self.listen_host or "0.0.0.0"
+
+
+def loader_option_types() -> dict[str, type[LoaderOptions]]:
+    return {entry.name: entry.resolve().Options for entry in BUILTIN_LOADERS}
+
+
+def all_loader_option_fields() -> dict[str, Any]:
+    fields: dict[str, Any] = {}
+    for options in loader_option_types().values():
+        fields.update(options.model_fields)
+    return fields
+
+
+# --- YAML -----------------------------------------------------------------------------------------------------
+def read_settings_file(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"Cannot read the settings file {path}: {exc.strerror}.") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of setting: value, not {type(data).__name__}.")
+    return data
+
+
+def describe_validation_error(exc: ValidationError, source: str) -> str:
+    lines = []
+    for error in exc.errors():
+        key = ".".join(str(part) for part in error["loc"]) or "(top level)"
+        if error["type"] == "extra_forbidden":
+            lines.append(f"unknown key '{key}'")
+        else:
+            lines.append(f"bad value for '{key}': {error['msg']}")
+    return f"{source}: " + "; ".join(lines)
+
+
+# --- command line ---------------------------------------------------------------------------------------------
+_SKIP_FLAGS = {"loader_options", "generation", "chat", "extension_params"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="webui.py", description="A local LLM workbench: load a model, chat, tune sampling, train LoRAs, and "
+                                     "serve an OpenAI-compatible API.",
+        argument_default=argparse.SUPPRESS)
+    general = parser.add_argument_group("general")
+    for name, field in Settings.model_fields.items():
+        if name not in _SKIP_FLAGS:
+            _add_flag(general, name, field.annotation, field.description or "")
+    seen: set[str] = set()
+    for loader_name, options in loader_option_types().items():
+        group = parser.add_argument_group(f"{loader_name} loader options")
+        for name, field in options.model_fields.items():
+            if name in seen or name in Settings.model_fields:
+                continue
+            seen.add(name)
+            _add_flag(group, name, field.annotation, field.description or "", dest=f"loader_options.{name}")
+    return parser
+
+
+def _add_flag(group: Any, name: str, annotation: Any, help_text: str, *, dest: str | None = None) -> None:
+    flag = "--" + name.replace("_", "-")
+    base, is_list = _unwrap(annotation)
+    kwargs: dict[str, Any] = {"dest": dest or name, "help": help_text}
+    if base is bool:
+        group.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
+        return
+    if typing.get_origin(base) is Literal:
+        kwargs["choices"] = list(typing.get_args(base))
+        base = type(kwargs["choices"][0])
+    if base is Path:
+        base = str
+    kwargs["type"] = base if base in (int, float, str) else str
+    if "choices" not in kwargs:
+        kwargs["metavar"] = name.upper()
+    if is_list:
+        kwargs["nargs"] = "+"
+    group.add_argument(flag, **kwargs)
+
+
+def _unwrap(annotation: Any) -> tuple[Any, bool]:
+    """(element type, is_list) for annotations like `int | None`, `list[str]`, `Literal[...]`."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return _unwrap(args[0])
+    if origin is list:
+        return typing.get_args(annotation)[0], True
+    return annotation, False
+
+
+def load_settings(argv: list[str] | None = None) -> Settings:
+    """Parse flags, read the settings file they name (or the default one), and merge: flags win."""
+    args = vars(build_parser().parse_args(argv))
+    flags: dict[str, Any] = {}
+    loader_flags: dict[str, Any] = {}
+    for key, value in args.items():
+        if key.startswith("loader_options."):
+            loader_flags[key.split(".", 1)[1]] = value
+        else:
+            flags[key] = value
+    settings_path = Path(flags["settings"]) if flags.get("settings") else DEFAULT_SETTINGS_FILE
+    from_file: dict[str, Any] = {}
+    if settings_path.is_file():
+        from_file = read_settings_file(settings_path)
+    elif flags.get("settings"):
+        raise ConfigError(f"The settings file {settings_path} does not exist.")
+    try:
+        base = Settings(**from_file)
+    except ValidationError as exc:
+        raise ConfigError(describe_validation_error(exc, str(settings_path))) from None
+    merged = base.model_dump()
+    merged.update(flags)
+    merged["loader_options"] = {**base.loader_options, **loader_flags}
+    merged["settings"] = settings_path
+    try:
+        return Settings(**merged)
+    except ValidationError as exc:
+        raise ConfigError(describe_validation_error(exc, "command line")) from None
+
+
+def save_settings(settings: Settings, path: Path, *, only: set[str] | None = None) -> None:
+    """Write the settings that differ from the defaults (or the keys in `only`) to `path`, atomically."""
+    from modules.paths import atomic_write_text
+
+    defaults = Settings().model_dump(mode="json")
+    current = settings.model_dump(mode="json")
+    keys = only if only is not None else {k for k in current if current[k] != defaults[k] and k != "settings"}
+    existing = read_settings_file(path) if path.is_file() else {}
+    existing.update({k: current[k] for k in sorted(keys)})
+    atomic_write_text(path, yaml.safe_dump(existing, sort_keys=False, allow_unicode=True))
