@@ -47,6 +47,7 @@ class LlamaCppOptions(LoaderOptions):
         return self
 
 
+_PROMPT_CHUNK = 128  # prompt tokens per decode call; a multiple of it is where cache reuse may resume
 _GGML_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q8_0": 8, "iq4_nl": 20, "bf16": 30}
 _GGUF_MAGIC = b"GGUF"
 
@@ -141,6 +142,7 @@ class LlamaCppModel(LoadedModel):
         self._metadata = metadata
         self._loras: list[tuple[str, object]] = []
         self._lock = threading.Lock()  # one decode loop at a time per context
+        self._prompt_kv_valid = 0  # leading KV entries computed as aligned prompt chunks
 
     # --- tokens ------------------------------------------------------------------------------------------------
     def _token_text(self, token: int) -> str | None:
@@ -190,19 +192,17 @@ class LlamaCppModel(LoadedModel):
     def _decode_loop(self, ids: list[int], params: GenerationParams, cancel: threading.Event) -> Iterator[TokenEvent]:
         llama = self._llama
         lib = self._lib
-        to_eval = self._reuse_prefix(ids)
         chain = build_sampler_chain(lib, llama, params, ids, eog_tokens=self._eog)
         decoder = _Utf8Stream()
         try:
-            for _ in range(params.max_new_tokens):
+            self._eval_prompt(ids, cancel)
+            for step in range(params.max_new_tokens):
                 if cancel.is_set():
                     return
-                if llama.n_tokens + len(to_eval) > self.context_length:
-                    return  # context full
-                try:
-                    llama.eval(to_eval)
-                except RuntimeError as exc:
-                    raise GenerationError(f"llama.cpp failed to decode: {exc}") from None
+                if step:
+                    if llama.n_tokens >= self.context_length:
+                        return  # context full
+                    self._eval([token])
                 token = lib.llama_sampler_sample(chain, llama._ctx.ctx, -1)
                 if self.is_end_of_generation(token) and not params.ban_eos_token:
                     return
@@ -210,26 +210,43 @@ class LlamaCppModel(LoadedModel):
                     self._piece(token, special=not params.skip_special_tokens)))
                 if params.logprobs:
                     self._fill_logprobs(event, params.logprobs)
-                to_eval = [token]
                 yield event
         finally:
             lib.llama_sampler_free(chain)
 
-    def _reuse_prefix(self, ids: list[int]) -> list[int]:
-        """Keep the KV cache of the longest common prefix with the previous prompt (always re-evaluating at
-        least the last token, whose logits we need)."""
+    def _eval(self, tokens: list[int]) -> None:
+        try:
+            self._llama.eval(tokens)
+        except RuntimeError as exc:
+            raise GenerationError(f"llama.cpp failed to decode: {exc}") from None
+
+    def _eval_prompt(self, ids: list[int], cancel: threading.Event) -> None:
+        """Evaluate the prompt in chunks aligned to absolute positions, reusing the KV cache of the longest
+        common prefix that was itself computed that way.
+
+        llama.cpp's numerics depend on how many tokens a decode call holds, so re-evaluating only a suffix
+        of a cached prompt would make a warm run differ from a cold one (the same seed giving another text).
+        With aligned chunks every prompt token is computed in the same company, warm or cold."""
         llama = self._llama
-        cached = llama.n_tokens
-        common = 0
-        limit = min(cached, len(ids) - 1)
+        chunk = min(_PROMPT_CHUNK, self.options.n_batch)
+        valid = min(self._prompt_kv_valid, llama.n_tokens)
         previous = llama.input_ids
+        common = 0
+        limit = min(valid, len(ids) - 1)  # always evaluate the last token: its logits pick the first token
         while common < limit and previous[common] == ids[common]:
             common += 1
-        if common > 0 and llama._ctx.kv_cache_seq_rm(-1, common, -1):
-            llama.n_tokens = common
-            return ids[common:]
-        llama.reset()
-        return ids
+        start = (common // chunk) * chunk
+        if start == 0 or not llama._ctx.kv_cache_seq_rm(-1, start, -1):
+            llama.reset()
+            start = 0
+        else:
+            llama.n_tokens = start
+        self._prompt_kv_valid = start
+        for begin in range(start, len(ids), chunk):
+            if cancel.is_set():
+                return
+            self._eval(ids[begin:begin + chunk])
+        self._prompt_kv_valid = len(ids)  # tokens generated after this are computed one by one
 
     def _fill_logprobs(self, event: TokenEvent, top_n: int) -> None:
         logits = np.ctypeslib.as_array(self._lib.llama_get_logits_ith(self._llama._ctx.ctx, -1),
@@ -266,6 +283,7 @@ class LlamaCppModel(LoadedModel):
             raise ModelLoadError("llama.cpp refused the LoRA adapter(s) for this model.")
         self._loras = loaded
         self._llama.reset()  # cached KV was computed without the adapter
+        self._prompt_kv_valid = 0
 
     def remove_loras(self) -> None:
         if not self._loras:
@@ -275,6 +293,7 @@ class LlamaCppModel(LoadedModel):
             self._lib.llama_adapter_lora_free(handle)
         self._loras = []
         self._llama.reset()
+        self._prompt_kv_valid = 0
 
     @property
     def loras(self) -> list[str]:

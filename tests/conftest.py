@@ -1,0 +1,55 @@
+"""Shared fixtures. Models come from models/ (placed by ./run_tests.sh); a missing one fails loudly, never skips."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from modules.starter import STARTER_GGUF, STARTER_HF_DIR
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL_DIR = ROOT / "models"
+DATA_DIR = ROOT.parent / "shared" / "data"
+FRANCE = "What is the capital of France? Answer in one short sentence."
+
+
+def _require(path: Path, how: str) -> Path:
+    if not path.exists():
+        pytest.fail(f"{path} is missing: {how}", pytrace=False)
+    return path
+
+
+@pytest.fixture(scope="session")
+def starter_gguf() -> Path:
+    return _require(MODEL_DIR / STARTER_GGUF, "run ./run_tests.sh (it places the starter model)")
+
+
+@pytest.fixture(scope="session")
+def starter_hf() -> Path:
+    return _require(MODEL_DIR / STARTER_HF_DIR / "config.json", "run ./run_tests.sh (it converts the starter model)"
+                    ).parent
+
+
+@pytest.fixture(scope="session")
+def instruction_data() -> list[dict]:
+    return json.loads(_require(DATA_DIR / "instruction-data.json", "the shared data folder is missing").read_text())
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory, starter_hf: Path) -> Path:
+    """A 2-layer random Llama with the starter's tokenizer, saved as safetensors: fast where quality is moot."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    folder = tmp_path_factory.mktemp("models") / "tiny-llama"
+    tokenizer = AutoTokenizer.from_pretrained(starter_hf)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

@@ -1,0 +1,28 @@
+"""Start the workbench: flags + settings.yaml -> Settings -> services -> the Gradio app (and the API)."""
+from __future__ import annotations
+
+import logging
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    from modules.errors import WorkbenchError
+    from modules.settings import load_settings
+
+    try:
+        settings = load_settings(argv)
+    except WorkbenchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.DEBUG if settings.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from modules.services import build_services, load_startup_model
+    from modules.ui.app import launch
+
+    services = build_services(settings)
+    load_startup_model(services)
+    return launch(services)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
