@@ -12,11 +12,12 @@ _DRIVE = re.compile(r"^[A-Za-z]:")
 
 
 def resolve_inside(base: str | os.PathLike[str], name: str, *, what: str = "file", must_exist: bool = False) -> Path:
-    """Return `base/name` resolved, refusing names that are absolute, climb out with '..', use backslashes
-    (Windows separators) or reach outside `base` through a symlink.
+    """Return `base/name`, refusing names that are absolute, climb out with '..' or use backslashes (Windows
+    separators), so a name typed into the UI or sent to the API can only reach entries of `base`.
 
     `name` may contain '/' to reach into sub-folders (a model folder, a character sub-folder), never above `base`.
-    """
+    Symlinks placed in `base` by its owner are followed on purpose: linking models in from a shared disk is
+    common, and only the owner of the folder can create them."""
     if not isinstance(name, str) or not name.strip():
         raise PathError(f"The {what} name is empty.")
     if "\x00" in name:
@@ -27,12 +28,10 @@ def resolve_inside(base: str | os.PathLike[str], name: str, *, what: str = "file
     parts = Path(name).parts
     if any(part == ".." for part in parts):
         raise PathError(f"The {what} name {name!r} climbs out of its folder with '..'; it is refused.")
-    root = Path(base).resolve()
-    target = (root / name).resolve()
-    if target != root and root not in target.parents:
-        raise PathError(f"The {what} name {name!r} leads outside {root}; it is refused.")
-    if target == root:
-        raise PathError(f"The {what} name {name!r} names the folder itself, not a {what} in it.")
+    root = Path(os.path.abspath(base))
+    target = Path(os.path.normpath(root / name))
+    if target == root or root not in target.parents:
+        raise PathError(f"The {what} name {name!r} names no {what} inside {root}.")
     if must_exist and not target.exists():
         raise PathError(f"No {what} named {name!r} in {root}.")
     return target

@@ -232,7 +232,7 @@ def load_settings(argv: list[str] | None = None) -> Settings:
             flags[key] = value
     settings_path = Path(flags["settings"]) if flags.get("settings") else DEFAULT_SETTINGS_FILE
     from_file: dict[str, Any] = {}
-    if settings_path.is_file():
+    if settings_path.exists():
         from_file = read_settings_file(settings_path)
     elif flags.get("settings"):
         raise ConfigError(f"The settings file {settings_path} does not exist.")

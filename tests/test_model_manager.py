@@ -1,0 +1,213 @@
+"""ModelManager: loading errors leave nothing behind, swaps free the old model, the queue is fair and cancellable."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT
+from modules.errors import ModelLoadError, NoModelLoaded, PathError, WorkbenchError
+from modules.generation import GenerationParams
+from modules.model_manager import ModelManager
+from modules.starter import STARTER_GGUF
+
+LONG = GenerationParams(do_sample=False, max_new_tokens=400, ban_eos_token=True)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory, starter_gguf: Path) -> Path:
+    folder = tmp_path_factory.mktemp("models")
+    (folder / STARTER_GGUF).symlink_to(starter_gguf)
+    data = starter_gguf.read_bytes()
+    (folder / "truncated.gguf").write_bytes(data[: len(data) // 3])
+    (folder / "garbage.gguf").write_bytes(b"this is not a model at all" * 100)
+    (folder / "header-only.gguf").write_bytes(data[:64])
+    unreadable = folder / "unreadable.gguf"
+    unreadable.write_bytes(data[:1024])
+    huge = folder / "huge-model"
+    huge.mkdir()
+    (huge / "config.json").write_text(json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}))
+    with open(huge / "model.safetensors", "wb") as handle:  # sparse: claims 4 TB without using disk
+        handle.truncate(4 * 2**40)
+    pickled = folder / "pickled-model"
+    pickled.mkdir()
+    (pickled / "config.json").write_text("{}")
+    (pickled / "pytorch_model.bin").write_bytes(b"\x80\x04")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def manager(model_dir: Path) -> ModelManager:
+    manager = ModelManager(model_dir, model_dir / "loras")
+    manager.load(STARTER_GGUF)
+    yield manager
+    manager.unload()
+
+
+@pytest.mark.parametrize("name, message", [
+    ("missing.gguf", "No model named"),
+    ("../etc/passwd", "climbs out"),
+    ("/etc/passwd", "absolute"),
+    ("..\\models", "backslash"),
+    ("truncated.gguf", "truncated"),
+    ("garbage.gguf", "not a GGUF file"),
+    ("header-only.gguf", "corrupt or truncated"),
+    ("huge-model", "Not enough memory"),
+    ("pickled-model", "pickle"),
+])
+def test_load_errors_are_clear_and_leave_no_model(model_dir: Path, name: str, message: str):
+    manager = ModelManager(model_dir, model_dir / "loras")
+    with pytest.raises((ModelLoadError, PathError)) as error:
+        manager.load(name)
+    assert message.lower() in str(error.value).lower()
+    assert manager.model is None
+    with pytest.raises(NoModelLoaded):
+        manager.complete("Hi", GenerationParams(max_new_tokens=2))
+
+
+def test_wrong_loader_is_a_clear_error(model_dir: Path):
+    manager = ModelManager(model_dir, model_dir / "loras")
+    with pytest.raises(ModelLoadError, match="holds no .gguf file"):
+        manager.load("huge-model", "llama.cpp")
+    with pytest.raises(WorkbenchError, match="Unknown loader"):
+        manager.load(STARTER_GGUF, "exllama-9000")
+    assert manager.model is None
+
+
+def test_failed_swap_leaves_nothing_half_loaded(manager: ModelManager):
+    with pytest.raises(ModelLoadError):
+        manager.load("truncated.gguf")
+    assert manager.model is None and manager.info() is None
+    manager.load(STARTER_GGUF)
+    assert manager.complete("Hi", GenerationParams(do_sample=False, max_new_tokens=2)).stats.completion_tokens >= 1
+
+
+def test_list_models_shows_files_and_folders_loaded_first(manager: ModelManager):
+    names = manager.list_models()
+    assert names[0] == STARTER_GGUF
+    assert {"truncated.gguf", "huge-model", "pickled-model"} <= set(names)
+
+
+def test_cancel_frees_the_queue_for_the_next_request_at_once(manager: ModelManager):
+    first = manager.generate("Once upon a time", LONG)
+    second_done = threading.Event()
+    results: dict[str, object] = {}
+
+    def second_client() -> None:
+        results["second"] = manager.complete("Hello", GenerationParams(do_sample=False, max_new_tokens=3))
+        second_done.set()
+
+    iterator = iter(first)
+    next(iterator)  # first is running
+    waiter = threading.Thread(target=second_client)
+    waiter.start()
+    time.sleep(0.2)
+    assert not second_done.is_set()  # queued behind the first
+    cancelled_at = time.perf_counter()
+    first.cancel()
+    for _ in iterator:
+        pass
+    assert second_done.wait(timeout=5)
+    assert time.perf_counter() - cancelled_at < 2.0
+    assert first.stats.finish_reason == "cancelled"
+    waiter.join()
+
+
+def test_a_request_cancelled_while_queued_never_runs(manager: ModelManager):
+    running = manager.generate("Once upon a time", LONG)
+    iterator = iter(running)
+    next(iterator)
+    queued = manager.generate("Hello", GenerationParams(max_new_tokens=3))
+    queued.cancel()
+    assert list(queued) == []
+    assert queued.stats.finish_reason == "cancelled" and queued.stats.completion_tokens == 0
+    running.cancel()
+    list(iterator)
+
+
+def test_closing_the_stream_early_frees_the_queue(manager: ModelManager):
+    generation = manager.generate("Once upon a time", LONG)
+    iterator = iter(generation)
+    next(iterator)
+    iterator.close()  # a client that disconnects
+    assert not manager.busy
+    assert manager.complete("Hi", GenerationParams(do_sample=False, max_new_tokens=2)).stats.completion_tokens >= 1
+
+
+def test_swap_waits_for_the_running_generation(manager: ModelManager):
+    generation = manager.generate("Once upon a time", GenerationParams(do_sample=False, max_new_tokens=30,
+                                                                       ban_eos_token=True))
+    iterator = iter(generation)
+    next(iterator)
+    swapped = threading.Event()
+    thread = threading.Thread(target=lambda: (manager.load(STARTER_GGUF), swapped.set()))
+    thread.start()
+    time.sleep(0.3)
+    assert not swapped.is_set()  # never swapped under a running request
+    rest = list(iterator)
+    assert generation.stats.completion_tokens == 30 and rest
+    thread.join(timeout=60)
+    assert swapped.is_set()
+
+
+def test_swap_can_cancel_the_running_generation(manager: ModelManager):
+    generation = manager.generate("Once upon a time", LONG)
+    iterator = iter(generation)
+    next(iterator)
+    consumer = threading.Thread(target=lambda: list(iterator))
+    consumer.start()
+    started = time.perf_counter()
+    manager.load(STARTER_GGUF, cancel_running=True)
+    assert time.perf_counter() - started < 30
+    consumer.join(timeout=10)
+    assert generation.stats.finish_reason == "cancelled"
+
+
+SWAP_SCRIPT = textwrap.dedent("""
+    import gc, json, sys
+    from pathlib import Path
+    import psutil
+    sys.path.insert(0, sys.argv[1])
+    from modules.model_manager import ModelManager
+    from modules.generation import GenerationParams
+    import torch, llama_cpp  # import both backends first so their code is in the baseline
+    rss = lambda: psutil.Process().memory_info().rss
+    manager = ModelManager(Path(sys.argv[2]), Path(sys.argv[2]) / "loras")
+    base = rss()
+    manager.load(sys.argv[3], "transformers", {"dtype": "float32"})
+    manager.complete("Hi", GenerationParams(max_new_tokens=2))
+    with_a = rss()
+    manager.load(sys.argv[4], "llama.cpp")
+    manager.complete("Hi", GenerationParams(max_new_tokens=2))
+    gc.collect()
+    with_b = rss()
+    print(json.dumps({"base": base, "with_a": with_a, "with_b": with_b}))
+""")
+
+
+def test_swap_returns_memory_to_about_the_second_model_alone(starter_hf: Path, starter_gguf: Path):
+    result = subprocess.run([sys.executable, "-c", SWAP_SCRIPT, str(ROOT), str(starter_hf.parent), starter_hf.name,
+                             starter_gguf.name], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    sizes = json.loads(result.stdout.strip().splitlines()[-1])
+    a_cost = sizes["with_a"] - sizes["base"]
+    b_cost = sizes["with_b"] - sizes["base"]
+    gguf_size = starter_gguf.stat().st_size
+    assert a_cost > 400 * 2**20  # float32 135M parameters: A really was resident
+    assert b_cost < gguf_size + 250 * 2**20, sizes  # B's weights and KV cache, not A's leftovers
+
+
+def test_unload_then_generate_says_no_model(model_dir: Path):
+    manager = ModelManager(model_dir, model_dir / "loras")
+    manager.load(STARTER_GGUF)
+    manager.unload()
+    assert manager.model is None
+    with pytest.raises(NoModelLoaded, match="No model is loaded"):
+        manager.complete("Hi", GenerationParams(max_new_tokens=2))

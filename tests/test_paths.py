@@ -1,0 +1,47 @@
+"""User-supplied names never escape their folder."""
+import os
+from pathlib import Path
+
+import pytest
+
+from modules.errors import PathError
+from modules.paths import atomic_write_text, resolve_inside
+
+
+@pytest.mark.parametrize("name", ["../x", "a/../../x", "/etc/passwd", "..\\x", "C:\\x", "~/x", "", " ", "a\x00b", "."])
+def test_traversal_and_odd_names_are_refused(tmp_path: Path, name: str):
+    with pytest.raises(PathError):
+        resolve_inside(tmp_path, name)
+
+
+def test_symlinks_placed_in_the_folder_are_followed_on_purpose(tmp_path: Path):
+    outside = tmp_path / "shared-disk"
+    outside.mkdir()
+    (outside / "weights.gguf").write_bytes(b"GGUF")
+    base = tmp_path / "models"
+    base.mkdir()
+    (base / "linked.gguf").symlink_to(outside / "weights.gguf")
+    assert resolve_inside(base, "linked.gguf", must_exist=True).read_bytes() == b"GGUF"
+    with pytest.raises(PathError):
+        resolve_inside(base, "../shared-disk/weights.gguf")
+
+
+def test_plain_and_nested_names_resolve_inside(tmp_path: Path):
+    assert resolve_inside(tmp_path, "model.gguf") == (tmp_path / "model.gguf").resolve()
+    assert resolve_inside(tmp_path, "org_model/weights") == (tmp_path / "org_model" / "weights").resolve()
+    with pytest.raises(PathError, match="No file"):
+        resolve_inside(tmp_path, "missing", must_exist=True)
+
+
+def test_atomic_write_keeps_the_old_file_when_the_write_fails(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    target = tmp_path / "history.json"
+    atomic_write_text(target, "old")
+
+    def crash(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(OSError):
+        atomic_write_text(target, "new")
+    assert target.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["history.json"]  # no temporary file left behind
