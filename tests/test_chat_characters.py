@@ -163,3 +163,11 @@ def test_character_names_cannot_escape(tmp_path: Path, name: str) -> None:
     (inner / "Evil.yaml").write_text("name: Evil\npicture: ../x.yaml\n")
     with pytest.raises(ConfigError, match="plain file name"):
         load_character("Evil", characters_dir=inner)
+
+
+def test_characters_folder_reached_through_a_symlink(tmp_path: Path) -> None:
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    save_character("Nell", Character(name="Nell", context="Bakes."), characters_dir=tmp_path / "link")
+    assert load_character("Nell", characters_dir=tmp_path / "link").context == "Bakes."
+    assert (tmp_path / "real" / "Nell.yaml").is_file()

@@ -27,7 +27,7 @@ def files(folder: Path) -> list[str]:
 
 def test_round_trip_with_swipes(store: HistoryStore) -> None:
     chat = store.new("Captain Mira", MESSAGES, mode="chat")
-    assert store.path("Captain Mira", chat.id) == store.root.resolve() / "Captain Mira" / f"{chat.id}.json"
+    assert store.path("Captain Mira", chat.id).resolve() == (store.root / "Captain Mira" / f"{chat.id}.json").resolve()
     chat.add_swipe(2, "Mars.")
     chat.add_swipe(2, "Titan.")
     chat.select_swipe(2, 1)
@@ -179,3 +179,12 @@ def test_names_and_ids_cannot_escape(store: HistoryStore, tmp_path: Path, bad: s
         store.save(ChatHistory(id="fine", character=bad))
     written = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file())
     assert written == [f"logs/chat/AI/{chat.id}.json"]
+
+
+def test_root_reached_through_a_symlink(tmp_path: Path) -> None:
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    store = HistoryStore(tmp_path / "link")
+    chat = store.new("AI", MESSAGES)
+    assert store.load("AI", chat.id).prompt_messages() == MESSAGES
+    assert (tmp_path / "real" / "AI" / f"{chat.id}.json").is_file()

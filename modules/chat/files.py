@@ -19,7 +19,7 @@ def file_in(folder: str | os.PathLike[str], name: str, suffix: str, *, what: str
     if isinstance(name, str) and "/" in name:
         raise PathError(f"The {what} name {name!r} contains '/'; {what} names are plain file names.")
     path = resolve_inside(folder, f"{name}{suffix}", what=what)
-    if path.parent != Path(folder).resolve():
+    if path.parent.resolve() != Path(folder).resolve():
         raise PathError(f"The {what} name {name!r} does not name a file directly inside {folder}.")
     return path
 
