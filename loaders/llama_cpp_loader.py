@@ -5,8 +5,10 @@ the high-level API builds a fixed chain without DRY, XTC, top-n-sigma, dynamic t
 """
 from __future__ import annotations
 
+import atexit
 import ctypes
 import threading
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
@@ -143,6 +145,8 @@ class LlamaCppModel(LoadedModel):
         self._loras: list[tuple[str, object]] = []
         self._lock = threading.Lock()  # one decode loop at a time per context
         self._prompt_kv_valid = 0  # leading KV entries computed as aligned prompt chunks
+        # llama-cpp-python's own __del__ fails at interpreter exit once its module globals are gone.
+        atexit.register(_unload_at_exit, weakref.ref(self))
 
     # --- tokens ------------------------------------------------------------------------------------------------
     def _token_text(self, token: int) -> str | None:
@@ -321,6 +325,12 @@ class LlamaCppModel(LoadedModel):
         finally:
             llama.close()
             self._llama = None
+
+
+def _unload_at_exit(ref: "weakref.ref[LlamaCppModel]") -> None:
+    model = ref()
+    if model is not None:
+        model.unload()
 
 
 class _Utf8Stream:

@@ -223,10 +223,12 @@ class TransformersModel(LoadedModel):
             recorder = LogprobRecorder(params.logprobs)
             processors.append(recorder)
 
+        finished = threading.Event()  # set when the consumer leaves, so the worker stops too
+
         class _Cancelled(StoppingCriteria):
             def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
-                return torch.full((input_ids.shape[0],), cancel.is_set(), dtype=torch.bool,
-                                  device=input_ids.device)
+                stop = cancel.is_set() or finished.is_set()
+                return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
 
         streamer = QueueStreamer(skip_prompt=True)
         device = self.model.device
@@ -272,7 +274,7 @@ class TransformersModel(LoadedModel):
                     recorder.fill(event, self.tokenizer)
                 yield event
         finally:
-            cancel.set()
+            finished.set()
             worker.join()
         if failure:
             exc = failure[0]

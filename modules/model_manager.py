@@ -3,7 +3,6 @@ generate; it runs one generation at a time in arrival order, cancels cleanly, an
 running request."""
 from __future__ import annotations
 
-import gc
 import logging
 import random
 import threading
@@ -18,6 +17,7 @@ from typing import Any
 from loaders.base import Capability, LoadedModel, LoaderRegistry, ModelInfo
 from modules.errors import GenerationError, ModelLoadError, NoModelLoaded, WorkbenchError
 from modules.generation import GenerationParams, GenerationStats, check_supported
+from modules.memory import release_memory, weights_in_mmap
 from modules.paths import resolve_inside
 from modules.stopping import StopStringFilter, StreamChunk
 
@@ -260,15 +260,16 @@ class ModelManager:
             self._unload_locked()
             started = time.perf_counter()
             try:
-                model = loader_cls.load(path, parsed)
+                with weights_in_mmap():
+                    model = loader_cls.load(path, parsed)
             except WorkbenchError:
-                gc.collect()
+                release_memory()
                 raise
             except MemoryError:
-                gc.collect()
+                release_memory()
                 raise ModelLoadError(f"Not enough memory to load {name}.") from None
             except Exception as exc:  # a backend error we did not foresee: say so plainly
-                gc.collect()
+                release_memory()
                 log.exception("loading %s failed", name)
                 raise ModelLoadError(f"{loader_cls.name} could not load {name}: {type(exc).__name__}: {exc}") from None
             self._model = model
@@ -296,7 +297,7 @@ class ModelManager:
                 model.unload()
             finally:
                 del model
-                gc.collect()
+                release_memory()
 
     # --- LoRA ----------------------------------------------------------------------------------------------------
     def apply_loras(self, names: list[str], scales: list[float] | None = None) -> ModelInfo:

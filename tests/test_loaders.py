@@ -108,10 +108,12 @@ def test_repetition_penalty_lowers_repeated_tokens(manager):
 
 
 def test_json_schema_output_parses_and_validates(manager):
-    schema = {"type": "object", "properties": {"city": {"type": "string"}, "population": {"type": "integer"}},
-              "required": ["city", "population"], "additionalProperties": False}
-    prompt = chat(manager, "Give the capital of France and its population as JSON.")
-    result = run(manager, prompt, GenerationParams(do_sample=False, max_new_tokens=60, json_schema=schema))
+    schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 30},
+                                               "country": {"type": "string", "maxLength": 30}},
+              "required": ["city", "country"], "additionalProperties": False}
+    prompt = chat(manager, "Give the capital of France and its country as JSON.")
+    # maxLength bounds the strings, so the grammar must close the object well within the token limit
+    result = run(manager, prompt, GenerationParams(do_sample=False, max_new_tokens=160, json_schema=schema))
     jsonschema.validate(json.loads(result.text), schema)
 
 
@@ -159,13 +161,13 @@ def test_chat_template_comes_from_model_metadata(manager):
 
 def test_unsupported_knob_is_reported_never_ignored_silently(manager):
     model = manager.require_model()
-    knob = "num_beams" if model.loader_name == "llama.cpp" else None
-    if knob is None:
-        pytest.skip("the transformers loader honours every knob this test could pick")
-    params = GenerationParams(do_sample=False, max_new_tokens=3, num_beams=3)
+    # llama.cpp has no beam search; Transformers 5 moved contrastive search to a Hub download.
+    knob, value = ("num_beams", 3) if model.loader_name == "llama.cpp" else ("penalty_alpha", 0.6)
+    params = GenerationParams(do_sample=False, max_new_tokens=3, top_k=4, **{knob: value})
     generation = manager.generate("Hello", params)
-    assert any("num_beams" in warning for warning in generation.warnings)
-    with pytest.raises(UnsupportedParameter, match="num_beams"):
+    assert any(knob in warning for warning in generation.warnings)
+    assert generation.params.model_dump()[knob] == value  # reported, not silently dropped from the request
+    with pytest.raises(UnsupportedParameter, match=knob):
         manager.generate("Hello", params, strict=True)
 
 
