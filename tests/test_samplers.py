@@ -403,7 +403,10 @@ def test_sampler_chain_replays_under_a_seed(tiny_model, tokenizer):
     first = _generate(tiny_model, tokenizer, params)
     assert _generate(tiny_model, tokenizer, params) == first
     mirostat = GenerationParams(seed=5, mirostat_mode=2, mirostat_tau=8.0, max_new_tokens=10)
-    assert _generate(tiny_model, tokenizer, mirostat) == _generate(tiny_model, tokenizer, mirostat)
+    drawn = _generate(tiny_model, tokenizer, mirostat)
+    assert _generate(tiny_model, tokenizer, mirostat) == drawn
+    assert drawn != _generate(tiny_model, tokenizer, GenerationParams(do_sample=False, max_new_tokens=10))
+    assert drawn != _generate(tiny_model, tokenizer, mirostat.model_copy(update={"seed": 6}))
 
 
 def test_no_repeat_ngram_and_bans_hold_in_generation(tiny_model, tokenizer):
@@ -423,6 +426,8 @@ def test_generate_kwargs_shape_the_decoding_mode(tokenizer):
     assert greedy["do_sample"] is False and "top_k" not in greedy  # nothing that would only warn
     sampled = generate_kwargs(GenerationParams(top_k=5), tokenizer=tokenizer, eos_token_ids=eos)
     assert sampled["do_sample"] is True and sampled["top_k"] == 0 and sampled["temperature"] == 1.0
+    mirostat = generate_kwargs(GenerationParams(mirostat_mode=2), tokenizer=tokenizer, eos_token_ids=eos)
+    assert mirostat["do_sample"] is False  # mirostat has drawn the token; generate() takes the only one left
     beams = generate_kwargs(GenerationParams(num_beams=3, length_penalty=0.5, early_stopping=True),
                             tokenizer=tokenizer, eos_token_ids=eos)
     assert (beams["num_beams"], beams["length_penalty"], beams["early_stopping"]) == (3, 0.5, True)

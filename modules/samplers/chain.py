@@ -111,8 +111,10 @@ def generate_kwargs(params: GenerationParams, *, tokenizer: Any, eos_token_ids: 
     (from its defaults, such as top_k=50, or from the model's generation_config.json).
 
     `device` is where negative_prompt_ids must live (the model's device); CPU when None."""
+    # Mirostat draws the token itself and leaves one finite logit: generate() need only take the argmax.
+    sampling = not params.greedy and not params.mirostat_mode
     kwargs: dict[str, Any] = {
-        "do_sample": not params.greedy,
+        "do_sample": sampling,
         "num_beams": params.num_beams,
         # Processors generate() adds whatever do_sample says; ours replace them.
         "repetition_penalty": 1.0,
@@ -121,7 +123,7 @@ def generate_kwargs(params: GenerationParams, *, tokenizer: Any, eos_token_ids: 
         "bad_words_ids": None,
         "sequence_bias": None,
     }
-    if not params.greedy:
+    if sampling:
         kwargs.update(temperature=1.0, top_k=0, top_p=1.0, min_p=None, typical_p=1.0, epsilon_cutoff=0.0,
                       eta_cutoff=0.0, top_h=None)
     if params.num_beams > 1:

@@ -33,15 +33,13 @@ class Mirostat(LogitsProcessor):
             self.mu = torch.full((batch,), 2 * self.tau, dtype=torch.float32, device=scores.device)
         elif self._surprise is not None and input_ids.shape[-1] > self.prompt_length:
             self._learn(input_ids[:, -1])
-        sorted_logits, order = scores.float().sort(dim=-1, descending=True)
-        probs = sorted_logits.softmax(dim=-1)
+        probs = scores.float().softmax(dim=-1)
         keep = self._truncate_v1(probs) if self.mode == 1 else self._truncate_v2(probs)
+        keep.scatter_(-1, probs.argmax(dim=-1, keepdim=True), True)  # never an empty row
         kept = probs.masked_fill(~keep, 0.0)
         kept = kept / kept.sum(dim=-1, keepdim=True)
-        picked = torch.multinomial(kept, 1)
-        surprise = -kept.log2()  # +inf where truncated
-        self._surprise = surprise.scatter(-1, order, surprise)
-        chosen = order.gather(-1, picked)
+        chosen = torch.multinomial(kept, 1)
+        self._surprise = -kept.log2()  # +inf where truncated
         out = torch.full_like(scores, NEG_INF)
         return out.scatter(-1, chosen, scores.gather(-1, chosen))
 
@@ -52,25 +50,25 @@ class Mirostat(LogitsProcessor):
         self.mu = self.mu - self.eta * update
 
     def _truncate_v2(self, probs: torch.Tensor) -> torch.Tensor:
-        """Keep the tokens whose surprise is at most mu (always the most likely one)."""
-        keep = -probs.log2() <= self.mu[:, None]
-        keep[:, 0] = True
-        return keep
+        """Keep the tokens whose surprise (-log2 p) is at most mu."""
+        return probs >= torch.pow(2.0, -self.mu)[:, None]
 
     def _truncate_v1(self, probs: torch.Tensor) -> torch.Tensor:
         """Estimate the Zipf exponent s from the top tokens, then keep the k most likely tokens where
         k = (eps * 2**mu / (1 - N**-eps)) ** (1 / s), eps = s - 1 (llama.cpp's mirostat)."""
-        m = min(V1_CANDIDATES, probs.shape[-1])
-        top = probs[:, :m]
+        vocab = probs.shape[-1]
+        m = min(V1_CANDIDATES, vocab)
+        top = probs.topk(m, dim=-1).values
         ranks = torch.arange(1, m, device=probs.device, dtype=torch.float32)
         t = torch.log((ranks + 1) / ranks)  # log((i + 2) / (i + 1)) for i = 0..m-2
-        b = torch.log(top[:, :-1] / top[:, 1:])
-        usable = (top[:, 1:] > 0)  # pairs among the tokens still allowed
-        b = b.masked_fill(~usable, 0.0)
+        usable = top[:, 1:] > 0  # pairs among the tokens still allowed
+        b = torch.log(top[:, :-1] / top[:, 1:]).masked_fill(~usable, 0.0)
         t_used = t[None, :] * usable
         s_hat = (t_used * b).sum(dim=-1) / (t_used * t_used).sum(dim=-1)
         eps = s_hat - 1
         k = ((eps * torch.pow(2.0, self.mu)) / (1 - torch.pow(float(self.vocab_size), -eps))) ** (1 / s_hat)
-        k = torch.nan_to_num(k, nan=1.0, posinf=float(probs.shape[-1])).clamp(min=1, max=probs.shape[-1])
-        positions = torch.arange(probs.shape[-1], device=probs.device)
-        return positions[None, :] < k.floor()[:, None]
+        k = torch.nan_to_num(k, nan=1.0, posinf=float(vocab)).clamp(min=1, max=vocab).long()
+        # The k-th largest probability of each row is its cut.
+        largest = top if int(k.max()) <= m else probs.topk(int(k.max()), dim=-1).values
+        cut = largest.gather(-1, (k - 1)[:, None])
+        return probs >= cut
