@@ -1,0 +1,1 @@
+"""Extensions shipped with the workbench; modules.extensions loads them by name (`--extensions NAME`)."""

@@ -1,0 +1,200 @@
+"""POST /v1/messages: Anthropic's Messages API (text, system prompt, streaming events, tool use), mapped onto the
+same chat path as /v1/chat/completions."""
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import ValidationError
+
+from extensions.openai import tools as tooling
+from extensions.openai.completions import (ERRORS, STREAMED, ChatPlan, api_state, first_chunk, start_run,
+                                           warnings_header)
+from extensions.openai.errors import ApiError, api_error_from
+from extensions.openai.mapping import check_model
+from extensions.openai.protocol import (AnthropicBlock, AnthropicUsage, ChatCompletionRequest, MessagesRequest,
+                                        MessagesResponse)
+from extensions.openai.streaming import GenerationRun, guarded, sse
+from modules.errors import WorkbenchError
+
+router = APIRouter(responses=ERRORS)
+_OWN_FIELDS = {"model", "max_tokens", "messages", "system", "stop_sequences", "temperature", "top_p", "stream",
+               "tools", "tool_choice", "metadata"}
+
+
+def _text_of(content: Any, where: str) -> str:
+    if content is None or isinstance(content, str):
+        return content or ""
+    texts = []
+    for block in content:
+        kind = block.type if isinstance(block, AnthropicBlock) else block.get("type")
+        if kind != "text":
+            raise ApiError(400, f"Only text blocks are supported in {where} (got a {kind} block).", param=where)
+        texts.append(block.text if isinstance(block, AnthropicBlock) else block.get("text", ""))
+    return "".join(texts)
+
+
+def to_openai_messages(body: MessagesRequest) -> list[dict[str, Any]]:
+    messages: list[dict[str, Any]] = []
+    system = _text_of(body.system, "system")
+    if system:
+        messages.append({"role": "system", "content": system})
+    for number, message in enumerate(body.messages):
+        if isinstance(message.content, str):
+            messages.append({"role": message.role, "content": message.content})
+            continue
+        texts, calls = [], []
+        for block in message.content:
+            if block.type == "text":
+                texts.append(block.text or "")
+            elif block.type == "tool_use" and message.role == "assistant":
+                calls.append({"id": block.id or f"toolu_{uuid.uuid4().hex[:24]}", "type": "function",
+                              "function": {"name": block.name or "", "arguments": json.dumps(block.input or {})}})
+            elif block.type == "tool_result" and message.role == "user":
+                messages.append({"role": "tool", "tool_call_id": block.tool_use_id,
+                                 "content": _text_of(block.content, f"messages.{number}.content")})
+            elif block.type in ("thinking", "redacted_thinking"):
+                continue
+            else:
+                raise ApiError(400, f"{block.type} blocks are not supported in {message.role} messages.",
+                               param=f"messages.{number}.content")
+        if texts or calls or not message.content:
+            entry: dict[str, Any] = {"role": message.role, "content": "".join(texts)}
+            if calls:
+                entry["tool_calls"] = calls
+            messages.append(entry)
+    return messages
+
+
+def to_chat_request(body: MessagesRequest) -> ChatCompletionRequest:
+    data: dict[str, Any] = {"messages": to_openai_messages(body), "max_tokens": body.max_tokens,
+                            "stop": body.stop_sequences or None}
+    for name in ("temperature", "top_p"):
+        if getattr(body, name) is not None:
+            data[name] = getattr(body, name)
+    for name in body.model_fields_set - _OWN_FIELDS:  # the GenerationParams knobs (top_k, min_p, ...)
+        data[name] = getattr(body, name)
+    data.update({k: v for k, v in (body.model_extra or {}).items()})
+    choice = body.tool_choice
+    if body.tools and (choice is None or choice.type != "none"):
+        data["tools"] = [{"type": "function", "function": {"name": t.name, "description": t.description,
+                                                           "parameters": t.input_schema}} for t in body.tools]
+        if choice is not None and choice.type == "any":
+            data["tool_choice"] = "required"
+        elif choice is not None and choice.type == "tool":
+            if not choice.name:
+                raise ApiError(400, "tool_choice of type 'tool' needs a name.", param="tool_choice")
+            data["tool_choice"] = {"type": "function", "function": {"name": choice.name}}
+    try:
+        return ChatCompletionRequest(**data)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        key = ".".join(str(p) for p in error["loc"])
+        raise ApiError(400, f"Bad value for '{key}': {error['msg']}", param=key) from None
+
+
+def stop_reason(run: GenerationRun, calls: list[Any]) -> str:
+    if calls:
+        return "tool_use"
+    return "max_tokens" if run.generation.stats.finish_reason == "length" else "end_turn"
+
+
+def content_blocks(content: str | None, calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    blocks: list[dict[str, Any]] = [{"type": "text", "text": content}] if content else []
+    for call in calls:
+        blocks.append({"type": "tool_use", "id": "toolu_" + call["id"].removeprefix("call_"),
+                       "name": call["function"]["name"], "input": json.loads(call["function"]["arguments"])})
+    return blocks
+
+
+@router.post("/v1/messages", response_model=MessagesResponse, responses=STREAMED)
+async def messages(body: MessagesRequest, request: Request) -> Any:
+    services = api_state(request).services
+    model_name = await run_in_threadpool(check_model, services, body.model, autoload=services.settings.api_autoload)
+    chat_request = to_chat_request(body)
+    try:
+        plan = await run_in_threadpool(ChatPlan, services, chat_request)
+    except WorkbenchError as exc:
+        raise api_error_from(exc, "messages") from None
+    run = start_run(services, request, plan.prompt, plan.params, plan.add_bos)
+    first = await first_chunk(run)
+    warnings = plan.warnings + run.generation.warnings
+    ident = f"msg_{uuid.uuid4().hex[:24]}"
+    if body.stream:
+        return StreamingResponse(guarded(_stream(plan, run, first, ident, model_name), [run]),
+                                 media_type="text/event-stream", headers=warnings_header(warnings))
+    await run.collect()
+    text = run.generation.text
+    if services.extensions is not None:
+        text = services.extensions.modify_output(text, plan.state, run.tokens)
+    content, calls = plan.result(text)
+    stats = run.generation.stats
+    response = MessagesResponse(id=ident, model=model_name, content=content_blocks(content, calls),
+                                stop_reason=stop_reason(run, calls),
+                                usage=AnthropicUsage(input_tokens=stats.prompt_tokens,
+                                                     output_tokens=stats.completion_tokens))
+    return JSONResponse(response.model_dump(), headers=warnings_header(warnings))
+
+
+async def _stream(plan: ChatPlan, run: GenerationRun, first: Any, ident: str, model: str) -> AsyncIterator[str]:
+    stats = run.generation.stats
+    message = {"id": ident, "type": "message", "role": "assistant", "model": model, "content": [],
+               "stop_reason": None, "stop_sequence": None,
+               "usage": {"input_tokens": stats.prompt_tokens, "output_tokens": 0}}
+    yield sse({"type": "message_start", "message": message}, "message_start")
+    yield sse({"type": "ping"}, "ping")
+    index, text_open = 0, False
+
+    def text_delta(text: str) -> list[str]:
+        nonlocal text_open
+        events = []
+        if not text_open:
+            events.append(sse({"type": "content_block_start", "index": index,
+                               "content_block": {"type": "text", "text": ""}}, "content_block_start"))
+            text_open = True
+        events.append(sse({"type": "content_block_delta", "index": index,
+                           "delta": {"type": "text_delta", "text": text}}, "content_block_delta"))
+        return events
+
+    try:
+        held, holding = "", bool(plan.tools)
+        piece = first
+        while piece is not None:
+            if holding:
+                held += piece.text
+                if plan.forced_tool or tooling.may_start_tool_call(held):
+                    piece = await run.next_chunk(watch_disconnect=False)
+                    continue
+                holding, text = False, held
+            else:
+                text = piece.text
+            if text:
+                for event in text_delta(text):
+                    yield event
+            piece = await run.next_chunk(watch_disconnect=False)
+        content, calls = plan.result(run.generation.text)
+        if holding and (content if calls else held):
+            for event in text_delta(content if calls else held):
+                yield event
+        if text_open:
+            yield sse({"type": "content_block_stop", "index": index}, "content_block_stop")
+            index += 1
+        for block in content_blocks(None, calls):
+            yield sse({"type": "content_block_start", "index": index,
+                       "content_block": {**block, "input": {}}}, "content_block_start")
+            yield sse({"type": "content_block_delta", "index": index,
+                       "delta": {"type": "input_json_delta", "partial_json": json.dumps(block["input"])}},
+                      "content_block_delta")
+            yield sse({"type": "content_block_stop", "index": index}, "content_block_stop")
+            index += 1
+        yield sse({"type": "message_delta", "delta": {"stop_reason": stop_reason(run, calls), "stop_sequence": None},
+                   "usage": {"output_tokens": stats.completion_tokens}}, "message_delta")
+        yield sse({"type": "message_stop"}, "message_stop")
+    except Exception as exc:
+        message_text = str(exc) if isinstance(exc, (ApiError, WorkbenchError)) else f"{type(exc).__name__}: {exc}"
+        yield sse({"type": "error", "error": {"type": "api_error", "message": message_text}}, "error")

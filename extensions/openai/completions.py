@@ -1,0 +1,374 @@
+"""POST /v1/completions and POST /v1/chat/completions: thin handlers over the ModelManager, with SSE streaming."""
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from extensions.openai import tools as tooling
+from extensions.openai.errors import ApiError, api_error_from, error_body
+from extensions.openai.mapping import (apply_input_hooks, build_chat_prompt, build_params, check_model, check_token_ids,
+                                       params_from_state, state_of)
+from extensions.openai.protocol import (ChatChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse,
+                                        ChoiceLogprobs, ChunkChoice, CompletionChoice, CompletionLogprobs,
+                                        CompletionRequest, CompletionResponse, Delta, DeltaFunction, DeltaToolCall,
+                                        ErrorResponse, LogprobItem, ResponseMessage, ToolCall, TopLogprob, Usage)
+from extensions.openai.streaming import ClientGone, GenerationRun, guarded, sse
+from modules.errors import WorkbenchError
+from modules.generation import GenerationParams, TokenEvent
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse} for status in (400, 401, 404, 503)}
+STREAMED = {200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}}, **ERRORS}
+router = APIRouter(responses=ERRORS)
+
+
+def api_state(request: Request) -> Any:
+    return request.app.state.api
+
+
+# --- running generations --------------------------------------------------------------------------------------------
+def start_run(services: Any, request: Request, prompt: str | list[int], params: GenerationParams,
+              add_bos: bool | None = None) -> GenerationRun:
+    try:
+        generation = services.manager.generate(prompt, params, add_bos=add_bos)
+    except WorkbenchError as exc:
+        raise api_error_from(exc) from None
+    return GenerationRun(generation, request)
+
+
+async def first_chunk(run: GenerationRun) -> Any:
+    """Wait for the run's first chunk (or its end) so that errors before the first token answer as HTTP errors."""
+    try:
+        return await run.next_chunk()
+    except ClientGone:
+        raise
+    except WorkbenchError as exc:
+        raise api_error_from(exc) from None
+
+
+def seeded(params: GenerationParams, index: int) -> GenerationParams:
+    """The params of choice `index`: a given seed moves on by one per choice so the n choices differ."""
+    if index == 0 or params.seed < 0:
+        return params
+    return params.model_copy(update={"seed": params.seed + index})
+
+
+def finish_reason(run: GenerationRun) -> str:
+    reason = run.generation.stats.finish_reason
+    return "length" if reason == "length" else "stop"
+
+
+def usage_of(runs: list[GenerationRun]) -> Usage:
+    prompt = runs[0].generation.stats.prompt_tokens if runs else 0
+    completion = sum(r.generation.stats.completion_tokens for r in runs)
+    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+
+
+def warnings_header(warnings: list[str]) -> dict[str, str]:
+    return {"x-workbench-warnings": " | ".join(w.replace("\n", " ") for w in warnings)[:4000]} if warnings else {}
+
+
+def stream_error(exc: BaseException) -> str:
+    if isinstance(exc, ApiError):
+        return sse(error_body(exc.message, exc.type, exc.param, exc.code))
+    if isinstance(exc, WorkbenchError):
+        error = api_error_from(exc)
+        return sse(error_body(error.message, error.type, code=error.code))
+    return sse(error_body(f"Generation failed: {type(exc).__name__}: {exc}", "server_error"))
+
+
+# --- /v1/completions --------------------------------------------------------------------------------------------------
+@router.post("/v1/completions", response_model=CompletionResponse, response_model_exclude_none=True,
+             responses=STREAMED)
+async def completions(body: CompletionRequest, request: Request) -> Any:
+    state = api_state(request)
+    services = state.services
+    model_name = await run_in_threadpool(check_model, services, body.model, autoload=services.settings.api_autoload)
+    prompt = body.prompt
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
+        if len(prompt) != 1:
+            raise ApiError(400, "Send one prompt per request (a list of several prompts is not supported).",
+                           param="prompt")
+        prompt = prompt[0]
+    if isinstance(prompt, (str, list)) and len(prompt) == 0:
+        raise ApiError(400, "The prompt is empty.", param="prompt")
+    if isinstance(prompt, list):
+        check_token_ids(services.manager, prompt, "prompt")
+    if body.best_of not in (None, body.n):
+        raise ApiError(400, "best_of is not supported (ask for n choices instead).", param="best_of")
+    params, warnings = build_params(services, body, max_tokens=body.max_tokens, logprobs=body.logprobs or 0)
+    registry = services.extensions
+    if registry is not None:
+        hook_state = registry.modify_state(state_of(params))
+        params = params_from_state(hook_state, params)
+        if isinstance(prompt, str):
+            prompt = registry.modify_input(prompt, hook_state)
+    if body.suffix:
+        prompt = await run_in_threadpool(fill_in_the_middle, services, prompt, body.suffix)
+    echo = ""
+    if body.echo:
+        echo = prompt if isinstance(prompt, str) else await run_in_threadpool(services.manager.decode, prompt)
+    run = start_run(services, request, prompt, params)
+    first = await first_chunk(run)
+    warnings += run.generation.warnings
+    created, ident = int(time.time()), f"cmpl-{uuid.uuid4().hex}"
+    if body.stream:
+        return StreamingResponse(guarded(_stream_completion(services, request, body, run, first, prompt, params,
+                                                            echo, ident, created, model_name), [run]),
+                                 media_type="text/event-stream", headers=warnings_header(warnings))
+    runs = [run]
+    await run.collect()
+    for index in range(1, body.n):
+        more = start_run(services, request, prompt, seeded(params, index))
+        runs.append(more)
+        await more.collect()
+    choices = [CompletionChoice(index=i, text=echo + r.generation.text, finish_reason=finish_reason(r),
+                                logprobs=completion_logprobs(r.tokens, len(echo)) if body.logprobs is not None else None)
+               for i, r in enumerate(runs)]
+    response = CompletionResponse(id=ident, created=created, model=model_name, choices=choices, usage=usage_of(runs),
+                                  warnings=warnings or None)
+    return JSONResponse(response.model_dump(exclude_none=True), headers=warnings_header(warnings))
+
+
+async def _stream_completion(services: Any, request: Request, body: CompletionRequest, run: GenerationRun, first: Any,
+                             prompt: Any, params: GenerationParams, echo: str, ident: str, created: int,
+                             model: str) -> AsyncIterator[str]:
+    runs = [run]
+    try:
+        for index in range(body.n):
+            if index:
+                run = start_run(services, request, prompt, seeded(params, index))
+                runs.append(run)
+                first = await run.next_chunk()
+            offset = 0
+            if echo:
+                yield sse(CompletionResponse(id=ident, created=created, model=model, choices=[
+                    CompletionChoice(index=index, text=echo)]))
+                offset = len(echo)
+            chunk = first
+            while chunk is not None:
+                logprobs = completion_logprobs(chunk.tokens, offset) if body.logprobs is not None else None
+                offset += len(chunk.text)
+                yield sse(CompletionResponse(id=ident, created=created, model=model, choices=[
+                    CompletionChoice(index=index, text=chunk.text, logprobs=logprobs)]))
+                chunk = await run.next_chunk(watch_disconnect=False)
+            yield sse(CompletionResponse(id=ident, created=created, model=model, choices=[
+                CompletionChoice(index=index, text="", finish_reason=finish_reason(run))]))
+        if body.stream_options and body.stream_options.include_usage:
+            yield sse(CompletionResponse(id=ident, created=created, model=model, choices=[], usage=usage_of(runs)))
+    except Exception as exc:
+        yield stream_error(exc)
+    yield "data: [DONE]\n\n"
+
+
+def completion_logprobs(tokens: list[TokenEvent], offset: int) -> CompletionLogprobs:
+    texts, offsets, position = [], [], offset
+    for token in tokens:
+        texts.append(token.text)
+        offsets.append(position)
+        position += len(token.text)
+    return CompletionLogprobs(tokens=texts, token_logprobs=[t.logprob for t in tokens], text_offset=offsets,
+                              top_logprobs=[{top.token: top.logprob for top in t.top_logprobs} for t in tokens])
+
+
+def fill_in_the_middle(services: Any, prompt: Any, suffix: str) -> str:
+    """A prefix-suffix-middle prompt for models whose vocabulary has StarCoder-style FIM tokens."""
+    if not isinstance(prompt, str):
+        raise ApiError(400, "suffix needs a text prompt.", param="suffix")
+    manager = services.manager
+    markers = ("<fim_prefix>", "<fim_suffix>", "<fim_middle>")
+    try:
+        single = all(len(manager.encode(marker)) == 1 for marker in markers)
+    except WorkbenchError:
+        single = False
+    if not single:
+        raise ApiError(400, "suffix (fill in the middle) needs a model with <fim_prefix>/<fim_suffix>/<fim_middle> "
+                            "tokens; the loaded model has none.", param="suffix")
+    return f"<fim_prefix>{prompt}<fim_suffix>{suffix}<fim_middle>"
+
+
+# --- /v1/chat/completions ---------------------------------------------------------------------------------------------
+def chat_messages(body: ChatCompletionRequest) -> list[dict[str, Any]]:
+    messages = []
+    for message in body.messages:
+        data = message.model_dump(exclude_none=True)
+        if data["role"] == "developer":
+            data["role"] = "system"
+        elif data["role"] == "function":
+            data["role"] = "tool"
+        content = data.get("content")
+        if isinstance(content, list):
+            texts = [part.get("text") or "" for part in content if part.get("type") == "text"]
+            if len(texts) != len(content):
+                raise ApiError(400, "Only text content parts are supported (this model reads no images or audio).",
+                               param="messages")
+            data["content"] = "".join(texts)
+        data.setdefault("content", "")
+        messages.append(data)
+    return messages
+
+
+class ChatPlan:
+    """Everything a chat request needs before generating: prompt, params, tools, warnings."""
+
+    def __init__(self, services: Any, body: ChatCompletionRequest):
+        max_tokens = body.max_completion_tokens or body.max_tokens
+        top = body.top_logprobs or 0
+        params, self.warnings = build_params(services, body, max_tokens=max_tokens,
+                                             logprobs=max(top, 1) if body.logprobs else 0)
+        self.tools = tooling.tool_dicts(body.tools) if body.tool_choice != "none" else []
+        try:
+            schema = tooling.constraint_schema(self.tools, body.tool_choice.model_dump()
+                                               if hasattr(body.tool_choice, "model_dump") else body.tool_choice)
+        except ValueError as exc:
+            raise ApiError(400, str(exc), param="tool_choice") from None
+        if body.tool_choice == "required" and not self.tools:
+            raise ApiError(400, "tool_choice is 'required' but no tools were given.", param="tool_choice")
+        fmt = body.response_format
+        if schema is None and fmt is not None and fmt.type != "text":
+            if fmt.type == "json_schema":
+                if fmt.json_schema is None:
+                    raise ApiError(400, "response_format of type json_schema needs a json_schema.",
+                                   param="response_format")
+                schema = fmt.json_schema.schema_ or {"type": "object"}
+            else:
+                schema = {"type": "object"}
+        if schema is not None:
+            params = params.model_copy(update={"json_schema": schema, "grammar_string": ""})
+        self.forced_tool = bool(self.tools) and body.tool_choice not in (None, "auto")
+        registry = services.extensions
+        state = state_of(params, mode=body.mode or "instruct")
+        if registry is not None:
+            state = registry.modify_state(state)
+            params = params_from_state(state, params)
+        self.state = state
+        messages = apply_input_hooks(services, chat_messages(body), state)
+        model = services.manager.require_model()
+        template_tools = None
+        if self.tools:
+            from modules.chat.templates import choose_template
+
+            template = body.instruction_template_str or choose_template(
+                model.chat_template, body.instruction_template or services.settings.chat.instruction_template,
+                templates_dir=services.settings.template_dir).template
+            if tooling.template_takes_tools(template, self.tools, bos_token=model.bos_token or "",
+                                            eos_token=model.eos_token or ""):
+                template_tools = self.tools
+                messages = tooling.for_template(messages)
+            else:
+                messages = tooling.with_fallback_system(messages, self.tools)
+        else:
+            messages = tooling.for_template(messages)
+        chat = build_chat_prompt(services, messages, body, params, state, template_tools)
+        self.prompt, self.add_bos = chat.prompt, chat.add_bos
+        self.warnings += chat.warnings
+        self.params = params.model_copy(update={"stop": list(dict.fromkeys([*params.stop, *chat.stops]))})
+        self.top_logprobs = top if body.logprobs else None
+
+    def result(self, text: str) -> tuple[str | None, list[dict[str, Any]]]:
+        """(content, tool calls) of a finished reply."""
+        if not self.tools:
+            return text, []
+        content, calls = tooling.parse_tool_calls(text, {t["function"]["name"] for t in self.tools})
+        return (content or None) if calls else text, calls
+
+
+@router.post("/v1/chat/completions", response_model=ChatCompletionResponse, response_model_exclude_none=True,
+             responses=STREAMED)
+async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
+    services = api_state(request).services
+    model_name = await run_in_threadpool(check_model, services, body.model, autoload=services.settings.api_autoload)
+    try:
+        plan = await run_in_threadpool(ChatPlan, services, body)
+    except WorkbenchError as exc:
+        raise api_error_from(exc, "messages") from None
+    run = start_run(services, request, plan.prompt, plan.params, plan.add_bos)
+    first = await first_chunk(run)
+    warnings = plan.warnings + run.generation.warnings
+    created, ident = int(time.time()), f"chatcmpl-{uuid.uuid4().hex}"
+    if body.stream:
+        return StreamingResponse(guarded(_stream_chat(services, request, body, plan, run, first, ident, created,
+                                                      model_name), [run]),
+                                 media_type="text/event-stream", headers=warnings_header(warnings))
+    runs = [run]
+    await run.collect()
+    for index in range(1, body.n):
+        more = start_run(services, request, plan.prompt, seeded(plan.params, index), plan.add_bos)
+        runs.append(more)
+        await more.collect()
+    choices = []
+    registry = services.extensions
+    for index, item in enumerate(runs):
+        text = item.generation.text
+        if registry is not None:
+            text = registry.modify_output(text, plan.state, item.tokens)
+        content, calls = plan.result(text)
+        reason = "tool_calls" if calls else finish_reason(item)
+        choices.append(ChatChoice(index=index, finish_reason=reason,
+                                  message=ResponseMessage(content=content,
+                                                          tool_calls=[ToolCall(**c) for c in calls] or None),
+                                  logprobs=chat_logprobs(item.tokens, plan.top_logprobs)))
+    response = ChatCompletionResponse(id=ident, created=created, model=model_name, choices=choices,
+                                      usage=usage_of(runs), warnings=warnings or None)
+    return JSONResponse(response.model_dump(exclude_none=True), headers=warnings_header(warnings))
+
+
+async def _stream_chat(services: Any, request: Request, body: ChatCompletionRequest, plan: ChatPlan,
+                       run: GenerationRun, first: Any, ident: str, created: int, model: str) -> AsyncIterator[str]:
+    def chunk(index: int, delta: Delta, reason: str | None = None, logprobs: Any = None) -> str:
+        return sse(ChatCompletionChunk(id=ident, created=created, model=model, choices=[
+            ChunkChoice(index=index, delta=delta, finish_reason=reason, logprobs=logprobs)]))
+
+    runs = [run]
+    try:
+        for index in range(body.n):
+            if index:
+                run = start_run(services, request, plan.prompt, seeded(plan.params, index), plan.add_bos)
+                runs.append(run)
+                first = await run.next_chunk()
+            yield chunk(index, Delta(role="assistant", content=""))
+            held, holding = "", bool(plan.tools)
+            piece = first
+            while piece is not None:
+                if holding:  # a reply that may be a tool call is held back until it is known
+                    held += piece.text
+                    if plan.forced_tool or tooling.may_start_tool_call(held):
+                        piece = await run.next_chunk(watch_disconnect=False)
+                        continue
+                    holding, text = False, held
+                else:
+                    text = piece.text
+                if text:
+                    yield chunk(index, Delta(content=text), logprobs=chat_logprobs(piece.tokens, plan.top_logprobs))
+                piece = await run.next_chunk(watch_disconnect=False)
+            content, calls = plan.result(run.generation.text)
+            if holding and held and not calls:
+                yield chunk(index, Delta(content=held))
+            if calls:
+                if holding and content:
+                    yield chunk(index, Delta(content=content))
+                yield chunk(index, Delta(tool_calls=[
+                    DeltaToolCall(index=i, id=c["id"], type="function", function=DeltaFunction(**c["function"]))
+                    for i, c in enumerate(calls)]))
+            yield chunk(index, Delta(), "tool_calls" if calls else finish_reason(run))
+        if body.stream_options and body.stream_options.include_usage:
+            yield sse(ChatCompletionChunk(id=ident, created=created, model=model, choices=[], usage=usage_of(runs)))
+    except Exception as exc:
+        yield stream_error(exc)
+    yield "data: [DONE]\n\n"
+
+
+def chat_logprobs(tokens: list[TokenEvent], top: int | None) -> ChoiceLogprobs | None:
+    if top is None:
+        return None
+    items = [LogprobItem(token=t.text, logprob=t.logprob if t.logprob is not None else 0.0,
+                         bytes=list(t.text.encode("utf-8")),
+                         top_logprobs=[TopLogprob(token=a.token, logprob=a.logprob, bytes=list(a.token.encode("utf-8")))
+                                       for a in t.top_logprobs[:top]]) for t in tokens]
+    return ChoiceLogprobs(content=items)

@@ -1,0 +1,213 @@
+"""Requests onto the core: which model, which GenerationParams (preset < request knobs < OpenAI fields), and the
+chat prompt, built by modules.chat (the same builder as the Chat tab) with the extensions' hooks around it."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from extensions.openai.errors import ApiError, api_error_from
+from loaders.base import Capability
+from modules.errors import WorkbenchError
+from modules.generation import GenerationParams
+from modules.presets import load_preset
+
+_OPENAI_FIELDS = ("temperature", "top_p", "seed", "presence_penalty", "frequency_penalty")
+_CHAT_FIELDS = {"mode", "character", "instruction_template", "instruction_template_str", "user_name", "user_bio",
+                "chat_instruct_command", "continue_", "name1"}
+
+
+# --- which model --------------------------------------------------------------------------------------------------
+def model_names_of(manager: Any) -> set[str]:
+    """Names a request may use for the loaded model."""
+    model = manager.model
+    if model is None:
+        return set()
+    path = Path(model.path)
+    names = {model.name, path.name, path.stem}
+    if path.parent.resolve() != manager.model_dir.resolve():
+        names.add(path.parent.name)  # a GGUF inside a model folder is listed by the folder's name
+    return names
+
+
+def loaded_model_name(manager: Any) -> str:
+    info = manager.info()
+    return info.name if info is not None else ""
+
+
+def check_model(services: Any, requested: str | None, *, autoload: bool) -> str:
+    """The name of the model that will answer, loading `requested` first when autoload is on. Raises 404 for a
+    model that is not loaded (or not in models/) and 503 when no model is loaded."""
+    manager = services.manager
+    if requested and requested not in model_names_of(manager):
+        if requested not in manager.list_models():
+            raise ApiError(404, f"The model {requested!r} does not exist; GET /v1/models lists the models.",
+                           param="model", code="model_not_found")
+        if not autoload:
+            raise ApiError(404, f"The model {requested!r} is not loaded (the loaded one is "
+                                f"{loaded_model_name(manager) or 'none'}). Load it with /v1/internal/model/load, or "
+                                "start the API with --api-autoload.", param="model", code="model_not_found")
+        try:
+            manager.load(requested)
+        except WorkbenchError as exc:
+            raise api_error_from(exc, "model") from None
+    if manager.model is None:
+        raise ApiError(503, "No model is loaded. Load one with /v1/internal/model/load or in the Model tab.",
+                       code="model_not_loaded")
+    return loaded_model_name(manager)
+
+
+def vocab_size(model: Any) -> int | None:
+    """The model's vocabulary size where its loader tells (llama.cpp aborts the process on an unknown id)."""
+    for attribute in ("vocab_size", "_n_vocab", "_vocab_size"):
+        value = getattr(model, attribute, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def check_token_ids(manager: Any, ids: list[int], param: str) -> None:
+    size = vocab_size(manager.require_model())
+    bad = [t for t in ids if t < 0 or (size is not None and t >= size)]
+    if bad:
+        raise ApiError(400, f"Token id(s) {bad[:5]} are outside the vocabulary (0 to {size - 1 if size else '?'}).",
+                       param=param)
+
+
+# --- generation parameters ----------------------------------------------------------------------------------------
+def _set(request: BaseModel, name: str) -> Any:
+    return getattr(request, name, None) if name in request.model_fields_set else None
+
+
+def build_params(services: Any, request: BaseModel, *, max_tokens: int | None = None,
+                 stops: list[str] | None = None, logprobs: int = 0) -> tuple[GenerationParams, list[str]]:
+    """GenerationParams for a request: the settings' preset (or the request's `preset`), then every knob the
+    request set under GenerationParams' names, then the OpenAI fields. Returns (params, warnings)."""
+    settings = services.settings
+    warnings: list[str] = []
+    if getattr(request, "preset", None):
+        try:
+            values = load_preset(settings.preset_dir, request.preset).model_dump()
+        except WorkbenchError as exc:
+            raise ApiError(404 if "No preset" in str(exc) else 400, str(exc), param="preset") from None
+    else:
+        values = services.default_params().model_dump()
+    for name in GenerationParams.model_fields:
+        if name in _OPENAI_FIELDS or name in ("stop", "logit_bias", "logprobs"):
+            continue
+        value = _set(request, name)
+        if value is not None:
+            values[name] = value
+    for name in _OPENAI_FIELDS:
+        value = _set(request, name)
+        if value is not None:
+            values[name] = value
+    if max_tokens is not None:
+        values["max_new_tokens"] = max_tokens
+    bias = _set(request, "logit_bias")
+    if bias:
+        try:
+            values["logit_bias"] = {int(token): float(value) for token, value in bias.items()}
+        except ValueError:
+            raise ApiError(400, "logit_bias keys must be token ids written as strings, such as \"50256\".",
+                           param="logit_bias") from None
+    stop = _set(request, "stop")
+    stop_list = [stop] if isinstance(stop, str) else list(stop or [])
+    values["stop"] = list(dict.fromkeys([*values.get("stop", []), *stop_list,
+                                         *(getattr(request, "stopping_strings", None) or []), *(stops or [])]))
+    values["logprobs"] = logprobs
+    try:
+        params = GenerationParams(**values)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        key = ".".join(str(p) for p in error["loc"])
+        raise ApiError(400, f"Bad value for '{key}': {error['msg']}", param=key) from None
+    extra = sorted(k for k in (request.model_extra or {}) if k not in _CHAT_FIELDS)
+    if extra:
+        warnings.append(f"Ignored unknown field(s): {', '.join(extra)}.")
+    return params, warnings
+
+
+def state_of(params: GenerationParams, **extra: Any) -> dict[str, Any]:
+    """The `state` dict extensions' hooks receive: the knobs by name plus the request's other settings."""
+    return {**params.model_dump(), "source": "api", **extra}
+
+
+def params_from_state(state: dict[str, Any], params: GenerationParams) -> GenerationParams:
+    """Apply what a state_modifier changed among the knobs."""
+    changed = {k: v for k, v in state.items() if k in GenerationParams.model_fields and v != getattr(params, k)}
+    if not changed:
+        return params
+    try:
+        return params.model_copy(update=GenerationParams(**{**params.model_dump(), **changed}).model_dump())
+    except ValidationError as exc:
+        raise ApiError(400, f"An extension's state_modifier set a bad value: {exc.errors()[0]['msg']}") from None
+
+
+# --- the chat prompt ------------------------------------------------------------------------------------------------
+@dataclass
+class ChatPrompt:
+    prompt: str
+    stops: list[str]
+    add_bos: bool | None
+    warnings: list[str] = field(default_factory=list)
+
+
+def build_chat_prompt(services: Any, messages: list[dict[str, Any]], request: Any, params: GenerationParams,
+                      state: dict[str, Any], tools: list[dict[str, Any]] | None) -> ChatPrompt:
+    """The prompt for an OpenAI-style conversation, through modules.chat.prompt.build_prompt, fitted to the
+    context (context length minus max_new_tokens) by dropping the oldest turns."""
+    from modules.chat.characters import load_character
+    from modules.chat.prompt import PromptOptions, build_prompt
+    from modules.chat.templates import choose_template
+
+    settings = services.settings
+    manager = services.manager
+    model = manager.require_model()
+    registry = services.extensions
+    if registry is not None:
+        messages = registry.modify_history(messages)
+        custom = registry.custom_chat_prompt(messages, state, services)
+        if custom is not None:
+            return ChatPrompt(custom, [], None)
+    mode = getattr(request, "mode", None) or "instruct"
+    chosen_template = getattr(request, "instruction_template_str", None)
+    warnings: list[str] = []
+    if not chosen_template:
+        chosen = choose_template(model.chat_template, getattr(request, "instruction_template", None)
+                                 or settings.chat.instruction_template, templates_dir=settings.template_dir)
+        chosen_template = chosen.template
+        if chosen.warning:
+            warnings.append(chosen.warning)
+    character = None
+    if mode != "instruct":
+        character = load_character(getattr(request, "character", None) or settings.chat.character,
+                                   characters_dir=settings.character_dir)
+    options = PromptOptions(mode=mode, instruction_template=chosen_template, bos_token=model.bos_token,
+                            eos_token=model.eos_token, tools=tools, character=character,
+                            user_name=getattr(request, "user_name", None) or settings.chat.user_name,
+                            user_bio=getattr(request, "user_bio", None) or settings.chat.user_bio)
+    if getattr(request, "chat_instruct_command", None):
+        options.chat_instruct_command = request.chat_instruct_command
+    can_count = Capability.TOKENIZE in model.capabilities
+    result = build_prompt(messages, options, continue_last=bool(getattr(request, "continue_", False)),
+                          count_tokens=manager.token_count if can_count else None,
+                          token_budget=model.context_length - params.max_new_tokens if can_count else None)
+    return ChatPrompt(result.prompt, result.stop_strings, False if result.starts_with_bos else None,
+                      warnings + result.warnings)
+
+
+def apply_input_hooks(services: Any, messages: list[dict[str, Any]], state: dict[str, Any]) -> list[dict[str, Any]]:
+    """chat_input_modifier and input_modifier on the last user message (text content only)."""
+    registry = services.extensions
+    if registry is None:
+        return messages
+    for index in range(len(messages) - 1, -1, -1):
+        message = messages[index]
+        if message["role"] == "user" and isinstance(message.get("content"), str):
+            text, _visible = registry.modify_chat_input(message["content"], message["content"], state)
+            text = registry.modify_input(text, state)
+            return [*messages[:index], {**message, "content": text}, *messages[index + 1:]]
+    return messages

@@ -1,0 +1,462 @@
+"""Every request and response of the API as pydantic models: OpenAI's (completions, chat, models, embeddings),
+Anthropic's Messages, text-generation-webui's internal routes, /predict and the error object.
+
+Generation requests also accept every GenerationParams knob under its own name (text-generation-webui's names:
+`min_p`, `top_k`, `repetition_penalty`, `dry_multiplier`, `ban_eos_token`, `custom_token_bans`, `grammar_string`,
+`sampler_priority`, ...) plus `preset`; unknown fields are accepted and reported back as warnings.
+"""
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, create_model
+
+from modules.generation import GenerationParams
+
+MAX_N = 8  # most choices one request may ask for (each is a full generation on the one model)
+
+#: Knobs named like an OpenAI field with another meaning or type; the request models declare those themselves.
+_OPENAI_NAMED = {"temperature", "top_p", "seed", "presence_penalty", "frequency_penalty", "logit_bias", "logprobs",
+                 "stop"}
+
+
+def _knob_fields() -> dict[str, Any]:
+    fields = {}
+    for name, info in GenerationParams.model_fields.items():
+        if name in _OPENAI_NAMED:
+            continue
+        annotation = Annotated[info.annotation, *info.metadata] if info.metadata else info.annotation
+        fields[name] = (Optional[annotation], Field(None, description=info.description))
+    return fields
+
+
+class _Extras(BaseModel):
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+
+    preset: str | None = Field(None, description="A preset from presets/ to start from.")
+    stopping_strings: list[str] | None = Field(None, description="text-generation-webui's name for extra stops.")
+
+
+#: Every GenerationParams knob as an optional field (None = from the preset).
+GenerationKnobs = create_model("GenerationKnobs", __base__=_Extras, **_knob_fields())
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+# --- errors -----------------------------------------------------------------------------------------------------
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+# --- shared pieces ----------------------------------------------------------------------------------------------
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class StreamOptions(_Model):
+    include_usage: bool = False
+
+
+class JsonSchemaFormat(_Model):
+    name: str = "response"
+    description: str | None = None
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Model):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class FunctionDef(_Model):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(_Model):
+    type: Literal["function"] = "function"
+    function: FunctionDef
+
+
+class FunctionName(_Model):
+    name: str
+
+
+class NamedToolChoice(_Model):
+    type: Literal["function"] = "function"
+    function: FunctionName
+
+
+class ToolCallFunction(BaseModel):
+    name: str
+    arguments: str
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
+
+
+class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
+
+
+Stop = Annotated[str | list[str] | None, Field(description="Up to 4 strings that end the reply.")]
+LogitBias = Annotated[dict[str, Annotated[float, Field(ge=-100, le=100)]] | None,
+                      Field(description="Token id (as a string) -> bias added to its logit.")]
+
+
+class _SamplingRequest(GenerationKnobs):  # type: ignore[misc, valid-type]
+    model: str | None = Field(None, description="A model in models/; empty = the loaded one.")
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, ge=0, le=1)
+    n: int = Field(1, ge=1, le=MAX_N)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: Stop = None
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    logit_bias: LogitBias = None
+    seed: int | None = None
+    user: str | None = None
+
+
+# --- /v1/completions --------------------------------------------------------------------------------------------
+class CompletionRequest(_SamplingRequest):
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(description="Text or token ids to continue.")
+    suffix: str | None = Field(None, description="Text after the insertion (fill-in-the-middle models only).")
+    echo: bool = False
+    logprobs: int | None = Field(None, ge=0, le=20)
+    best_of: int | None = Field(None, ge=1, le=MAX_N)
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float]] | None
+    text_offset: list[int]
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: Literal["stop", "length", "content_filter"] | None = None
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+    warnings: list[str] | None = None
+
+
+# --- /v1/chat/completions ---------------------------------------------------------------------------------------
+class ChatCompletionRequest(_SamplingRequest):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    response_format: ResponseFormat | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    # text-generation-webui's chat fields
+    mode: Literal["instruct", "chat", "chat-instruct"] | None = None
+    character: str | None = None
+    instruction_template: str | None = Field(None, description="A template from instruction-templates/.")
+    instruction_template_str: str | None = Field(None, description="A Jinja chat template to use instead.")
+    user_name: str | None = Field(None, alias="name1")
+    user_bio: str | None = None
+    chat_instruct_command: str | None = None
+    continue_: bool = Field(False, description="Continue the last assistant message instead of answering.")
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class LogprobItem(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(BaseModel):
+    content: list[LogprobItem] | None = None
+
+
+class ResponseMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str | None = None
+    tool_calls: list[ToolCall] | None = None
+
+
+FinishReason = Literal["stop", "length", "tool_calls", "content_filter", "function_call"]
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: ResponseMessage
+    logprobs: ChoiceLogprobs | None = None
+    finish_reason: FinishReason | None = None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage | None = None
+    warnings: list[str] | None = None
+
+
+class DeltaFunction(BaseModel):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class DeltaToolCall(BaseModel):
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: DeltaFunction
+
+
+class Delta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
+
+
+class ChunkChoice(BaseModel):
+    index: int
+    delta: Delta
+    logprobs: ChoiceLogprobs | None = None
+    finish_reason: FinishReason | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChunkChoice]
+    usage: Usage | None = None
+
+
+# --- /v1/models -------------------------------------------------------------------------------------------------
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "workbench"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+# --- /v1/embeddings ---------------------------------------------------------------------------------------------
+class EmbeddingRequest(_Model):
+    input: str | list[str] = Field(description="Text or texts to embed (token arrays are not accepted).")
+    model: str | None = None
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(None, ge=1)
+    user: str | None = None
+
+
+class Embedding(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str
+
+
+class EmbeddingUsage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingResponse(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Embedding]
+    model: str
+    usage: EmbeddingUsage
+
+
+# --- /v1/messages (Anthropic) -----------------------------------------------------------------------------------
+class AnthropicBlock(BaseModel):
+    """A content block: text, tool_use (id, name, input) or tool_result (tool_use_id, content)."""
+
+    model_config = ConfigDict(extra="allow")
+    type: Literal["text", "image", "tool_use", "tool_result", "thinking", "redacted_thinking", "document"]
+    text: str | None = None
+    id: str | None = None
+    name: str | None = None
+    input: dict[str, Any] | None = None
+    tool_use_id: str | None = None
+    content: str | list[dict[str, Any]] | None = None
+    is_error: bool | None = None
+
+
+class AnthropicMessage(_Model):
+    role: Literal["user", "assistant"]
+    content: str | list[AnthropicBlock]
+
+
+class AnthropicTool(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    description: str | None = None
+    input_schema: dict[str, Any] = Field(default_factory=lambda: {"type": "object"})
+
+
+class AnthropicToolChoice(_Model):
+    type: Literal["auto", "any", "tool", "none"]
+    name: str | None = None
+    disable_parallel_tool_use: bool | None = None
+
+
+class MessagesRequest(GenerationKnobs):  # type: ignore[misc, valid-type]
+    model: str | None = None
+    max_tokens: int = Field(ge=1)
+    messages: list[AnthropicMessage] = Field(min_length=1)
+    system: str | list[AnthropicBlock] | None = None
+    stop_sequences: list[str] | None = None
+    temperature: float | None = Field(None, ge=0, le=1)
+    top_p: float | None = Field(None, ge=0, le=1)
+    stream: bool = False
+    tools: list[AnthropicTool] | None = None
+    tool_choice: AnthropicToolChoice | None = None
+    metadata: dict[str, Any] | None = None
+
+
+class AnthropicUsage(BaseModel):
+    input_tokens: int
+    output_tokens: int
+
+
+class MessagesResponse(BaseModel):
+    id: str
+    type: Literal["message"] = "message"
+    role: Literal["assistant"] = "assistant"
+    model: str
+    content: list[dict[str, Any]]
+    stop_reason: Literal["end_turn", "max_tokens", "stop_sequence", "tool_use"] | None
+    stop_sequence: str | None = None
+    usage: AnthropicUsage
+
+
+# --- internal routes (text-generation-webui's) ------------------------------------------------------------------
+class ModelInfoResponse(BaseModel):
+    model_name: str | None
+    lora_names: list[str] = Field(default_factory=list)
+    loader: str | None = None
+    context_length: int | None = None
+    capabilities: list[str] = Field(default_factory=list)
+    supported_params: list[str] = Field(default_factory=list)
+    chat_template: str | None = None
+    bos_token: str | None = None
+    eos_token: str | None = None
+
+
+class ModelNamesResponse(BaseModel):
+    model_names: list[str]
+
+
+class LoadModelRequest(_Model):
+    model_name: str = Field(min_length=1)
+    loader: str | None = None
+    args: dict[str, Any] = Field(default_factory=dict, description="Loader options, e.g. {\"n_ctx\": 4096}.")
+
+
+class LoadModelResponse(BaseModel):
+    status: Literal["ok"] = "ok"
+    model_name: str
+    loader: str
+    seconds: float
+    warnings: list[str] = Field(default_factory=list)
+
+
+class LoraLoadRequest(_Model):
+    lora_names: list[str]
+    lora_scales: list[float] | None = None
+
+
+class EncodeRequest(_Model):
+    text: str
+    add_bos: bool = False
+
+
+class EncodeResponse(BaseModel):
+    tokens: list[int]
+    length: int
+
+
+class DecodeRequest(_Model):
+    tokens: list[Annotated[int, Field(ge=0, lt=2**31)]]
+
+
+class DecodeResponse(BaseModel):
+    text: str
+
+
+class TokenCountRequest(_Model):
+    text: str
+
+
+class TokenCountResponse(BaseModel):
+    length: int
+
+
+class StatusResponse(BaseModel):
+    status: str
+
+
+class HealthResponse(BaseModel):
+    status: Literal["ok"] = "ok"
+    model_loaded: bool
+
+
+# --- /predict (the seeds' instruction endpoint) -----------------------------------------------------------------
+class PredictRequest(_Model):
+    instruction: str = Field(min_length=1)
+    input: str = ""
+    temperature: float = Field(0.0, ge=0, le=2)
+    max_new_tokens: int = Field(256, ge=1, le=4096)
+
+
+class PredictResponse(BaseModel):
+    answer: str

@@ -1,0 +1,159 @@
+"""The API's app and server: routes, security (API key, admin key, CORS) and uvicorn in a background thread."""
+from __future__ import annotations
+
+import hmac
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from extensions.openai.errors import error_body, install_error_handlers
+
+log = logging.getLogger(__name__)
+
+#: Routes that change which model is loaded: they need the admin key (or the API key when none is set).
+ADMIN_PATHS = frozenset({"/v1/internal/model/load", "/v1/internal/model/unload", "/v1/internal/lora/load"})
+
+
+@dataclass
+class ApiState:
+    """What the handlers need, kept on `app.state.api` (one per app, never a module global)."""
+
+    services: Any
+    params: Any
+    embedder: Any = None
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class AuthMiddleware:
+    """Bearer-key check on every route (pure ASGI, so streaming and disconnect detection are untouched).
+    Anthropic clients send the key as `x-api-key`; both headers are read."""
+
+    def __init__(self, app: ASGIApp, api_key: str | None, admin_key: str | None):
+        self.app = app
+        self.api_key = api_key or None
+        self.admin_key = admin_key or api_key or None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope.get("method") == "OPTIONS":
+            await self.app(scope, receive, send)
+            return
+        admin = scope.get("path", "") in ADMIN_PATHS
+        required = self.admin_key if admin else self.api_key
+        if required:
+            needed = [required] if admin or not self.admin_key else [required, self.admin_key]
+            given = _presented_key(scope)
+            if given is None or not any(hmac.compare_digest(given.encode(), k.encode()) for k in needed):
+                what = "the admin key" if admin else "the API key"
+                message = (f"Missing API key: send {what} as 'Authorization: Bearer KEY'." if given is None
+                           else f"Wrong key: this route needs {what}.")
+                await _send_json(send, 401, error_body(message, "invalid_request_error", None, "invalid_api_key",
+                                                       anthropic=scope.get("path", "").startswith("/v1/messages")))
+                return
+        await self.app(scope, receive, send)
+
+
+def _presented_key(scope: Scope) -> str | None:
+    headers = {name.decode("latin-1").lower(): value.decode("latin-1") for name, value in scope.get("headers", [])}
+    auth = headers.get("authorization", "")
+    if auth.lower().startswith("bearer "):
+        return auth[7:].strip()
+    return headers.get("x-api-key")
+
+
+async def _send_json(send: Send, status: int, body: dict[str, Any]) -> None:
+    import json
+
+    data = json.dumps(body).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode()),
+                            (b"www-authenticate", b"Bearer")]})
+    await send({"type": "http.response.body", "body": data})
+
+
+def install(app: FastAPI, services: Any, params: Any) -> None:
+    """Add the API (routes, errors, security) to `app`."""
+    from extensions.openai import anthropic, completions, internal
+
+    settings = services.settings
+    app.state.api = ApiState(services=services, params=params)
+    install_error_handlers(app)
+    app.add_middleware(AuthMiddleware, api_key=settings.api_key, admin_key=settings.admin_key)
+    if settings.api_cors_origins:  # added last = outermost, so preflight requests never need a key
+        app.add_middleware(CORSMiddleware, allow_origins=list(settings.api_cors_origins), allow_methods=["*"],
+                           allow_headers=["*"])
+    for module in (completions, anthropic, internal):
+        app.include_router(module.router)
+    _openapi_without_422(app)
+
+
+def create_app(services: Any, params: Any = None) -> FastAPI:
+    """A FastAPI app with only the API on it (the start-up path builds the shared extensions app instead)."""
+    from extensions.openai import Params
+
+    app = FastAPI(title="LLM workbench API", version="1")
+    install(app, services, params if params is not None else Params())
+    return app
+
+
+def _openapi_without_422(app: FastAPI) -> None:
+    """Our validation errors answer 400 (documented per route), so drop FastAPI's 422 from the schema."""
+    original = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = original()
+            for path in schema.get("paths", {}).values():
+                for operation in path.values():
+                    operation.get("responses", {}).pop("422", None)
+            for name in ("HTTPValidationError", "ValidationError"):
+                schema.get("components", {}).get("schemas", {}).pop(name, None)
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+# --- serving ------------------------------------------------------------------------------------------------------
+class BackgroundServer:
+    """uvicorn serving an app from a daemon thread; `port` is the bound one (pass 0 for a free port)."""
+
+    def __init__(self, app: FastAPI, host: str, port: int):
+        import uvicorn
+
+        config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off",
+                                timeout_graceful_shutdown=2, ws="none")
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self._server.run, name="api-server", daemon=True)
+        self.host = host
+        self.port = port
+
+    def start(self, timeout: float = 30.0) -> "BackgroundServer":
+        self._thread.start()
+        deadline = time.monotonic() + timeout
+        while not self._server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"The API server could not start on {self.host}:{self.port} (is the port in use?)")
+            time.sleep(0.02)
+        sockets = [s for server in self._server.servers for s in server.sockets]
+        if sockets:
+            self.port = sockets[0].getsockname()[1]
+        return self
+
+    @property
+    def url(self) -> str:
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "::") else self.host
+        return f"http://{host}:{self.port}"
+
+    def stop(self) -> None:
+        self._server.should_exit = True
+        self._thread.join(timeout=10)
+
+
+def serve_app(app: FastAPI, host: str, port: int) -> BackgroundServer:
+    return BackgroundServer(app, host, port).start()
