@@ -16,10 +16,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=logging.DEBUG if settings.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from modules.extensions import start_extensions
     from modules.services import build_services, load_startup_model
     from modules.ui.app import launch
 
     services = build_services(settings)
+    start_extensions(services)  # --extensions / --api: hooks, and the API on --api-port
     load_startup_model(services)
     return launch(services)
 

@@ -109,6 +109,8 @@ class Loader(ABC):
     name: ClassVar[str]
     Options: ClassVar[type[LoaderOptions]]
     description: ClassVar[str] = ""
+    #: False for loaders whose model is not a file in models/ (the remote loader): the name is passed as is.
+    local_files: ClassVar[bool] = True
 
     @classmethod
     @abstractmethod
@@ -146,6 +148,7 @@ class LoaderEntry:
 BUILTIN_LOADERS: tuple[LoaderEntry, ...] = (
     LoaderEntry("llama.cpp", "loaders.llama_cpp_loader", "LlamaCppLoader"),
     LoaderEntry("transformers", "loaders.transformers_loader", "TransformersLoader"),
+    LoaderEntry("remote", "loaders.remote", "RemoteLoader"),
 )
 
 

@@ -249,8 +249,12 @@ class ModelManager:
              cancel_running: bool = False, loras: list[str] | None = None) -> LoadResult:
         """Load `name` from the model folder, replacing the current model. Waits for the running generation
         (or cancels it, and everything queued, when `cancel_running`)."""
-        path = self.model_path(name)
-        loader_cls = self.registry.get(loader) if loader else self.registry.detect(path)
+        loader_cls = self.registry.get(loader) if loader else None
+        if loader_cls is not None and not loader_cls.local_files:  # a remote engine: the name is the server's
+            path = Path(name)
+        else:
+            path = self.model_path(name)
+            loader_cls = loader_cls or self.registry.detect(path)
         defaults = {k: v for k, v in self.loader_options.items() if k in loader_cls.Options.model_fields}
         merged = {**defaults, **(options or {})}
         parsed = loader_cls.parse_options(merged)

@@ -51,6 +51,8 @@ def startup_model(settings: Settings, manager: ModelManager) -> str | None:
     `--model none` starts with nothing loaded."""
     if settings.model:
         return None if settings.model.lower() == "none" else settings.model
+    if (settings.loader or "").lower() == "remote":  # the server's model: --remote-model, else its first one
+        return settings.loader_options.get("remote_model") or "remote"
     names = manager.list_models()
     if STARTER_GGUF in names:
         return STARTER_GGUF
