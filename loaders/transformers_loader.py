@@ -231,13 +231,14 @@ class TransformersModel(LoadedModel):
                 return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
 
         streamer = QueueStreamer(skip_prompt=True)
+        streaming = params.num_beams == 1  # beam search picks its sequence only at the end
         device = self.model.device
         input_ids = torch.tensor([ids], dtype=torch.long, device=device)
         kwargs = generate_kwargs(params, tokenizer=self.tokenizer, eos_token_ids=self._eos_ids)
         kwargs.update(
             input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=params.max_new_tokens,
             logits_processor=processors, stopping_criteria=StoppingCriteriaList([_Cancelled()]),
-            streamer=streamer, pad_token_id=self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None
+            streamer=streamer if streaming else None, pad_token_id=self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None
             else self._eos_ids[0])
         if params.ban_eos_token:
             kwargs["eos_token_id"] = None
@@ -248,7 +249,10 @@ class TransformersModel(LoadedModel):
         def work() -> None:
             try:
                 with torch.inference_mode():
-                    self.model.generate(**kwargs)
+                    output = self.model.generate(**kwargs)
+                if not streaming:
+                    for token in output[0, len(ids):].tolist():
+                        streamer.queue.put(int(token))
             except BaseException as exc:  # surfaced to the consumer below
                 failure.append(exc)
             finally:
