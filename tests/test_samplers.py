@@ -9,7 +9,6 @@ import pytest
 import torch
 from transformers import (
     AutoTokenizer,
-    LlamaConfig,
     LlamaForCausalLM,
     MinPLogitsWarper,
     NoRepeatNGramLogitsProcessor,
@@ -25,7 +24,14 @@ from modules.generation import SAMPLER_NAMES, GenerationParams
 from modules.samplers import TRANSFORMERS_SUPPORTED_PARAMS, build_logits_processors, generate_kwargs, sampler_order
 from modules.samplers.mirostat import Mirostat
 from modules.samplers.penalties import AdditivePenalty, DRYPenalty, PromptRepetitionPenalty, RangedRepetitionPenalty
-from modules.samplers.warpers import DynamicTemperature, ExcludeTopChoices, QuadraticSmoothing, TailFree, TopA, TopNSigma
+from modules.samplers.warpers import (
+    DynamicTemperature,
+    ExcludeTopChoices,
+    QuadraticSmoothing,
+    TailFree,
+    TopA,
+    TopNSigma,
+)
 
 LOGITS = [3.0, 2.0, 1.0, 0.0, -1.0, -2.0]
 INF = float("inf")
@@ -448,3 +454,17 @@ def test_guidance_and_beams_run_through_generate(tiny_model, tokenizer):
     beams = _generate(tiny_model, tokenizer, GenerationParams(do_sample=False, max_new_tokens=6, num_beams=3,
                                                               repetition_penalty=1.3))
     assert len(beams) == 6
+
+
+def test_chain_reproduces_transformers_own_samplers_for_shared_knobs(tiny_model, tokenizer):
+    """Same knobs, same seed: our chain (default priority) draws what generate()'s built-in samplers draw."""
+    params = GenerationParams(seed=3, temperature=0.7, top_k=40, top_p=0.9, repetition_penalty=1.1,
+                              repetition_penalty_range=0, max_new_tokens=16)
+    ours = _generate(tiny_model, tokenizer, params)
+    ids = tokenizer("Once upon a time", return_tensors="pt").input_ids
+    set_seed(3)
+    with torch.inference_mode():
+        theirs = tiny_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=16, do_sample=True,
+                                     temperature=0.7, top_k=40, top_p=0.9, repetition_penalty=1.1,
+                                     no_repeat_ngram_size=0, pad_token_id=tokenizer.eos_token_id)
+    assert ours == theirs[0, ids.shape[1]:].tolist()

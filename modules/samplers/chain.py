@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 from transformers import (
+    EpsilonLogitsWarper,
+    EtaLogitsWarper,
     LogitsProcessor,
     LogitsProcessorList,
     MinPLogitsWarper,
@@ -25,8 +27,6 @@ from transformers import (
     TopKLogitsWarper,
     TopPLogitsWarper,
     TypicalLogitsWarper,
-    EpsilonLogitsWarper,
-    EtaLogitsWarper,
 )
 
 from modules.errors import ConfigError
