@@ -45,6 +45,10 @@ def check_model(services: Any, requested: str | None, *, autoload: bool) -> str:
         if requested not in manager.list_models():
             raise ApiError(404, f"The model {requested!r} does not exist; GET /v1/models lists the models.",
                            param="model", code="model_not_found")
+        if not autoload and manager.model is None:
+            raise ApiError(503, f"No model is loaded (the request names {requested!r}). Load it with "
+                                "/v1/internal/model/load, or start the API with --api-autoload.",
+                           code="model_not_loaded")
         if not autoload:
             raise ApiError(404, f"The model {requested!r} is not loaded (the loaded one is "
                                 f"{loaded_model_name(manager) or 'none'}). Load it with /v1/internal/model/load, or "
