@@ -210,6 +210,7 @@ class TransformersModel(LoadedModel):
         from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteriaList, set_seed
 
         from modules.samplers import build_logits_processors, generate_kwargs
+        from modules.samplers.mirostat import Mirostat
 
         torch = self._torch
         if params.seed >= 0:
@@ -221,7 +222,9 @@ class TransformersModel(LoadedModel):
         recorder = None
         if params.logprobs and params.num_beams == 1:
             recorder = LogprobRecorder(params.logprobs)
-            processors.append(recorder)
+            # Before mirostat, which leaves a single finite logit: report the distribution it drew from.
+            position = next((i for i, p in enumerate(processors) if isinstance(p, Mirostat)), len(processors))
+            processors.insert(position, recorder)
 
         finished = threading.Event()  # set when the consumer leaves, so the worker stops too
 
@@ -232,9 +235,9 @@ class TransformersModel(LoadedModel):
 
         streamer = QueueStreamer(skip_prompt=True)
         streaming = params.num_beams == 1  # beam search picks its sequence only at the end
-        device = self.model.device
+        device = _input_device(self.model)
         input_ids = torch.tensor([ids], dtype=torch.long, device=device)
-        kwargs = generate_kwargs(params, tokenizer=self.tokenizer, eos_token_ids=self._eos_ids)
+        kwargs = generate_kwargs(params, tokenizer=self.tokenizer, eos_token_ids=self._eos_ids, device=device)
         kwargs.update(
             input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=params.max_new_tokens,
             logits_processor=processors, stopping_criteria=StoppingCriteriaList([_Cancelled()]),
@@ -362,6 +365,17 @@ class TransformersModel(LoadedModel):
         gc.collect()
         if self._torch.cuda.is_available():
             self._torch.cuda.empty_cache()
+
+
+def _input_device(model: Any) -> Any:
+    """Where inputs go: the first GPU of a device map, else the CPU (a model offloaded to disk reports 'meta')."""
+    device_map = getattr(model, "hf_device_map", None)
+    if device_map:
+        for place in device_map.values():
+            if isinstance(place, int) or str(place).startswith(("cuda", "xpu", "mps")):
+                return f"cuda:{place}" if isinstance(place, int) else str(place)
+        return "cpu"
+    return model.device
 
 
 def _adapter_name(folder: str) -> str:

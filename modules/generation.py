@@ -67,7 +67,8 @@ class GenerationParams(BaseModel):
     tfs: float = Field(1.0, ge=0.0, le=1.0, description="Tail-free sampling: 1 is off.")
     top_a: float = Field(0.0, ge=0.0, description="Drop tokens below top_a times the squared top probability.")
     top_n_sigma: float = Field(0.0, ge=0.0, description="Keep logits within n standard deviations of the max: 0 is off.")
-    epsilon_cutoff: float = Field(0.0, ge=0.0, le=1.0, description="Drop tokens below this probability: 0 is off.")
+    epsilon_cutoff: float = Field(0.0, ge=0.0, description="Drop tokens below this probability, in units of 1e-4: "
+                                                           "0 is off.")
     eta_cutoff: float = Field(0.0, ge=0.0, description="Eta sampling, in units of 1e-4: 0 is off.")
     sampler_priority: list[str] = Field(default_factory=lambda: list(SAMPLER_NAMES),
                                         description="Order the samplers apply in.")
@@ -212,6 +213,12 @@ _DEFAULTS = GenerationParams()
 def unsupported_knobs(params: GenerationParams, supported: frozenset[str] | set[str]) -> list[str]:
     """Knobs the caller set that a loader honouring `supported` would ignore, sorted."""
     return sorted(params.active_knobs() - set(supported))
+
+
+def honoured_knobs(supported: frozenset[str] | set[str]) -> frozenset[str]:
+    """Every knob a loader honouring `supported` acts on, counting those the core handles for all loaders (the
+    Parameters tab greys out the rest)."""
+    return frozenset(supported) | _ALWAYS_HONOURED
 
 
 def check_supported(params: GenerationParams, supported: frozenset[str] | set[str], loader: str,

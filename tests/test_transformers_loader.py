@@ -116,3 +116,14 @@ def test_conflicting_options_are_refused():
 
 def test_trust_remote_code_is_off_unless_asked():
     assert TransformersOptions().trust_remote_code is False
+
+
+def test_logprobs_under_mirostat_report_the_distribution_it_drew_from(starter: ModelManager):
+    generation = starter.generate("The weather today is", GenerationParams(mirostat_mode=2, max_new_tokens=6,
+                                                                           seed=3, logprobs=3, ban_eos_token=True))
+    tokens = [token for chunk in generation for token in chunk.tokens]
+    assert len(tokens) == 6
+    for token in tokens:
+        # a real distribution: alternatives with finite log-probabilities, the chosen token among the plausible
+        assert all(alt.logprob > -1e9 for alt in token.top_logprobs)
+        assert token.logprob is not None and token.logprob > -1e9

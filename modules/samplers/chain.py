@@ -173,7 +173,7 @@ class _Context:
             return PromptRepetitionPenalty(p.encoder_repetition_penalty, self.prompt_length)
         if name == "no_repeat_ngram" and p.no_repeat_ngram_size > 0:
             return NoRepeatNGramLogitsProcessor(p.no_repeat_ngram_size)
-        if name == "temperature" and p.temperature != 1:
+        if name == "temperature" and p.temperature != 1 and not p.dynamic_temperature:  # dynatemp replaces it
             # temperature 0 outside greedy mode (mirostat on) keeps only the top token, as llama.cpp does
             return TemperatureLogitsWarper(float(p.temperature)) if p.temperature > 0 else TopKLogitsWarper(1)
         if name == "dynamic_temperature" and p.dynamic_temperature:
@@ -190,7 +190,7 @@ class _Context:
         if name == "min_p" and p.min_p > 0:
             return MinPLogitsWarper(p.min_p, min_tokens_to_keep=keep)
         if name == "epsilon_cutoff" and p.epsilon_cutoff > 0:
-            return _cutoff(EpsilonLogitsWarper, p.epsilon_cutoff, keep)
+            return _cutoff(EpsilonLogitsWarper, p.epsilon_cutoff * 1e-4, keep)  # in units of 1e-4, as eta
         if name == "eta_cutoff" and p.eta_cutoff > 0:
             return _cutoff(EtaLogitsWarper, p.eta_cutoff * 1e-4, keep)  # eta_cutoff is in units of 1e-4
         if name == "tfs" and p.tfs < 1:
