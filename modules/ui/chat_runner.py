@@ -1,0 +1,213 @@
+"""One chat turn for the Chat tab: history -> modules.chat.build_prompt -> ModelManager -> history on disk.
+
+Prompt building itself lives in modules/chat (the API uses the same builder); this module only gathers its
+inputs from the chat settings and the loaded model, streams the reply into the open chat and saves it.
+Nothing here imports Gradio, so the same turns can be driven from a test or another front end.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from modules.chat.characters import Character, load_character
+from modules.chat.history import ChatHistory, ChatMessage
+from modules.chat.prompt import DEFAULT_CHAT_INSTRUCT_COMMAND, PromptOptions, PromptResult, build_prompt
+from modules.chat.templates import choose_template
+from modules.errors import ConfigError
+from modules.generation import GenerationParams
+from modules.services import Services
+from modules.settings import ChatSettings
+from modules.ui.session_state import UiSession
+from modules.ui.streaming import stream_batches
+
+Action = Literal["send", "regenerate", "continue", "impersonate"]
+
+
+@dataclass
+class TurnUpdate:
+    """What the page shows while a turn streams: the chat, the text of an impersonation, a status line."""
+
+    messages: list[dict[str, Any]]
+    impersonation: str | None = None
+    status: str = ""
+    warnings: list[str] = field(default_factory=list)
+    done: bool = False
+
+
+def character_for(services: Services, chat: ChatSettings) -> Character | None:
+    if not chat.character:
+        return None
+    return load_character(chat.character, characters_dir=services.settings.character_dir)
+
+
+def greeting_messages(services: Services, chat: ChatSettings) -> list[ChatMessage]:
+    """The first message of a new chat: the character's greeting in chat modes, nothing in instruct mode."""
+    if chat.mode == "instruct":
+        return []
+    character = character_for(services, chat)
+    greeting = character.greeting_message(chat.user_name) if character else None
+    return [ChatMessage(**greeting)] if greeting else []
+
+
+def shown_messages(services: Services, session: UiSession, chat: ChatSettings) -> list[ChatMessage]:
+    if session.history is None:
+        return greeting_messages(services, chat)
+    return list(session.history.messages)
+
+
+def prompt_options(services: Services, chat: ChatSettings) -> tuple[PromptOptions, list[str]]:
+    """PromptOptions for the chat settings and the loaded model, and warnings to show (a default template...)."""
+    model = services.manager.require_model()
+    chosen = choose_template(model.chat_template, chat.instruction_template or None,
+                             templates_dir=services.settings.template_dir)
+    options = PromptOptions(
+        mode=chat.mode, instruction_template=chosen.template, system_message=chat.system_message,
+        chat_instruct_command=chat.chat_instruct_command or DEFAULT_CHAT_INSTRUCT_COMMAND,
+        user_name=chat.user_name, user_bio=chat.user_bio,
+        character=character_for(services, chat) if chat.mode != "instruct" else None,
+        bos_token=model.bos_token, eos_token=model.eos_token)
+    return options, [chosen.warning] if chosen.warning else []
+
+
+def context_budget(services: Services, chat: ChatSettings, params: GenerationParams) -> tuple[int, int]:
+    """(context length in force, tokens left for the prompt)."""
+    model = services.manager.require_model()
+    context = model.context_length
+    if chat.truncation_length:
+        context = min(context, chat.truncation_length)
+    return context, context - params.max_new_tokens
+
+
+def build_turn_prompt(services: Services, chat: ChatSettings, params: GenerationParams,
+                      messages: list[dict[str, Any]], *, continue_last: bool = False, impersonate: bool = False,
+                      impersonate_prefix: str = "") -> tuple[PromptResult, list[str], int]:
+    options, warnings = prompt_options(services, chat)
+    context, budget = context_budget(services, chat, params)
+    result = build_prompt(messages, options, continue_last=continue_last, impersonate=impersonate,
+                          impersonate_prefix=impersonate_prefix, count_tokens=services.manager.model.token_count,
+                          token_budget=budget)
+    return result, warnings + result.warnings, context
+
+
+def run_turn(services: Services, session: UiSession, chat: ChatSettings, params: GenerationParams,
+             action: Action, text: str = "") -> Iterator[TurnUpdate]:
+    """Stream one turn. The chat is saved when the user's message is added and again when the reply ends
+    (also when it is stopped: a cut reply is kept)."""
+    if session.busy:
+        raise ConfigError("A reply is still being written on this page: wait for it or press Stop.")
+    services.manager.require_model()
+    history = _prepare(services, session, chat, action, text)
+    prompt_messages = history.prompt_messages() if history is not None else [
+        m.model_dump(include={"role", "content"}) for m in greeting_messages(services, chat)]
+    impersonate = action == "impersonate"
+    continue_last = action == "continue"
+    base = ""
+    if action == "regenerate" and prompt_messages[-1]["role"] == "assistant":
+        prompt_messages = prompt_messages[:-1]
+    elif continue_last:
+        base = prompt_messages[-1]["content"]
+    elif impersonate:
+        base = text
+    result, warnings, context = build_turn_prompt(services, chat, params, prompt_messages,
+                                                  continue_last=continue_last, impersonate=impersonate,
+                                                  impersonate_prefix=text)
+    stops = list(dict.fromkeys([*params.stop, *result.stop_strings, *chat.custom_stopping_strings]))
+    generation = services.manager.generate(result.prompt, params.model_copy(update={"stop": stops}),
+                                           add_bos=False if result.starts_with_bos else None)
+    warnings += generation.warnings
+    if history is not None and action in ("send", "regenerate") and history.messages[-1].role != "assistant":
+        history.messages.append(ChatMessage(role="assistant", content=""))
+    status_head = f"Prompt: {result.prompt_tokens} of {context} tokens"
+    if result.dropped_messages:
+        status_head += f" ({result.dropped_messages} oldest messages left out to fit)"
+    session.generation = generation
+    set_reply = _reply_setter(history, action)
+    reply = ""
+    try:
+        yield TurnUpdate(_show(history, chat, services), impersonation=base if impersonate else None,
+                         status=status_head + " · writing…", warnings=warnings)
+        for batch in stream_batches(generation):
+            reply += "".join(chunk.text for chunk in batch)
+            if impersonate:
+                yield TurnUpdate(_show(history, chat, services), impersonation=base + reply,
+                                 status=status_head + " · writing…")
+            else:
+                set_reply(base + reply, False)
+                yield TurnUpdate(_show(history, chat, services), status=status_head + " · writing…")
+    finally:
+        generation.cancel()  # no-op once it ended; stops it when the page went away mid-reply
+        session.generation = None
+        if history is not None and not impersonate:
+            set_reply(base + reply, True)
+            session.history = session.store.save(history)
+    stats = generation.stats
+    ending = {"cancelled": " · stopped", "length": " · hit max_new_tokens", "error": " · failed"}.get(
+        stats.finish_reason, "")
+    status = (f"{status_head} · reply: {stats.completion_tokens} tokens in {stats.seconds:.1f} s "
+              f"({stats.tokens_per_second:.1f} tokens/s){ending}")
+    yield TurnUpdate(_show(session.history, chat, services), impersonation=base + reply if impersonate else None,
+                     status=status, done=True)
+
+
+def _prepare(services: Services, session: UiSession, chat: ChatSettings, action: Action,
+             text: str) -> ChatHistory | None:
+    """The chat the reply goes into, after adding the user's message (send) or checking there is something to
+    regenerate or continue."""
+    history = session.history
+    messages = history.messages if history is not None else greeting_messages(services, chat)
+    if action == "send":
+        if not text.strip():
+            raise ConfigError("Type a message first.")
+        user = ChatMessage(role="user", content=text)
+        if history is None:
+            history = session.store.new(session.character, [*messages, user], mode=chat.mode)
+        else:
+            history.messages.append(user)
+            history = session.store.save(history)
+    elif action == "regenerate":
+        if history is None or not any(m.role == "user" for m in messages):
+            raise ConfigError("There is no message to regenerate a reply for.")
+    elif action == "continue":
+        if history is None or not messages or messages[-1].role != "assistant":
+            raise ConfigError("There is no reply at the end of the chat to continue.")
+    session.history = history
+    return history
+
+
+def _reply_setter(history: ChatHistory | None, action: Action):
+    """A function that shows `text` as the last reply. A regenerated reply streams over a preview of the last
+    message and, when it ends, becomes a new alternative ("swipe") of it."""
+    if history is None:
+        return lambda text, final: None
+    index = len(history.messages) - 1
+    original = history.messages[index]
+
+    def set_reply(text: str, final: bool) -> None:
+        if action != "regenerate":
+            history.edit_message(index, text)
+        elif not final:
+            history.messages[index] = ChatMessage.model_construct(**{**dict(original), "content": text})
+        else:
+            history.messages[index] = original
+            if not original.content:
+                history.edit_message(index, text)
+            elif text and text != original.content:
+                history.add_swipe(index, text)
+
+    return set_reply
+
+
+def _show(history: ChatHistory | None, chat: ChatSettings, services: Services) -> list[dict[str, Any]]:
+    messages = history.messages if history is not None else greeting_messages(services, chat)
+    return chatbot_messages(messages)
+
+
+def chatbot_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
+    """The chat as Gradio's Chatbot takes it (one entry per stored message, so indices match)."""
+    shown = []
+    for message in messages:
+        role = message.role if message.role in ("user", "assistant", "system") else "assistant"
+        entry: dict[str, Any] = {"role": role, "content": message.content}
+        shown.append(entry)
+    return shown

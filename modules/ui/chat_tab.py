@@ -1,0 +1,192 @@
+"""Chat tab: a streaming chatbot over modules/chat, with the chat actions, the chat settings, past chats and
+characters (the last two in their own files). Turns run through modules.ui.chat_runner."""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import gradio as gr
+
+from modules.chat.history import ChatMessage
+from modules.errors import ConfigError
+from modules.settings import ChatSettings
+from modules.ui.character_panel import build_character_panel
+from modules.ui.chat_histories_panel import build_chat_histories_panel
+from modules.ui.chat_runner import Action, run_turn, shown_messages
+from modules.ui.chat_view import ChatView, show
+from modules.ui.common import UiContext, session_of, user_errors, warn
+from modules.ui.session_state import UiSession
+
+
+def build_chat_tab(ctx: UiContext) -> ChatView:
+    with gr.Row():
+        with gr.Column(scale=5):
+            chatbot = gr.Chatbot(elem_id="chatbot", height=560, buttons=["copy"], label="Chat",
+                                 feedback_options=None, placeholder="Send a message to start.")
+            status = gr.Markdown(elem_id="chat-status")
+            with gr.Row(equal_height=True):
+                message = gr.Textbox(show_label=False, placeholder="Send a message (Enter; Shift+Enter: new line)",
+                                     lines=2, max_lines=12, scale=8, elem_id="chat-input")
+                with gr.Column(scale=1, min_width=110):
+                    send = gr.Button("Send", variant="primary", elem_id="chat-send")
+                    stop = gr.Button("Stop", variant="stop", elem_id="chat-stop")
+            with gr.Row():
+                regenerate = gr.Button("Regenerate", size="sm", elem_id="chat-regenerate")
+                continue_ = gr.Button("Continue", size="sm", elem_id="chat-continue")
+                impersonate = gr.Button("Impersonate", size="sm", elem_id="chat-impersonate")
+                remove_last = gr.Button("Remove last", size="sm", elem_id="chat-remove-last")
+                replace_last = gr.Button("Replace last reply", size="sm", elem_id="chat-replace-last")
+                copy_last = gr.Button("Copy last reply", size="sm", elem_id="chat-copy-last")
+            with gr.Row():
+                dummy_message = gr.Button("Send dummy message", size="sm", elem_id="chat-dummy-message")
+                dummy_reply = gr.Button("Send dummy reply", size="sm", elem_id="chat-dummy-reply")
+                new_chat = gr.Button("Start new chat", size="sm", elem_id="chat-new")
+                branch = gr.Button("Branch here", size="sm", elem_id="chat-branch")
+        with gr.Column(scale=2, min_width=280):
+            ctx.chat.render(["mode", "character"])
+            with gr.Accordion("You and the instructions", open=False):
+                ctx.chat.render(["user_name", "user_bio", "system_message", "chat_instruct_command"])
+            chats = build_chat_histories_panel(ctx, chatbot)
+            view = ChatView(chatbot, chats, status, message)
+            build_character_panel(ctx, view)
+    _wire_turns(ctx, view, send, regenerate, continue_, impersonate, stop)
+    _wire_edits(ctx, view, remove_last, replace_last, copy_last, dummy_message, dummy_reply, new_chat, branch)
+    ctx.session_listeners.append((lambda data: _on_start(ctx, data), {ctx.session, *ctx.chat.inputs},
+                                  [chatbot, chats, status]))
+    return view
+
+
+def _on_start(ctx: UiContext, data: dict[Any, Any]) -> tuple[Any, Any, str]:
+    """Open the latest chat of a new page and say what is loaded (also the page's "ready" sign)."""
+    session = data[ctx.session]
+    warn(session.open_latest())
+    messages, chats = show(ctx, session, ctx.read_chat(data))
+    info = ctx.services.manager.info()
+    notes = [f"Ready: {info.name} ({info.loader})"] if info else []
+    notes += ctx.services.startup_messages
+    return messages, chats, " · ".join(notes) or "No model loaded: load one in the Model tab."
+
+
+def _wire_turns(ctx: UiContext, view: ChatView, send: gr.Button, regenerate: gr.Button, continue_: gr.Button,
+                impersonate: gr.Button, stop: gr.Button) -> None:
+    inputs = {*ctx.generation_inputs, view.message}
+    outputs = [view.chatbot, view.message, view.status, view.chats]
+
+    def turn(action: Action):
+        @user_errors
+        def handler(data: dict[Any, Any]) -> Iterator[tuple[Any, Any, str, Any]]:
+            session = session_of(data[ctx.session])
+            chat, params = ctx.read_chat(data), ctx.read_params(data)
+            text = data[view.message]
+            first = True
+            for update in run_turn(ctx.services, session, chat, params, action, text):
+                warn(update.warnings)
+                if update.impersonation is not None:
+                    box = update.impersonation
+                else:
+                    box = "" if first and action == "send" else gr.skip()
+                chats = show(ctx, session, chat)[1] if update.done else gr.skip()
+                first = False
+                yield update.messages, box, update.status, chats
+        handler.__name__ = f"chat_{action}"
+        return handler
+
+    for button, action in ((send, "send"), (regenerate, "regenerate"), (continue_, "continue"),
+                           (impersonate, "impersonate")):
+        button.click(turn(action), inputs, outputs)
+    view.message.submit(turn("send"), inputs, outputs)
+    stop.click(lambda session: session.stop() if session else None, ctx.session, None, queue=False)
+
+
+def _wire_edits(ctx: UiContext, view: ChatView, remove_last: gr.Button, replace_last: gr.Button,
+                copy_last: gr.Button, dummy_message: gr.Button, dummy_reply: gr.Button, new_chat: gr.Button,
+                branch: gr.Button) -> None:
+    inputs = {ctx.session, view.message, *ctx.chat.inputs}
+    store_outputs = [view.chatbot, view.chats, view.message]
+
+    def edit(change):
+        @user_errors
+        def handler(data: dict[Any, Any]) -> tuple[Any, Any, Any]:
+            session = session_of(data[ctx.session])
+            if session.busy:
+                raise ConfigError("A reply is still being written: wait for it or press Stop.")
+            chat = ctx.read_chat(data)
+            box = change(session, chat, data[view.message])
+            if session.history is not None:
+                session.history = session.store.save(session.history)
+            messages, chats = show(ctx, session, chat)
+            return messages, chats, box
+        handler.__name__ = change.__name__
+        return handler
+
+    def remove(session: UiSession, chat: ChatSettings, text: str) -> Any:
+        """Remove the last exchange (back to and including the last user message); its text returns to the box."""
+        history = _history(session)
+        while history.messages:
+            message = history.messages.pop()
+            if message.role == "user":
+                return message.content
+        return gr.skip()
+
+    def replace(session: UiSession, chat: ChatSettings, text: str) -> Any:
+        history = _history(session)
+        if not history.messages or history.messages[-1].role != "assistant":
+            raise ConfigError("The chat does not end with a reply to replace.")
+        if not text.strip():
+            raise ConfigError("Type the new reply in the message box first.")
+        history.edit_message(len(history.messages) - 1, text)
+        return ""
+
+    def copy(session: UiSession, chat: ChatSettings, text: str) -> Any:
+        replies = [m for m in shown_messages(ctx.services, session, chat) if m.role == "assistant"]
+        if not replies:
+            raise ConfigError("There is no reply to copy yet.")
+        return replies[-1].content
+
+    def dummy(role: str):
+        def add(session: UiSession, chat: ChatSettings, text: str) -> Any:
+            if not text.strip():
+                raise ConfigError("Type the message to add in the message box first.")
+            if session.history is None:
+                session.history = session.store.new(
+                    session.character, [*shown_messages(ctx.services, session, chat),
+                                        ChatMessage(role=role, content=text)], mode=chat.mode)
+            else:
+                session.history.messages.append(ChatMessage(role=role, content=text))
+            return ""
+        add.__name__ = f"dummy_{role}"
+        return add
+
+    def start_new(session: UiSession, chat: ChatSettings, text: str) -> Any:
+        session.history, session.selected = None, None
+        return gr.skip()
+
+    def branch_here(session: UiSession, chat: ChatSettings, text: str) -> Any:
+        history = _history(session)
+        upto = session.selected if session.selected is not None else len(history.messages) - 1
+        session.history = session.store.branch(session.character, history.id, upto)
+        session.selected = None
+        gr.Info(f"Branched at message {upto + 1}: you are now in the copy.")
+        return gr.skip()
+
+    for button, change in ((remove_last, remove), (replace_last, replace), (copy_last, copy),
+                           (dummy_message, dummy("user")), (dummy_reply, dummy("assistant")),
+                           (new_chat, start_new), (branch, branch_here)):
+        button.click(edit(change), inputs, store_outputs)
+
+    def pick(session: UiSession | None, event: gr.SelectData) -> None:
+        if session is not None:
+            index = event.index[0] if isinstance(event.index, (list, tuple)) else event.index
+            session.selected = int(index)
+
+    view.chatbot.select(pick, ctx.session, None, queue=False)
+    view.chatbot.clear(edit(start_new), inputs, store_outputs)  # the chatbot's bin icon starts a new chat
+    ctx.chat.components["mode"].input(
+        user_errors(lambda data: show(ctx, session_of(data[ctx.session]), ctx.read_chat(data))[0]),
+        {ctx.session, *ctx.chat.inputs}, view.chatbot)
+
+
+def _history(session: UiSession):
+    if session.history is None or not session.history.messages:
+        raise ConfigError("This chat has no messages yet.")
+    return session.history

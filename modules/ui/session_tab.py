@@ -1,0 +1,86 @@
+"""Session tab: the settings in force, the light/dark switch, "Save UI defaults", and the extensions list."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+import yaml
+
+from modules.generation import GenerationParams
+from modules.presets import load_preset
+from modules.services import Services
+from modules.settings import DEFAULT_SETTINGS_FILE, Settings, save_settings
+from modules.ui.common import UiContext, user_errors
+
+#: Settings never shown in the page.
+_SECRETS = ("api_key", "admin_key", "gradio_auth")
+TOGGLE_THEME_JS = "() => { document.body.classList.toggle('dark'); }"
+
+
+def settings_yaml(settings: Settings) -> str:
+    data = settings.model_dump(mode="json")
+    for key in _SECRETS:
+        if data.get(key):
+            data[key] = "(set)"
+    return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
+
+
+def settings_file(settings: Settings) -> Path:
+    """Where "Save UI defaults" writes: the settings file this server read (or would have read)."""
+    return Path(settings.settings) if settings.settings else DEFAULT_SETTINGS_FILE
+
+
+def ui_defaults(settings: Settings, preset: str, params: GenerationParams, chat: Any) -> Settings:
+    """Settings whose preset, generation overrides (what differs from the preset) and chat settings are the
+    page's current ones."""
+    base = load_preset(settings.preset_dir, preset)
+    generation = {k: v for k, v in params.model_dump(mode="json").items()
+                  if v != base.model_dump(mode="json")[k]}
+    return settings.model_copy(update={"preset": preset, "generation": generation, "chat": chat})
+
+
+def build_session_tab(ctx: UiContext) -> None:
+    services = ctx.services
+    with gr.Row():
+        with gr.Column(scale=1):
+            theme = gr.Button("Toggle light / dark theme", elem_id="theme-toggle")
+            save = gr.Button("Save UI defaults", variant="primary", elem_id="save-defaults")
+            saved = gr.Markdown(f"Writes the current parameters, preset and chat settings to "
+                                f"`{settings_file(services.settings)}`, read at the next start.",
+                                elem_id="save-defaults-status")
+            with gr.Accordion("Extensions", open=True):
+                build_extensions_panel(services)
+        with gr.Column(scale=2):
+            shown = gr.Code(settings_yaml(services.settings), language="yaml", label="Settings in force",
+                            interactive=False, elem_id="settings-in-force")
+
+    @user_errors
+    def on_save(data: dict[Any, Any]) -> tuple[str, str]:
+        updated = ui_defaults(services.settings, data[ctx.preset], ctx.read_params(data), ctx.read_chat(data))
+        path = settings_file(updated)
+        save_settings(updated, path, only={"preset", "generation", "chat"})
+        services.settings = updated  # what this server now runs with, as "Settings in force" shows
+        gr.Info(f"Saved UI defaults to {path}.")
+        return f"Saved to `{path}`.", settings_yaml(updated)
+
+    theme.click(None, None, None, js=TOGGLE_THEME_JS)
+    save.click(on_save, {ctx.preset, *ctx.params.inputs, *ctx.chat.inputs}, [saved, shown])
+
+
+def build_extensions_panel(services: Services) -> None:
+    """The hook where extensions are listed and toggled. The extensions system (modules/extensions.py) fills
+    `services.extensions`; until it is there this shows the names asked for in the settings."""
+    registry = services.extensions
+    if registry is None:
+        names = services.settings.extensions
+        gr.Markdown("No extensions are running." if not names else
+                    "Asked for in the settings (not running): " + ", ".join(f"`{n}`" for n in names),
+                    elem_id="extensions-list")
+        return
+    render = getattr(registry, "render_session_panel", None)
+    if callable(render):
+        render()
+    else:
+        gr.Markdown("Extensions: " + ", ".join(f"`{n}`" for n in getattr(registry, "names", [])),
+                    elem_id="extensions-list")

@@ -1,0 +1,66 @@
+"""Streaming a Generation to a slow consumer (a browser) without slowing the model down.
+
+The generation runs on its own thread and the consumer takes whatever arrived since its last look, so the model
+never waits for the UI to render, and the UI is not flooded with one update per token.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Iterator
+
+from modules.model_manager import Generation
+from modules.stopping import StreamChunk
+
+#: At most this many updates per second reach the browser (each one re-renders the reply).
+DEFAULT_INTERVAL_S = 0.05
+
+
+class _Done:
+    def __init__(self, error: BaseException | None = None):
+        self.error = error
+
+
+def stream_batches(generation: Generation, *, interval_s: float = DEFAULT_INTERVAL_S) -> Iterator[list[StreamChunk]]:
+    """Yield lists of chunks (never empty), at most one list per `interval_s`, until the generation ends.
+
+    Errors of the generation are raised here. Closing this iterator early (the page went away) cancels the
+    generation."""
+    inbox: queue.SimpleQueue[StreamChunk | _Done] = queue.SimpleQueue()
+
+    def work() -> None:
+        try:
+            for chunk in generation:
+                inbox.put(chunk)
+        except BaseException as exc:  # handed to the consumer, which raises it
+            inbox.put(_Done(exc))
+        else:
+            inbox.put(_Done())
+
+    threading.Thread(target=work, name="generation-stream", daemon=True).start()
+    last_yield = 0.0
+    done: _Done | None = None
+    try:
+        while done is None:
+            batch: list[StreamChunk] = []
+            item = inbox.get()
+            deadline = last_yield + interval_s
+            while True:
+                if isinstance(item, _Done):
+                    done = item
+                    break
+                batch.append(item)
+                wait = deadline - time.monotonic()
+                try:
+                    item = inbox.get(timeout=wait) if wait > 0 else inbox.get_nowait()
+                except queue.Empty:
+                    break
+            if batch:
+                last_yield = time.monotonic()
+                yield batch
+        if done.error is not None:
+            raise done.error
+    finally:
+        if done is None:
+            generation.cancel()

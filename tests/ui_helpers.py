@@ -1,0 +1,221 @@
+"""Helpers for the browser tests: start webui.py on a free port with throwaway folders, drive Debian's Chromium
+with Playwright, and wait for the page's events to finish."""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from playwright.sync_api import Browser, Page, Playwright
+
+ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking"]
+SCREENSHOTS = ROOT / "docs" / "screenshots"
+STARTER = "SmolLM2-135M-Instruct.Q4_1.gguf"
+START_TIMEOUT_S = 180
+EVENT_TIMEOUT_MS = 120_000
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class Workspace:
+    """Throwaway folders a server runs on, so tests never touch the real models/, presets/, characters/ or
+    user_data/ (models are linked in, not copied)."""
+
+    root: Path
+    models: Path = field(init=False)
+    presets: Path = field(init=False)
+    characters: Path = field(init=False)
+    user_data: Path = field(init=False)
+    settings: Path = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.models, self.presets = self.root / "models", self.root / "presets"
+        self.characters, self.user_data = self.root / "characters", self.root / "user_data"
+        self.settings = self.root / "settings.yaml"
+        self.models.mkdir(parents=True, exist_ok=True)
+        (self.models / STARTER).symlink_to(ROOT / "models" / STARTER)
+        shutil.copytree(ROOT / "presets", self.presets)
+        shutil.copytree(ROOT / "characters", self.characters)
+        self.user_data.mkdir()
+        self.settings.write_text("")
+
+    def flags(self) -> list[str]:
+        return ["--model-dir", str(self.models), "--preset-dir", str(self.presets), "--character-dir",
+                str(self.characters), "--user-data-dir", str(self.user_data), "--settings", str(self.settings)]
+
+
+class Server:
+    """webui.py in a subprocess; its output goes to a log file shown when it fails to start."""
+
+    def __init__(self, workspace: Workspace, *extra: str, model: str = STARTER):
+        self.workspace = workspace
+        self.extra = list(extra)
+        self.model = model
+        self.port = free_port()
+        self.process: subprocess.Popen | None = None
+        self.log = workspace.root / f"server-{self.port}.log"
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/"
+
+    def start(self) -> "Server":
+        command = [sys.executable, "webui.py", "--model", self.model, "--listen-port", str(self.port),
+                   *self.workspace.flags(), *self.extra]
+        env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1"}
+        with open(self.log, "ab") as log:
+            self.process = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"webui.py exited with {self.process.returncode}:\n{self.log.read_text()}")
+            if "Ready:" in self.log.read_text(errors="replace") and self._answers():
+                return self
+            time.sleep(0.2)
+        self.stop()
+        raise RuntimeError(f"webui.py was not ready after {START_TIMEOUT_S} s:\n{self.log.read_text()}")
+
+    def _answers(self) -> bool:
+        try:
+            with urllib.request.urlopen(self.url, timeout=5) as response:
+                return response.status == 200
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+
+    def restart(self) -> "Server":
+        self.stop()
+        return self.start()
+
+
+def launch_browser(playwright: Playwright) -> Browser:
+    return playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+
+
+class PageErrors:
+    """Console errors and uncaught exceptions of a page."""
+
+    def __init__(self, page: Page):
+        self.messages: list[str] = []
+        page.on("console", lambda message: self.messages.append(f"console.{message.type}: {message.text}")
+                if message.type == "error" else None)
+        page.on("pageerror", lambda error: self.messages.append(f"page error: {error}"))
+
+
+def open_app(browser: Browser, url: str, **context_options) -> tuple[Page, PageErrors]:
+    context = browser.new_context(viewport={"width": 1400, "height": 1000}, **context_options)
+    context.set_default_timeout(EVENT_TIMEOUT_MS)  # two busy cores can starve the browser for a while
+    page = context.new_page()
+    errors = PageErrors(page)
+    page.goto(url)
+    wait_ready(page)
+    return page, errors
+
+
+def wait_ready(page: Page) -> None:
+    """The app has rendered and its start-up events (the session, the open chat) have finished."""
+    page.wait_for_selector("#chat-input textarea", timeout=EVENT_TIMEOUT_MS)
+    page.wait_for_function("() => { const s = document.querySelector('#chat-status');"
+                           " const w = s && s.querySelector('.wrap');"
+                           " return w && w.classList.contains('hide') && s.innerText.trim().length > 0; }",
+                           timeout=EVENT_TIMEOUT_MS)
+    page.wait_for_timeout(300)
+
+
+_WATCH = """(selector) => {
+  const target = document.querySelector(selector);
+  window.__eventStarted = false;
+  const check = () => {
+    const wrap = target.querySelector('.wrap');
+    if (wrap && !wrap.classList.contains('hide')) window.__eventStarted = true;
+  };
+  if (window.__eventWatch) window.__eventWatch.disconnect();
+  window.__eventWatch = new MutationObserver(check);
+  window.__eventWatch.observe(target, {attributes: true, childList: true, subtree: true});
+}"""
+_FINISHED = """(selector) => {
+  const wrap = document.querySelector(selector).querySelector('.wrap');
+  return window.__eventStarted && wrap && wrap.classList.contains('hide');
+}"""
+
+
+def run_event(page: Page, action, status_selector: str = "#chat-status") -> str:
+    """Do `action()` (a click...) and wait until the event it starts has finished updating the element at
+    `status_selector` (an output of that event); returns that element's text."""
+    page.evaluate(_WATCH, status_selector)
+    action()
+    page.wait_for_function(_FINISHED, arg=status_selector, timeout=EVENT_TIMEOUT_MS)
+    return page.inner_text(status_selector)
+
+
+def tab(page: Page, name: str) -> None:
+    page.get_by_role("tab", name=name, exact=True).click()
+    page.wait_for_timeout(300)
+
+
+def set_text(page: Page, selector: str, value: str) -> None:
+    """Type into a Gradio textbox or number box and commit it (Gradio reads the value on blur/input)."""
+    box = page.locator(f"{selector} textarea, {selector} input").first
+    box.fill(value)
+    box.blur()
+
+
+def choose(page: Page, selector: str, option: str) -> None:
+    """Pick an option of a Gradio dropdown."""
+    page.locator(f"{selector} input").first.click()
+    page.get_by_role("option", name=option, exact=True).click()
+    page.wait_for_timeout(200)
+
+
+def chat_messages(page: Page) -> list[tuple[str, str]]:
+    """(role, text) of each message in the chatbot."""
+    rows = page.locator("#chatbot .message-row")
+    result = []
+    for i in range(rows.count()):
+        row = rows.nth(i)
+        classes = row.get_attribute("class") or ""
+        role = "user" if "user-row" in classes else "assistant"
+        result.append((role, row.inner_text().strip()))
+    return result
+
+
+def last_reply(page: Page) -> str:
+    replies = [text for role, text in chat_messages(page) if role == "assistant"]
+    return replies[-1] if replies else ""
+
+
+def send(page: Page, text: str) -> str:
+    set_text(page, "#chat-input", text)
+    return run_event(page, lambda: page.click("#chat-send"))
+
+
+def new_chat(page: Page) -> None:
+    page.click("#chat-new")
+    page.wait_for_timeout(500)
+
+
+def screenshot(page: Page, name: str) -> None:
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SCREENSHOTS / f"{name}.png"), full_page=True)
