@@ -24,7 +24,10 @@ from modules.generation import GenerationParams, TokenEvent
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse} for status in (400, 401, 404, 503)}
-STREAMED = {200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}}, **ERRORS}
+#: One server-sent event (its `data` holds a JSON chunk, or [DONE]).
+SSE_EVENT = {"type": "object", "required": ["data"],
+             "properties": {"data": {"type": "string"}, "event": {"type": "string"}, "id": {"type": "string"}}}
+STREAMED = {200: {"content": {"text/event-stream": {"schema": SSE_EVENT}}}, **ERRORS}
 router = APIRouter(responses=ERRORS)
 
 
@@ -35,6 +38,10 @@ def api_state(request: Request) -> Any:
 # --- running generations --------------------------------------------------------------------------------------------
 def start_run(services: Any, request: Request, prompt: str | list[int], params: GenerationParams,
               add_bos: bool | None = None) -> GenerationRun:
+    model = services.manager.model
+    if model is not None and params.max_new_tokens >= model.context_length:
+        raise ApiError(400, f"max_tokens ({params.max_new_tokens}) must be below the context length "
+                            f"({model.context_length}) to leave room for the prompt.", param="max_tokens")
     try:
         generation = services.manager.generate(prompt, params, add_bos=add_bos)
     except WorkbenchError as exc:

@@ -20,18 +20,27 @@ _OPENAI_NAMED = {"temperature", "top_p", "seed", "presence_penalty", "frequency_
                  "stop"}
 
 
+#: text-generation-webui (and SillyTavern) send these as one string: "1, 2, 3" or one sampler per line.
+_TEXT_TOO = {"custom_token_bans", "sampler_priority", "json_schema"}
+
+
 def _knob_fields() -> dict[str, Any]:
     fields = {}
     for name, info in GenerationParams.model_fields.items():
         if name in _OPENAI_NAMED:
             continue
         annotation = Annotated[info.annotation, *info.metadata] if info.metadata else info.annotation
+        if name in _TEXT_TOO:
+            annotation = annotation | str
+        if name == "mirostat_mode":  # Literal[0, 1, 2] would let `true` pass as 1
+            annotation = Annotated[int, Field(ge=0, le=2)]
         fields[name] = (Optional[annotation], Field(None, description=info.description))
     return fields
 
 
 class _Extras(BaseModel):
-    model_config = ConfigDict(extra="allow", populate_by_name=True)
+    # strict: a JSON value of the wrong type is refused (400), never coerced ("5" is not 5, true is not 1)
+    model_config = ConfigDict(extra="allow", populate_by_name=True, strict=True)
 
     preset: str | None = Field(None, description="A preset from presets/ to start from.")
     stopping_strings: list[str] | None = Field(None, description="text-generation-webui's name for extra stops.")
@@ -42,7 +51,7 @@ GenerationKnobs = create_model("GenerationKnobs", __base__=_Extras, **_knob_fiel
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, strict=True)
 
 
 # --- errors -----------------------------------------------------------------------------------------------------
@@ -102,24 +111,26 @@ class NamedToolChoice(_Model):
 
 
 class ToolCallFunction(BaseModel):
+    model_config = ConfigDict(strict=True)
     name: str
     arguments: str
 
 
 class ToolCall(BaseModel):
+    model_config = ConfigDict(strict=True)
     id: str
     type: Literal["function"] = "function"
     function: ToolCallFunction
 
 
 class ContentPart(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
     type: str
     text: str | None = None
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
@@ -150,7 +161,8 @@ class _SamplingRequest(GenerationKnobs):  # type: ignore[misc, valid-type]
 
 # --- /v1/completions --------------------------------------------------------------------------------------------
 class CompletionRequest(_SamplingRequest):
-    prompt: str | list[str] | list[int] | list[list[int]] = Field(description="Text or token ids to continue.")
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(min_length=1,
+                                                                  description="Text or token ids to continue.")
     suffix: str | None = Field(None, description="Text after the insertion (fill-in-the-middle models only).")
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=20)
@@ -291,7 +303,8 @@ class ModelList(BaseModel):
 
 # --- /v1/embeddings ---------------------------------------------------------------------------------------------
 class EmbeddingRequest(_Model):
-    input: str | list[str] = Field(description="Text or texts to embed (token arrays are not accepted).")
+    input: str | list[str] = Field(min_length=1, description="Text or texts to embed (token arrays are not "
+                                                             "accepted).")
     model: str | None = None
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = Field(None, ge=1)
@@ -320,7 +333,7 @@ class EmbeddingResponse(BaseModel):
 class AnthropicBlock(BaseModel):
     """A content block: text, tool_use (id, name, input) or tool_result (tool_use_id, content)."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
     type: Literal["text", "image", "tool_use", "tool_result", "thinking", "redacted_thinking", "document"]
     text: str | None = None
     id: str | None = None
@@ -337,7 +350,7 @@ class AnthropicMessage(_Model):
 
 
 class AnthropicTool(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     description: str | None = None
     input_schema: dict[str, Any] = Field(default_factory=lambda: {"type": "object"})
