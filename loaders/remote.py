@@ -230,9 +230,9 @@ class RemoteModel(LoadedModel):
         if params.logprobs:
             body["logprobs"] = params.logprobs
         if self.kind == "workbench":
-            extra = {k: v for k, v in params.non_default().items() if k not in body and k not in ("max_new_tokens",
-                                                                                                   "stop", "logprobs")}
-            body.update(extra)
+            # every knob, neutral ones too: the server must not fill gaps from its own preset
+            skip = {"max_new_tokens", "stop", "logprobs", "logit_bias"}
+            body.update({k: v for k, v in params.model_dump().items() if k not in body and k not in skip})
             body["add_bos_token"] = False  # the prompt arrives as token ids, BOS already decided here
         elif self.kind == "llama-cpp-python":
             body.update(top_k=params.top_k, min_p=params.min_p, repeat_penalty=params.repetition_penalty,
