@@ -6,4 +6,17 @@ cd "$(dirname "$0")"
 source scripts/setup_env.sh
 setup_env runtime
 python download_model.py starter
+
+# --- extensions: install the requirements.txt of each enabled extension (--extensions, settings.yaml, --api) ----
+while IFS= read -r req; do
+  stamp=".venv/.installed-ext-$(basename "$(dirname "$req")")"
+  digest=$(sha256sum "$req" | cut -d' ' -f1)
+  if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$digest" ]; then
+    echo "installing $req"
+    python -m pip install -r "$req"
+    echo "$digest" > "$stamp"
+  fi
+done < <(python -m modules.extensions requirements "$@")
+# -----------------------------------------------------------------------------------------------------------------
+
 exec python webui.py "$@"

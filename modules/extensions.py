@@ -112,6 +112,8 @@ class ExtensionRegistry:
         self.extensions: dict[str, Extension] = {}
         #: name -> why it was disabled; shown to the user (UI messages, log).
         self.errors: dict[str, str] = {}
+        self.app: Any = None  # the FastAPI app the setup hooks received (start_extensions)
+        self.server: Any = None  # the API server serving it, when the API is on
         self._lock = threading.Lock()
 
     # --- loading -------------------------------------------------------------------------------------------------
@@ -187,6 +189,10 @@ class ExtensionRegistry:
         """The extension's params with settings.yaml's `extensions.<name>` values on top (validated)."""
         overrides = self.param_overrides.get(name) or {}
         if isinstance(params, BaseModel):
+            unknown = [key for key in overrides if key not in type(params).model_fields]
+            if unknown:
+                raise ValueError(f"unknown params {unknown} in settings (extensions.{name}); known: "
+                                 f"{sorted(type(params).model_fields)}")
             try:
                 return type(params).model_validate({**params.model_dump(), **overrides})
             except ValidationError as exc:
@@ -338,7 +344,7 @@ def start_extensions(services: Any, *, serve: bool = True) -> ExtensionRegistry:
     from fastapi import FastAPI
 
     app = FastAPI(title="LLM workbench API", version="1")
-    registry.app = app  # type: ignore[attr-defined]
+    registry.app = app
     registry.setup(app, services)
     services.manager.on_change(lambda event, _info: registry.attach_logits_processors(services, services.manager.model)
                                if event == "loaded" else None)
@@ -347,7 +353,7 @@ def start_extensions(services: Any, *, serve: bool = True) -> ExtensionRegistry:
         from extensions.openai.server import serve_app
 
         server = serve_app(app, settings.host, settings.api_port)
-        registry.server = server  # type: ignore[attr-defined]
+        registry.server = server
         log.info("API on http://%s:%d/v1", settings.host, server.port)
     services.startup_messages.extend(registry.messages())
     return registry
