@@ -19,7 +19,7 @@ from modules.chat.templates import choose_template
 from modules.errors import ConfigError, WorkbenchError
 from modules.paths import resolve_inside
 from modules.training.config import DatasetOptions
-from modules.training.formatting import (Example, alpaca_chat_segments, alpaca_instruction_segments,
+from modules.training.formatting import (Example, Segment, alpaca_chat_segments, alpaca_instruction_segments,
                                          instruction_messages, raw_text_examples, template_segments,
                                          tokenize_segments)
 
@@ -233,6 +233,28 @@ def _read_csv(path: Path, mapping: dict[str, str]) -> list[dict[str, str]]:
 # --- formatting and splitting -------------------------------------------------------------------------------------
 
 
+def record_segments(kind: str, item: Any, options: DatasetOptions, template: str | None, *, bos: str | None,
+                    eos: str | None) -> tuple[list[Segment], bool]:
+    """One record as segments, and whether the tokenizer should add its special tokens (the chat template
+    writes its own)."""
+    if template is None:
+        if kind == "instruction":
+            return alpaca_instruction_segments(item, eos or ""), True
+        return alpaca_chat_segments(item, eos or ""), True
+    messages = instruction_messages(item, options.system_message) if kind == "instruction" else item
+    return template_segments(messages, template, bos=bos, eos=eos), False
+
+
+def pick_template(options: DatasetOptions, model_template: str | None, warnings: list[str] | None = None) -> str | None:
+    """The chat template records are rendered with (None for the Alpaca layout)."""
+    if options.prompt_format != "chat_template":
+        return None
+    chosen = choose_template(model_template or None)
+    if chosen.warning and warnings is not None:
+        warnings.append(chosen.warning)
+    return chosen.template
+
+
 def format_records(records: Records, options: DatasetOptions, tokenizer: Any,
                    warnings: list[str] | None = None) -> tuple[list[Example], int, int]:
     """Examples, the number dropped for exceeding cutoff_len, and the number with nothing to train on."""
@@ -242,25 +264,12 @@ def format_records(records: Records, options: DatasetOptions, tokenizer: Any,
             examples += raw_text_examples(text, tokenizer, cutoff=options.cutoff_len, overlap=options.overlap_len,
                                           at_blank_lines=options.split_at_blank_lines)
         return examples, 0, 0
-    eos = tokenizer.eos_token or ""
-    template = None
-    if options.prompt_format == "chat_template":
-        chosen = choose_template(getattr(tokenizer, "chat_template", None) or None)
-        template = chosen.template
-        if chosen.warning and warnings is not None:
-            warnings.append(chosen.warning)
+    template = pick_template(options, getattr(tokenizer, "chat_template", None), warnings)
     examples, too_long, empty = [], 0, 0
     for index, item in enumerate(records.items, 1):
         try:
-            if template is None:
-                segments = (alpaca_instruction_segments(item, eos) if records.kind == "instruction"
-                            else alpaca_chat_segments(item, eos))
-                special = True
-            else:
-                messages = (instruction_messages(item, options.system_message) if records.kind == "instruction"
-                            else item)
-                segments = template_segments(messages, template, bos=tokenizer.bos_token, eos=tokenizer.eos_token)
-                special = False
+            segments, special = record_segments(records.kind, item, options, template, bos=tokenizer.bos_token,
+                                                eos=tokenizer.eos_token)
         except WorkbenchError as exc:
             raise DatasetError(f"{records.source}, record {index}: {exc}") from None
         example = tokenize_segments(segments, tokenizer, add_special_tokens=special,
@@ -274,43 +283,67 @@ def format_records(records: Records, options: DatasetOptions, tokenizer: Any,
     return examples, too_long, empty
 
 
-def prepare_dataset(options: DatasetOptions, datasets_dir: Path, tokenizer: Any, *, seed: int) -> PreparedData:
-    train_records = read_records(dataset_path(datasets_dir, options.train_file), options.format,
-                                 options.csv_columns)
-    warnings: list[str] = []
-    eval_examples: list[Example] = []
-    dropped = empty = 0
+def split_records(records: Records, options: DatasetOptions, datasets_dir: Path, seed: int) -> tuple[Records,
+                                                                                                     Records | None]:
+    """Training records and evaluation records: the eval file's, or a seeded share of the training records
+    (raw text is split after chunking instead, in prepare_dataset)."""
     if options.eval_file:
-        eval_records = read_records(dataset_path(datasets_dir, options.eval_file), options.format,
-                                    options.csv_columns)
-        eval_examples, dropped, empty = format_records(eval_records, options, tokenizer)
+        return records, read_records(dataset_path(datasets_dir, options.eval_file), options.format,
+                                     options.csv_columns)
+    if not options.eval_fraction or records.kind == "raw":
+        return records, None
+    train, held = split_items(records.items, options.eval_fraction, seed, what="records")
+    return Records(records.kind, train, records.source), Records(records.kind, held, records.source)
+
+
+def prepare_dataset(options: DatasetOptions, datasets_dir: Path, tokenizer: Any, *, seed: int) -> PreparedData:
+    records = read_records(dataset_path(datasets_dir, options.train_file), options.format, options.csv_columns)
+    train_records, eval_records = split_records(records, options, datasets_dir, seed)
+    warnings: list[str] = []
+    train_examples, dropped, empty = format_records(train_records, options, tokenizer, warnings)
+    eval_examples: list[Example] = []
+    if eval_records is not None:
+        eval_examples, eval_dropped, eval_empty = format_records(eval_records, options, tokenizer)
+        dropped, empty = dropped + eval_dropped, empty + eval_empty
         if not eval_examples:
-            raise DatasetError(f"{options.eval_file} gives no evaluation examples within cutoff_len "
-                               f"({options.cutoff_len} tokens).")
-    train_examples, too_long, no_reply = format_records(train_records, options, tokenizer, warnings)
-    dropped += too_long
-    empty += no_reply
-    if options.eval_fraction and not options.eval_file:
-        train_examples, eval_examples = split_examples(train_examples, options.eval_fraction, seed)
+            raise DatasetError(f"The evaluation split gives no examples within cutoff_len ({options.cutoff_len} "
+                               "tokens).")
+    elif options.eval_fraction and records.kind == "raw":
+        train_examples, eval_examples = split_items(train_examples, options.eval_fraction, seed, what="chunks")
     if not train_examples:
         raise DatasetError(f"{options.train_file} gives no training examples: {dropped} were longer than "
                            f"cutoff_len ({options.cutoff_len} tokens) and {empty} had no reply to train on.")
     if dropped:
         warnings.append(f"{dropped} record(s) were longer than cutoff_len ({options.cutoff_len} tokens) and were "
                         "left out.")
-    return PreparedData(train_examples, eval_examples, train_records.kind, len(train_records.items), dropped,
-                        empty, warnings)
+    return PreparedData(train_examples, eval_examples, records.kind, len(records.items), dropped, empty, warnings)
 
 
-def split_examples(examples: list[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
-    """Hold out `fraction` of the examples (at least one) for evaluation; the same seed gives the same split."""
-    count = max(1, round(len(examples) * fraction))
-    if count >= len(examples):
-        raise DatasetError(f"An eval fraction of {fraction} leaves nothing to train on ({len(examples)} examples).")
-    order = list(range(len(examples)))
+def eval_texts(options: DatasetOptions, datasets_dir: Path, *, seed: int, chat_template: str | None,
+               bos: str | None, eos: str | None) -> list[str]:
+    """The evaluation split as formatted text (what perplexity is measured on), without a tokenizer: the
+    llama.cpp loader has none of Transformers' kind."""
+    records = read_records(dataset_path(datasets_dir, options.train_file), options.format, options.csv_columns)
+    if records.kind == "raw":
+        raise DatasetError("A raw-text dataset has no record-level evaluation split; measure perplexity on the "
+                           "text file itself.")
+    _, held = split_records(records, options, datasets_dir, seed)
+    if held is None:
+        raise DatasetError("This dataset setting has no evaluation split (no eval file and an eval fraction of 0).")
+    template = pick_template(options, chat_template)
+    return ["".join(s.text for s in record_segments(held.kind, item, options, template, bos=bos, eos=eos)[0])
+            for item in held.items]
+
+
+def split_items(items: list[Any], fraction: float, seed: int, *, what: str) -> tuple[list[Any], list[Any]]:
+    """Hold out `fraction` of the items (at least one) for evaluation; the same seed gives the same split."""
+    count = max(1, round(len(items) * fraction))
+    if count >= len(items):
+        raise DatasetError(f"An eval fraction of {fraction} leaves nothing to train on ({len(items)} {what}).")
+    order = list(range(len(items)))
     random.Random(seed).shuffle(order)
     held = set(order[:count])
-    return ([e for i, e in enumerate(examples) if i not in held], [e for i, e in enumerate(examples) if i in held])
+    return [e for i, e in enumerate(items) if i not in held], [e for i, e in enumerate(items) if i in held]
 
 
 def preview_dataset(options: DatasetOptions, datasets_dir: Path, tokenizer: Any, *, seed: int = 42,

@@ -139,6 +139,12 @@ def export_lora_gguf(lora_dir: Path, base_dir: Path, *, outtype: str = "f16") ->
     return out
 
 
+def ensure_lora_for_loader(loader_name: str, lora_dir: Path, models_dir: Path) -> None:
+    """Before applying a LoRA: the llama.cpp loader needs it as GGUF, so export it once when it is missing."""
+    if loader_name == "llama.cpp" and not any(lora_dir.glob("*.gguf")):
+        export_lora_gguf(lora_dir, lora_base_dir(lora_dir, models_dir))
+
+
 def export_model_gguf(model_dir: Path, out_file: Path, quant: str = "f16", *, overwrite: bool = False) -> Path:
     """A Transformers folder -> one GGUF file: f16/bf16 straight from convert_hf_to_gguf.py, Q8_0/Q4_K_M by
     converting to f16 first and quantizing with llama.cpp's quantizer."""
@@ -162,17 +168,37 @@ def export_model_gguf(model_dir: Path, out_file: Path, quant: str = "f16", *, ov
     return out_file
 
 
-def quantize_gguf(source: Path, target: Path, quant: str, *, threads: int = 0) -> Path:
+def quantize_gguf(source: Path, target: Path, quant: str, *, threads: int = 0, timeout: float = 3600) -> Path:
+    """llama.cpp's quantizer (llama_model_quantize, as llama-cpp-python exposes it), run in a child process: it
+    logs every tensor to stderr, and an abort inside llama.cpp must not take the web UI down with it."""
+    if quant not in _QUANT_FTYPES:
+        raise ConfigError(f"Unknown quantization {quant!r}; choose one of {', '.join(_QUANT_FTYPES)}.")
+    command = [sys.executable, "-m", "modules.training.export", "quantize", str(source), str(target), quant,
+               str(threads)]
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    except subprocess.TimeoutExpired:
+        raise ExportError(f"Quantizing {source.name} did not finish within {timeout:.0f} s.") from None
+    if result.returncode != 0 or not target.is_file():
+        tail = "\n".join((result.stderr or result.stdout).strip().splitlines()[-4:])
+        raise ExportError(f"llama.cpp could not quantize {source.name} to {quant.upper()}:\n{tail}")
+    return target
+
+
+def _quantize_here(source: str, target: str, quant: str, threads: int) -> int:
     import llama_cpp
 
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = _QUANT_FTYPES[quant]
     params.nthread = threads
-    code = llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), ctypes.byref(params))
-    if code != 0 or not target.is_file():
-        raise ExportError(f"llama.cpp could not quantize {source.name} to {quant.upper()} (code {code}).")
-    return target
+    return int(llama_cpp.llama_model_quantize(source.encode(), target.encode(), ctypes.byref(params)))
 
 
 def gguf_name(model_name: str, quant: str) -> str:
     return f"{model_name}.{quant.upper()}.gguf"
+
+
+if __name__ == "__main__":  # `python -m modules.training.export quantize SRC DST TYPE THREADS` (see quantize_gguf)
+    if len(sys.argv) == 6 and sys.argv[1] == "quantize":
+        sys.exit(_quantize_here(sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5])))
+    sys.exit("usage: python -m modules.training.export quantize SRC DST q8_0|q4_k_m THREADS")

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import os
 import shutil
 import signal
@@ -135,8 +134,7 @@ class TrainingJob:
         else:
             train_items, eval_items = single_items(data.train), single_items(data.eval)
         collator = (PaddingFreeCollator() if train.padding_free else PaddedCollator(tokenizer.pad_token_id))
-        args = self.training_arguments(has_eval=bool(eval_items), steps_per_epoch=math.ceil(
-            len(train_items) / (train.micro_batch_size * train.gradient_accumulation * _world_size())))
+        args = self.training_arguments(has_eval=bool(eval_items))
         callback = ProgressCallback(self.run_dir, stop)
         callbacks: list[Any] = [callback]
         if train.early_stopping_patience:
@@ -147,7 +145,8 @@ class TrainingJob:
                               select_logits=train.padding_free and accepts_logits_to_keep(model))
         checkpoint = self.resume_point()
         self.event("resumed" if checkpoint else "started", step=int(checkpoint.name.split("-")[-1])
-                   if checkpoint else 0, examples=len(data.train), eval_examples=len(data.eval))
+                   if checkpoint else 0, examples=len(data.train), eval_examples=len(data.eval),
+                   processes=trainer.args.world_size, device=str(trainer.args.device))
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
         if eval_items and not callback.stopped and not train.eval_steps:
             trainer.evaluate()  # logged as an eval line by the callback
@@ -184,7 +183,7 @@ class TrainingJob:
         except ValueError as exc:
             raise ConfigError(f"The LoRA target modules {lora.target_modules} do not fit this model: {exc}") from None
 
-    def training_arguments(self, *, has_eval: bool, steps_per_epoch: int) -> Any:
+    def training_arguments(self, *, has_eval: bool) -> Any:
         from transformers import TrainingArguments
 
         config, train = self.config, self.config.train
@@ -206,7 +205,7 @@ class TrainingJob:
             save_total_limit=train.save_total_limit, load_best_model_at_end=bool(train.early_stopping_patience),
             metric_for_best_model="eval_loss" if train.early_stopping_patience else None, greater_is_better=False,
             seed=train.seed, data_seed=train.seed, bf16=train.precision == "bf16",
-            gradient_checkpointing=train.gradient_checkpointing, report_to=list(train.report_to) or "none",
+            activation_checkpointing=train.gradient_checkpointing, report_to=list(train.report_to) or "none",
             use_cpu=use_cpu(config), remove_unused_columns=False,
             prediction_loss_only=True, include_num_input_tokens_seen="all" if train.padding_free else "non_padding",
             disable_tqdm=True, dataloader_num_workers=0, ddp_find_unused_parameters=False,
