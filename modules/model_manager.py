@@ -336,6 +336,13 @@ class ModelManager:
             pass
         return generation
 
+    @contextmanager
+    def exclusive(self) -> Iterator[LoadedModel]:
+        """The loaded model, with the generation queue held: for work that drives the model directly (perplexity
+        evaluation), so that no generation runs meanwhile and no swap happens under it."""
+        with self._queue.turn():
+            yield self.require_model()
+
     def stop_all(self) -> None:
         """Cancel the running generation; queued ones are not affected."""
         running = self._running
