@@ -25,7 +25,8 @@ OTHER = "other-copy.gguf"  # listed in models/ but not loaded
 
 
 @pytest.fixture(scope="module")
-def api(tmp_path_factory: pytest.TempPathFactory, starter_gguf: Path):
+def served(tmp_path_factory: pytest.TempPathFactory, starter_gguf: Path):
+    """(base URL, the Services behind it)."""
     from extensions.openai.server import serve_app
 
     folder = tmp_path_factory.mktemp("api")
@@ -42,9 +43,14 @@ def api(tmp_path_factory: pytest.TempPathFactory, starter_gguf: Path):
     registry = start_extensions(services, serve=False)
     assert registry.enabled == ["openai"], registry.messages()
     server = serve_app(registry.app, "127.0.0.1", 0)
-    yield server.url
+    yield server.url, services
     server.stop()
     manager.unload()
+
+
+@pytest.fixture(scope="module")
+def api(served) -> str:
+    return served[0]
 
 
 @pytest.fixture(scope="module")
@@ -340,6 +346,18 @@ def test_predict_answers_an_alpaca_instruction(api: str, instruction_data: list[
     assert isinstance(response.json()["answer"], str) and response.json()["answer"]
     missing = httpx.post(api + "/predict", json={"input": "x"})
     assert missing.status_code == 400 and missing.json()["error"]["param"] == "instruction"
+
+
+def test_autoload_loads_the_model_a_request_names(served, client: openai.OpenAI) -> None:
+    api, services = served
+    services.settings.api_autoload = True  # what --api-autoload sets
+    try:
+        reply = client.chat.completions.create(model=OTHER, messages=ask(), max_tokens=4)
+        assert reply.model == OTHER and client.models.list().data[0].id == OTHER
+    finally:
+        services.settings.api_autoload = False
+        httpx.post(api + "/v1/internal/model/load", json={"model_name": MODEL, "args": {"n_ctx": 2048}}, timeout=120)
+    assert client.models.list().data[0].id == MODEL
 
 
 def test_unload_gives_503_and_load_brings_it_back(api: str, client: openai.OpenAI) -> None:

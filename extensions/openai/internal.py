@@ -69,8 +69,11 @@ async def list_models(request: Request) -> ModelList:
 @router.get("/v1/models/{model_id:path}", response_model=ModelCard)
 async def get_model(model_id: str, request: Request) -> ModelCard:
     manager = _manager(request)
-    for card in await run_in_threadpool(_model_cards, manager):
-        if card.id == model_id or (model_id in model_names_of(manager) and card == _model_cards(manager)[0]):
+    cards = await run_in_threadpool(_model_cards, manager)
+    if cards and model_id in model_names_of(manager):
+        return cards[0]  # the loaded model, under any of its names
+    for card in cards:
+        if card.id == model_id:
             return card
     raise ApiError(404, f"The model {model_id!r} does not exist.", param="model", code="model_not_found")
 
