@@ -52,6 +52,8 @@ class Settings(BaseModel):
     character_dir: Path = Field(Path("characters"), description="Folder of characters.")
     template_dir: Path = Field(Path("instruction-templates"), description="Folder of instruction templates.")
     user_data_dir: Path = Field(Path("user_data"), description="Folder of chat histories and user files.")
+    training_dir: Path = Field(Path("training"), description="Folder of training datasets (datasets/) and runs "
+                                                             "(runs/).")
     loader_options: dict[str, Any] = Field(default_factory=dict, description="Loader options (see the flags).")
     # --- generation and chat defaults -------------------------------------------------------------------------
     preset: str = Field("Default", description="Generation preset (a name in --preset-dir).")
