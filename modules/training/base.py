@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from loaders.base import gguf_files
 from modules.errors import ConfigError
@@ -46,3 +47,22 @@ def training_base(path: Path, *, convert: bool = True) -> TrainingBase:
         raise ConfigError(f"{path.name} holds several GGUF files; pick one to train on.")
     raise ConfigError(f"{path.name} is neither a Transformers folder (config.json + *.safetensors) nor a GGUF file, "
                       "so it cannot be trained on.")
+
+
+def load_tokenizer(path: Path) -> Any:
+    """The tokenizer of the model at `path` without loading weights: from the folder, the GGUF's Transformers
+    copy when it exists, or the GGUF metadata itself."""
+    from transformers import AutoTokenizer
+
+    if is_transformers_folder(path):
+        return AutoTokenizer.from_pretrained(path)
+    files = gguf_files(path)
+    if len(files) != 1:
+        raise ConfigError(f"{path.name} is neither a Transformers folder nor one GGUF file.")
+    copy = transformers_copy_dir(files[0])
+    if is_transformers_folder(copy):
+        return AutoTokenizer.from_pretrained(copy)
+    try:
+        return AutoTokenizer.from_pretrained(files[0].parent, gguf_file=files[0].name)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ConfigError(f"Could not read the tokenizer of {files[0].name}: {exc}") from None

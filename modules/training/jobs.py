@@ -24,6 +24,14 @@ from modules.training.progress import (ACTIVE_STATES, CONFIG_FILE, LOG_FILE, STO
 ROOT = Path(__file__).resolve().parents[2]
 
 
+def folders_for(settings: Any) -> Folders:
+    """The job folders for the web UI's settings: models/ and loras/ from them, datasets/ and runs/ under
+    settings.training_dir."""
+    training = Path(settings.training_dir)
+    return Folders(models=settings.model_dir, loras=settings.lora_dir, datasets=training / "datasets",
+                   runs=training / "runs")
+
+
 @dataclass
 class JobStatus:
     name: str
