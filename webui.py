@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -18,11 +19,15 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from modules.extensions import start_extensions
     from modules.services import build_services, load_startup_model
-    from modules.ui.app import launch
 
     services = build_services(settings)
     start_extensions(services)  # --extensions / --api: hooks, and the API on --api-port
-    load_startup_model(services)
+    # The model loads while Gradio is imported (seconds each); the app is built once both are done.
+    loading = threading.Thread(target=load_startup_model, args=(services,), name="startup-model")
+    loading.start()
+    from modules.ui.app import launch
+
+    loading.join()
     return launch(services)
 
 

@@ -217,5 +217,8 @@ def new_chat(page: Page) -> None:
 
 
 def screenshot(page: Page, name: str) -> None:
+    """docs/screenshots/<name>.png of the whole page, without the notices floating over it."""
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    hide = page.add_style_tag(content=".toast-wrap { display: none !important; }")
     page.screenshot(path=str(SCREENSHOTS / f"{name}.png"), full_page=True)
+    hide.evaluate("element => element.remove()")

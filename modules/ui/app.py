@@ -47,7 +47,7 @@ def build_app(services: Services) -> gr.Blocks:
                         chat=_chat_panel(settings))
         with gr.Tabs(elem_id="tabs"):
             with gr.Tab("Chat", id="chat", elem_id="tab-chat"):
-                build_chat_tab(ctx)
+                chat_view = build_chat_tab(ctx)
             with gr.Tab("Default", id="default", elem_id="tab-default"):
                 build_default_tab(ctx)
             with gr.Tab("Notebook", id="notebook", elem_id="tab-notebook"):
@@ -63,6 +63,13 @@ def build_app(services: Services) -> gr.Blocks:
                     build_training_tab(services)
             with gr.Tab("Session", id="session", elem_id="tab-session"):
                 build_session_tab(ctx)
+            registry = services.extensions
+            if registry is not None and any("ui" in e.hooks for e in registry.extensions.values()):
+                with gr.Tab("Extensions", id="extensions", elem_id="tab-extensions"):  # their tabs and panels
+                    registry.ui(services, {
+                        "character": ctx.chat.components["character"], "mode": ctx.chat.components["mode"],
+                        "chatbot": chat_view.chatbot, "chat_input": chat_view.message, "preset": ctx.preset,
+                        "session": session})
 
         def start_session(stored: Any) -> tuple[UiSession, str]:
             session_id = (valid_session_id(stored) if settings.multi_user else None) or new_session_id()

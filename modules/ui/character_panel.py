@@ -90,7 +90,7 @@ def build_character_panel(ctx: UiContext, view: ChatView) -> None:
         mode_value = "chat" if data[mode] == "instruct" else data[mode]
         return switch(data, imported, mode_value=mode_value)
 
-    dropdown.input(on_pick, inputs, outputs)
+    dropdown.change(on_pick, inputs, outputs)  # also when an extension (the gallery) sets it
     save.click(on_save, inputs, outputs)
     delete.yes.click(on_delete, inputs, outputs)
     card.upload(on_import, inputs, outputs)

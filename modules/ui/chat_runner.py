@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from loaders.base import Capability
 from modules.chat.characters import Character, load_character
 from modules.chat.history import ChatHistory, ChatMessage
 from modules.chat.prompt import DEFAULT_CHAT_INSTRUCT_COMMAND, PromptOptions, PromptResult, build_prompt
@@ -18,6 +19,7 @@ from modules.errors import ConfigError
 from modules.generation import GenerationParams
 from modules.services import Services
 from modules.settings import ChatSettings
+from modules.ui.extension_hooks import RequestHooks, visible_text, with_visible
 from modules.ui.session_state import UiSession
 from modules.ui.streaming import stream_batches
 
@@ -84,24 +86,27 @@ def build_turn_prompt(services: Services, chat: ChatSettings, params: Generation
                       impersonate_prefix: str = "") -> tuple[PromptResult, list[str], int]:
     options, warnings = prompt_options(services, chat)
     context, budget = context_budget(services, chat, params)
+    model = services.manager.require_model()
+    can_count = Capability.TOKENIZE in model.capabilities
     result = build_prompt(messages, options, continue_last=continue_last, impersonate=impersonate,
-                          impersonate_prefix=impersonate_prefix, count_tokens=services.manager.model.token_count,
-                          token_budget=budget)
+                          impersonate_prefix=impersonate_prefix, count_tokens=model.token_count if can_count else None,
+                          token_budget=budget if can_count else None)
     return result, warnings + result.warnings, context
 
 
 def run_turn(services: Services, session: UiSession, chat: ChatSettings, params: GenerationParams,
              action: Action, text: str = "") -> Iterator[TurnUpdate]:
     """Stream one turn. The chat is saved when the user's message is added and again when the reply ends
-    (also when it is stopped: a cut reply is kept)."""
+    (also when it is stopped: a cut reply is kept). Extensions' hooks apply (modules.extensions)."""
     if session.busy:
         raise ConfigError("A reply is still being written on this page: wait for it or press Stop.")
     services.manager.require_model()
-    history = _prepare(services, session, chat, action, text)
+    hooks = RequestHooks(services, params, chat)
+    params = hooks.params
+    history = _prepare(services, session, chat, action, text, hooks)
     prompt_messages = history.prompt_messages() if history is not None else [
         m.model_dump(include={"role", "content"}) for m in greeting_messages(services, chat)]
-    impersonate = action == "impersonate"
-    continue_last = action == "continue"
+    impersonate, continue_last = action == "impersonate", action == "continue"
     base = ""
     if action == "regenerate" and prompt_messages[-1]["role"] == "assistant":
         prompt_messages = prompt_messages[:-1]
@@ -109,37 +114,47 @@ def run_turn(services: Services, session: UiSession, chat: ChatSettings, params:
         base = prompt_messages[-1]["content"]
     elif impersonate:
         base = text
-    result, warnings, context = build_turn_prompt(services, chat, params, prompt_messages,
-                                                  continue_last=continue_last, impersonate=impersonate,
-                                                  impersonate_prefix=text)
+    prompt_messages = hooks.history(prompt_messages)
+    custom = hooks.custom_prompt(prompt_messages) if action in ("send", "regenerate") else None
+    if custom is not None:  # an extension built the whole prompt
+        model = services.manager.require_model()
+        counted = model.token_count(custom) if Capability.TOKENIZE in model.capabilities else None
+        result = PromptResult(custom, prompt_messages, prompt_tokens=counted)
+        warnings, context = [], model.context_length
+    else:
+        result, warnings, context = build_turn_prompt(services, chat, params, prompt_messages,
+                                                      continue_last=continue_last, impersonate=impersonate,
+                                                      impersonate_prefix=text)
     stops = list(dict.fromkeys([*params.stop, *result.stop_strings, *chat.custom_stopping_strings]))
     generation = services.manager.generate(result.prompt, params.model_copy(update={"stop": stops}),
                                            add_bos=False if result.starts_with_bos else None)
     warnings += generation.warnings
     if history is not None and action in ("send", "regenerate") and history.messages[-1].role != "assistant":
         history.messages.append(ChatMessage(role="assistant", content=""))
-    status_head = f"Prompt: {result.prompt_tokens} of {context} tokens"
+    status_head = f"Prompt: {result.prompt_tokens if result.prompt_tokens is not None else '?'} of {context} tokens"
     if result.dropped_messages:
         status_head += f" ({result.dropped_messages} oldest messages left out to fit)"
     session.generation = generation
     set_reply = _reply_setter(history, action)
-    reply = ""
+    reply, tokens = "", []
     try:
         yield TurnUpdate(_show(history, chat, services), impersonation=base if impersonate else None,
                          status=status_head + " · writing…", warnings=warnings)
         for batch in stream_batches(generation):
-            reply += "".join(chunk.text for chunk in batch)
+            for chunk in batch:
+                reply += chunk.text
+                tokens.extend(chunk.tokens)
             if impersonate:
                 yield TurnUpdate(_show(history, chat, services), impersonation=base + reply,
                                  status=status_head + " · writing…")
             else:
-                set_reply(base + reply, False)
+                set_reply(base + reply, None)
                 yield TurnUpdate(_show(history, chat, services), status=status_head + " · writing…")
     finally:
         generation.cancel()  # no-op once it ended; stops it when the page went away mid-reply
         session.generation = None
         if history is not None and not impersonate:
-            set_reply(base + reply, True)
+            set_reply(base + reply, hooks.output(base + reply, tokens))
             session.history = session.store.save(history)
     stats = generation.stats
     ending = {"cancelled": " · stopped", "length": " · hit max_new_tokens", "error": " · failed"}.get(
@@ -150,8 +165,8 @@ def run_turn(services: Services, session: UiSession, chat: ChatSettings, params:
                      status=status, done=True)
 
 
-def _prepare(services: Services, session: UiSession, chat: ChatSettings, action: Action,
-             text: str) -> ChatHistory | None:
+def _prepare(services: Services, session: UiSession, chat: ChatSettings, action: Action, text: str,
+             hooks: RequestHooks) -> ChatHistory | None:
     """The chat the reply goes into, after adding the user's message (send) or checking there is something to
     regenerate or continue."""
     history = session.history
@@ -159,7 +174,8 @@ def _prepare(services: Services, session: UiSession, chat: ChatSettings, action:
     if action == "send":
         if not text.strip():
             raise ConfigError("Type a message first.")
-        user = ChatMessage(role="user", content=text)
+        model_text, visible = hooks.user_text(text)
+        user = ChatMessage(role="user", content=model_text, metadata=with_visible({}, model_text, visible))
         if history is None:
             history = session.store.new(session.character, [*messages, user], mode=chat.mode)
         else:
@@ -176,24 +192,29 @@ def _prepare(services: Services, session: UiSession, chat: ChatSettings, action:
 
 
 def _reply_setter(history: ChatHistory | None, action: Action):
-    """A function that shows `text` as the last reply. A regenerated reply streams over a preview of the last
-    message and, when it ends, becomes a new alternative ("swipe") of it."""
+    """A function `set_reply(text, visible)` that shows `text` as the last reply: `visible` None while it
+    streams, and the text to show (after extensions' output_modifier) when it ends. A regenerated reply
+    streams over a preview of the last message and, when it ends, becomes a new alternative ("swipe") of it."""
     if history is None:
-        return lambda text, final: None
+        return lambda text, visible: None
     index = len(history.messages) - 1
     original = history.messages[index]
 
-    def set_reply(text: str, final: bool) -> None:
-        if action != "regenerate":
+    def set_reply(text: str, visible: str | None) -> None:
+        if visible is None:  # streaming: a preview, stored nowhere
+            history.messages[index] = ChatMessage.model_construct(**{**dict(original), "content": text,
+                                                                     "metadata": {}})
+            return
+        history.messages[index] = original
+        if action != "regenerate" or not original.content:
             history.edit_message(index, text)
-        elif not final:
-            history.messages[index] = ChatMessage.model_construct(**{**dict(original), "content": text})
+        elif text and text != original.content:
+            history.add_swipe(index, text)
         else:
-            history.messages[index] = original
-            if not original.content:
-                history.edit_message(index, text)
-            elif text and text != original.content:
-                history.add_swipe(index, text)
+            return
+        message = history.messages[index]
+        history.messages[index] = message.model_copy(
+            update={"metadata": with_visible(message.metadata, text, visible)})
 
     return set_reply
 
@@ -208,6 +229,6 @@ def chatbot_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
     shown = []
     for message in messages:
         role = message.role if message.role in ("user", "assistant", "system") else "assistant"
-        entry: dict[str, Any] = {"role": role, "content": message.content}
+        entry: dict[str, Any] = {"role": role, "content": visible_text(message.content, message.metadata)}
         shown.append(entry)
     return shown

@@ -10,6 +10,7 @@ from loaders.base import Capability
 from modules.errors import ConfigError
 from modules.generation import GenerationParams, TokenEvent
 from modules.services import Services
+from modules.ui.extension_hooks import RequestHooks
 from modules.ui.session_state import UiSession
 from modules.ui.streaming import stream_batches
 
@@ -31,6 +32,8 @@ def run_completion(services: Services, session: UiSession, prompt: str, params: 
     if session.busy:
         raise ConfigError("A generation is still running on this page: wait for it or press Stop.")
     model = services.manager.require_model()
+    hooks = RequestHooks(services, params)  # state_modifier and input_modifier; output_modifier is for chats
+    params, prompt = hooks.params, hooks.prompt_text(prompt)
     if with_probabilities and Capability.LOGPROBS in model.capabilities and not params.logprobs:
         params = params.model_copy(update={"logprobs": VIEW_LOGPROBS})
     generation = services.manager.generate(prompt, params)

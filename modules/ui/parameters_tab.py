@@ -73,7 +73,6 @@ def build_parameters_tab(ctx: UiContext) -> None:
     @user_errors
     def on_preset(name: str) -> list[Any]:
         params = load_preset(settings.preset_dir, name)  # names the bad key of a broken preset
-        gr.Info(f"Preset {name} loaded.")
         return ctx.params.updates_for(params)
 
     @user_errors

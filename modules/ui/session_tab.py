@@ -69,18 +69,25 @@ def build_session_tab(ctx: UiContext) -> None:
 
 
 def build_extensions_panel(services: Services) -> None:
-    """The hook where extensions are listed and toggled. The extensions system (modules/extensions.py) fills
-    `services.extensions`; until it is there this shows the names asked for in the settings."""
+    """The extensions (modules.extensions) to switch on and off. Hooks follow at once; a tab or panel that an
+    extension adds to the page appears at the next start."""
     registry = services.extensions
     if registry is None:
-        names = services.settings.extensions
-        gr.Markdown("No extensions are running." if not names else
-                    "Asked for in the settings (not running): " + ", ".join(f"`{n}`" for n in names),
-                    elem_id="extensions-list")
+        gr.Markdown("Extensions are not running in this app.", elem_id="extensions-list")
         return
-    render = getattr(registry, "render_session_panel", None)
-    if callable(render):
-        render()
-    else:
-        gr.Markdown("Extensions: " + ", ".join(f"`{n}`" for n in getattr(registry, "names", [])),
-                    elem_id="extensions-list")
+    names = gr.CheckboxGroup(choices=registry.available(), value=registry.enabled, label="Enabled extensions",
+                             info="Hooks apply at once; an extension's own tab or panel appears after a restart.",
+                             elem_id="extensions-list")
+    apply = gr.Button("Apply", size="sm", elem_id="extensions-apply")
+    notes = gr.Markdown("\n\n".join(registry.messages()), elem_id="extensions-notes")
+
+    def on_apply(chosen: list[str]) -> tuple[Any, str]:
+        for name in registry.enabled:
+            if name not in chosen:
+                registry.disable(name)
+        for name in chosen:
+            registry.enable(name)
+        enabled = ", ".join(registry.enabled) or "none"
+        return gr.update(value=registry.enabled), "\n\n".join([f"Enabled: {enabled}.", *registry.messages()])
+
+    apply.click(on_apply, names, [names, notes])

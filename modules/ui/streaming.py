@@ -13,8 +13,9 @@ from collections.abc import Iterator
 from modules.model_manager import Generation
 from modules.stopping import StreamChunk
 
-#: At most this many updates per second reach the browser (each one re-renders the reply).
-DEFAULT_INTERVAL_S = 0.05
+#: Seconds between updates sent to the browser (each one re-renders the reply there, and costs the server
+#: CPU time the model could use).
+DEFAULT_INTERVAL_S = 0.1
 
 
 class _Done:
