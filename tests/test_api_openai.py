@@ -324,7 +324,7 @@ def test_cors_is_off_by_default(api: str) -> None:
     assert "access-control-allow-origin" not in response.headers
 
 
-# --- internal routes and /predict --------------------------------------------------------------------------------------
+# --- internal routes and /predict ---------------------------------------------------------------------------------
 def test_internal_routes(api: str) -> None:
     encoded = httpx.post(api + "/v1/internal/encode", json={"text": "Hello world"}).json()
     assert encoded["length"] == len(encoded["tokens"]) == 2

@@ -30,7 +30,8 @@ def api(tmp_path_factory: pytest.TempPathFactory, starter_gguf: Path):
     folder = tmp_path_factory.mktemp("secure")
     (folder / "settings.yaml").write_text("")  # isolated from user_data/settings.yaml
     settings = load_settings([
-        "--settings", str(folder / "settings.yaml"), "--api", "--api-port", str(free_port()), "--api-key", API_KEY, "--admin-key", ADMIN_KEY,
+        "--settings", str(folder / "settings.yaml"), "--api", "--api-port", str(free_port()), "--api-key", API_KEY,
+        "--admin-key", ADMIN_KEY,
         "--api-cors-origins", ORIGIN, "--model-dir", str(starter_gguf.parent), "--lora-dir", str(folder / "loras"),
         "--user-data-dir", str(folder), "--preset-dir", str(ROOT / "presets")])
     manager = ModelManager(settings.model_dir, settings.lora_dir)

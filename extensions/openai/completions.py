@@ -12,8 +12,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from extensions.openai import tools as tooling
 from extensions.openai.errors import ApiError, api_error_from, error_body
-from extensions.openai.mapping import (apply_input_hooks, build_chat_prompt, build_params, check_model, check_token_ids,
-                                       params_from_state, state_of)
+from extensions.openai.mapping import (apply_input_hooks, build_chat_prompt, build_params, check_model,
+                                       check_token_ids, params_from_state, state_of)
 from extensions.openai.protocol import (ChatChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse,
                                         ChoiceLogprobs, ChunkChoice, CompletionChoice, CompletionLogprobs,
                                         CompletionRequest, CompletionResponse, Delta, DeltaFunction, DeltaToolCall,
@@ -136,7 +136,7 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
         runs.append(more)
         await more.collect()
     choices = [CompletionChoice(index=i, text=echo + r.generation.text, finish_reason=finish_reason(r),
-                                logprobs=completion_logprobs(r.tokens, len(echo)) if body.logprobs is not None else None)
+                                logprobs=None if body.logprobs is None else completion_logprobs(r.tokens, len(echo)))
                for i, r in enumerate(runs)]
     response = CompletionResponse(id=ident, created=created, model=model_name, choices=choices, usage=usage_of(runs),
                                   warnings=warnings or None)

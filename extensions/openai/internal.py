@@ -155,7 +155,7 @@ async def health(request: Request) -> HealthResponse:
     return HealthResponse(model_loaded=_manager(request).model is not None)
 
 
-# --- the seeds' instruction endpoint -----------------------------------------------------------------------------------
+# --- the seeds' instruction endpoint ------------------------------------------------------------------------------
 @router.post("/predict", response_model=PredictResponse)
 async def predict(body: PredictRequest, request: Request) -> PredictResponse:
     services = api_state(request).services
