@@ -67,6 +67,8 @@ class LoadedModel(ABC):
     chat_template: str | None  # Jinja, from the model's own metadata; None when it has none
     bos_token: str | None
     eos_token: str | None
+    #: Width of the logits (token ids must be below it); None when the backend does not say.
+    vocab_size: int | None = None
 
     @abstractmethod
     def stream(self, prompt: list[int] | str, params: GenerationParams,

@@ -135,6 +135,7 @@ class LlamaCppModel(LoadedModel):
         llama = self._llama
         self._vocab = llama._model.vocab
         self._n_vocab = llama.n_vocab()
+        self.vocab_size = self._n_vocab
         self.context_length = llama.n_ctx()
         metadata = llama.metadata
         self.chat_template = metadata.get("tokenizer.chat_template") or None

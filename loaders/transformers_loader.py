@@ -114,6 +114,7 @@ class TransformersModel(LoadedModel):
         self.bos_token = self.tokenizer.bos_token
         self.eos_token = self.tokenizer.eos_token
         self._vocab_size = int(getattr(config, "vocab_size", 0) or len(self.tokenizer))
+        self.vocab_size = self._vocab_size
         self._eos_ids = _eos_ids(model, self.tokenizer)
         self._lock = threading.Lock()
         if options.static_cache:

@@ -255,6 +255,7 @@ class GenerationStats:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     finish_reason: Literal["stop", "length", "cancelled", "error"] = "length"
+    stop_string: str | None = None  # the stop string that ended the reply, when one did
     time_to_first_token_s: float | None = None
     seconds: float = 0.0
 

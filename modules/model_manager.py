@@ -132,6 +132,7 @@ class Generation:
                     pieces.append(chunk.text)
                     yield chunk
                 if stops.stopped:
+                    stats.stop_string = stops.matched
                     break
                 if self.cancel_event.is_set():
                     stats.finish_reason = "cancelled"

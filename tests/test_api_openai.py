@@ -265,6 +265,9 @@ def test_anthropic_messages(api: str) -> None:
         events = [line[len("event: "):] for line in response.iter_lines() if line.startswith("event: ")]
     assert events[:2] == ["message_start", "ping"] and events[-2:] == ["message_delta", "message_stop"]
     assert "content_block_start" in events and "content_block_delta" in events
+    stopped = httpx.post(api + "/v1/messages", json={**body, "stop_sequences": ["Paris"]}, timeout=120).json()
+    assert stopped["stop_reason"] == "stop_sequence" and stopped["stop_sequence"] == "Paris"
+    assert "Paris" not in "".join(block.get("text", "") for block in stopped["content"])
     tool = {"name": "get_weather", "description": "Current weather in a city.",
             "input_schema": WEATHER_TOOL["function"]["parameters"]}
     used = httpx.post(api + "/v1/messages", timeout=120, json={

@@ -98,10 +98,15 @@ def to_chat_request(body: MessagesRequest) -> ChatCompletionRequest:
         raise ApiError(400, f"Bad value for '{key}': {error['msg']}", param=key) from None
 
 
-def stop_reason(run: GenerationRun, calls: list[Any]) -> str:
+def stop_reason(run: GenerationRun, calls: list[Any], stop_sequences: list[str] | None) -> tuple[str, str | None]:
+    """Anthropic's stop_reason and stop_sequence: "stop_sequence" only for one of the caller's own sequences
+    (the chat template's end-of-turn strings are "end_turn")."""
     if calls:
-        return "tool_use"
-    return "max_tokens" if run.generation.stats.finish_reason == "length" else "end_turn"
+        return "tool_use", None
+    stats = run.generation.stats
+    if stats.stop_string is not None and stats.stop_string in (stop_sequences or []):
+        return "stop_sequence", stats.stop_string
+    return ("max_tokens" if stats.finish_reason == "length" else "end_turn"), None
 
 
 def content_blocks(content: str | None, calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -126,7 +131,7 @@ async def messages(body: MessagesRequest, request: Request) -> Any:
     warnings = plan.warnings + run.generation.warnings
     ident = f"msg_{uuid.uuid4().hex[:24]}"
     if body.stream:
-        return StreamingResponse(guarded(_stream(plan, run, first, ident, model_name), [run]),
+        return StreamingResponse(guarded(_stream(plan, run, first, ident, model_name, body.stop_sequences), [run]),
                                  media_type="text/event-stream", headers=warnings_header(warnings))
     await run.collect()
     text = run.generation.text
@@ -134,14 +139,16 @@ async def messages(body: MessagesRequest, request: Request) -> Any:
         text = services.extensions.modify_output(text, plan.state, run.tokens)
     content, calls = plan.result(text)
     stats = run.generation.stats
+    reason, sequence = stop_reason(run, calls, body.stop_sequences)
     response = MessagesResponse(id=ident, model=model_name, content=content_blocks(content, calls),
-                                stop_reason=stop_reason(run, calls),
+                                stop_reason=reason, stop_sequence=sequence,
                                 usage=AnthropicUsage(input_tokens=stats.prompt_tokens,
                                                      output_tokens=stats.completion_tokens))
     return JSONResponse(response.model_dump(), headers=warnings_header(warnings))
 
 
-async def _stream(plan: ChatPlan, run: GenerationRun, first: Any, ident: str, model: str) -> AsyncIterator[str]:
+async def _stream(plan: ChatPlan, run: GenerationRun, first: Any, ident: str, model: str,
+                  stop_sequences: list[str] | None) -> AsyncIterator[str]:
     stats = run.generation.stats
     message = {"id": ident, "type": "message", "role": "assistant", "model": model, "content": [],
                "stop_reason": None, "stop_sequence": None,
@@ -192,7 +199,8 @@ async def _stream(plan: ChatPlan, run: GenerationRun, first: Any, ident: str, mo
                       "content_block_delta")
             yield sse({"type": "content_block_stop", "index": index}, "content_block_stop")
             index += 1
-        yield sse({"type": "message_delta", "delta": {"stop_reason": stop_reason(run, calls), "stop_sequence": None},
+        reason, sequence = stop_reason(run, calls, stop_sequences)
+        yield sse({"type": "message_delta", "delta": {"stop_reason": reason, "stop_sequence": sequence},
                    "usage": {"output_tokens": stats.completion_tokens}}, "message_delta")
         yield sse({"type": "message_stop"}, "message_stop")
     except Exception as exc:

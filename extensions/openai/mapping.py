@@ -65,11 +65,8 @@ def check_model(services: Any, requested: str | None, *, autoload: bool) -> str:
 
 def vocab_size(model: Any) -> int | None:
     """The model's vocabulary size where its loader tells (llama.cpp aborts the process on an unknown id)."""
-    for attribute in ("vocab_size", "_n_vocab", "_vocab_size"):
-        value = getattr(model, attribute, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
+    value = getattr(model, "vocab_size", None)
+    return value if isinstance(value, int) and value > 0 else None
 
 
 def check_token_ids(manager: Any, ids: list[int], param: str) -> None:
