@@ -157,9 +157,10 @@ class TrainingJob:
 
     def load_model(self, hf_dir: Path, torch: Any) -> Any:
         from peft import LoraConfig, get_peft_model
-        from transformers import AutoModelForCausalLM
+        from transformers import AutoModelForCausalLM, set_seed
 
         train = self.config.train
+        set_seed(train.seed)  # the LoRA's initial A matrices: the same seed gives the same run
         dtype = torch.bfloat16 if train.precision == "bf16" else torch.float32
         kwargs: dict[str, Any] = {"dtype": dtype}
         if train.qlora:
