@@ -29,6 +29,8 @@ PY
   fi
   python -c "import torch, transformers, llama_cpp, gradio, peft" \
     || { echo "the Python environment is incomplete; delete .venv and run again" >&2; return 1; }
+  # llama.cpp's GGUF converters (LoRA/merged-model export), from the pinned llama-cpp-python sdist, once
+  bash scripts/fetch_llama_converters.sh
   if [ "$kind" = test ]; then
     if ! command -v chromium >/dev/null 2>&1; then
       echo "installing Debian's chromium for the browser tests"
