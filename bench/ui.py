@@ -50,9 +50,8 @@ _WATCH_REPLY = """() => {
   new MutationObserver(() => { const now = last(); if (now !== seen) { seen = now; window.__replyTimes.push(performance.now()); } })
     .observe(chat, {childList: true, subtree: true, characterData: true});
   window.__started = false;
-  const status = document.querySelector('#chat-status');
-  new MutationObserver(() => { const w = status.querySelector('.wrap'); if (w && !w.classList.contains('hide')) window.__started = true; })
-    .observe(status, {attributes: true, childList: true, subtree: true});
+  new MutationObserver(() => { if (document.querySelector('#chat-send').disabled) window.__started = true; })
+    .observe(document.body, {attributes: true, subtree: true});
   window.__sendAt = performance.now();
   document.querySelector('#chat-send').click();
 }"""
@@ -97,7 +96,7 @@ def browser_round(page: Page, tokens: int) -> float:
     page.locator("#chat-input textarea").fill(QUESTION)
     page.evaluate(_WATCH_REPLY)
     page.wait_for_function("() => { const s = document.querySelector('#chat-status');"
-                           " return window.__started && s.querySelector('.wrap').classList.contains('hide')"
+                           " return window.__started && !document.querySelector('#chat-send').disabled"
                            " && /reply: \\d+ tokens/.test(s.innerText); }", timeout=600_000)
     status = page.inner_text("#chat-status")
     got = int(status.split("reply: ")[1].split(" tokens")[0])

@@ -21,8 +21,10 @@ from playwright.sync_api import Browser, Page, sync_playwright
 from conftest import FRANCE
 from modules.generation import GenerationParams
 from modules.ui.parameters_tab import group_elem_id, grouped
-from ui_helpers import (Server, Workspace, chat_messages, choose, last_reply, launch_browser, new_chat, open_app,
-                        run_event, screenshot, send, set_text, tab)
+from ui_helpers import (Server, Workspace, chat_event, chat_messages, choose, last_reply, launch_browser, new_chat,
+                        open_app, run_event, screenshot, send, set_text, tab)
+
+pytestmark = pytest.mark.browser
 
 TABS = ["Chat", "Default", "Notebook", "Parameters", "Model", "Session"]
 
@@ -86,9 +88,9 @@ def test_page_loads_without_console_errors_and_shows_every_tab(browser: Browser,
     names = page.get_by_role("tab").all_inner_texts()
     for name in TABS:
         assert name in names
-    for name in TABS[1:]:
+    for name in [*TABS[1:], *(["Training"] if "Training" in names else [])]:
         tab(page, name)
-        if name in ("Parameters", "Session"):
+        if name in ("Parameters", "Session", "Training"):
             screenshot(page, name.lower())
     tab(page, "Parameters")
     # Knobs the llama.cpp loader cannot honour are greyed out with the reason.
@@ -121,7 +123,7 @@ def test_stop_cuts_a_long_reply(page: Page) -> None:
                                timeout=60_000)
         page.click("#chat-stop")
 
-    status = run_event(page, send_then_stop)
+    status = chat_event(page, send_then_stop)
     assert "stopped" in status
     assert 0 < reply_tokens(status) < 3000
     cut = last_reply(page)
@@ -138,7 +140,7 @@ def test_regenerate_with_a_sampling_preset_and_another_seed_gives_another_reply(
     tab(page, "Parameters")
     set_text(page, "#param-seed", "2")
     tab(page, "Chat")
-    run_event(page, lambda: page.click("#chat-regenerate"))
+    chat_event(page, lambda: page.click("#chat-regenerate"))
     second = last_reply(page)
     assert second and second != first
     assert [role for role, _ in chat_messages(page)] == ["user", "assistant"]  # replaced, not appended
@@ -149,7 +151,7 @@ def test_continue_extends_the_last_reply(page: Page) -> None:
     new_chat(page)
     send(page, "Write a story about a cat.")
     first = last_reply(page)
-    status = run_event(page, lambda: page.click("#chat-continue"))
+    status = chat_event(page, lambda: page.click("#chat-continue"))
     extended = last_reply(page)
     assert reply_tokens(status) > 0
     assert len(extended) > len(first)
@@ -189,7 +191,7 @@ def test_save_preset_as_writes_the_knobs_shown(page: Page, workspace: Workspace)
 
 def tavern_card(name: str, greeting: str) -> bytes:
     card = {"spec": "chara_card_v2", "spec_version": "2.0",
-            "data": {"name": name, "description": f"{{{{char}}}} is a lighthouse keeper.", "personality": "calm",
+            "data": {"name": name, "description": "{{char}} is a lighthouse keeper.", "personality": "calm",
                      "scenario": "", "first_mes": greeting, "mes_example": ""}}
     info = PngInfo()
     info.add_text("chara", base64.b64encode(json.dumps(card).encode()).decode())
@@ -226,7 +228,8 @@ def test_default_and_notebook_stream_a_completion_with_token_probabilities(page:
     use_preset(page, "Deterministic", max_new_tokens="6", ban_eos_token=True)
     tab(page, "Default")
     set_text(page, "#default-input", "The capital of France is")
-    status = run_event(page, lambda: page.click("#default-generate"), "#default-status")
+    status = run_event(page, lambda: page.click("#default-generate"), "#default-status",
+                       lock="#default-generate")
     assert "output: 6 tokens" in status
     assert page.locator("#default-output textarea").input_value().strip()
     page.get_by_role("tab", name="Tokens", exact=True).click()
@@ -238,7 +241,8 @@ def test_default_and_notebook_stream_a_completion_with_token_probabilities(page:
     screenshot(page, "default")
     tab(page, "Notebook")
     set_text(page, "#notebook-text", "Once upon a time")
-    status = run_event(page, lambda: page.click("#notebook-generate"), "#notebook-status")
+    status = run_event(page, lambda: page.click("#notebook-generate"), "#notebook-status",
+                       lock="#notebook-generate")
     text = page.locator("#notebook-text textarea").input_value()
     assert text.startswith("Once upon a time") and len(text) > len("Once upon a time")
     assert "output: 6 tokens" in status

@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import Browser, Page, sync_playwright
 
-from ui_helpers import (EVENT_TIMEOUT_MS, Server, Workspace, chat_messages, launch_browser, new_chat, open_app,
-                        send, tab, set_text, wait_ready)
+from ui_helpers import EVENT_TIMEOUT_MS, Server, Workspace, launch_browser, new_chat, send, wait_ready
+
+pytestmark = pytest.mark.browser
 
 USER, PASSWORD = "alice", "correct horse"
 

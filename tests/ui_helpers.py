@@ -144,30 +144,34 @@ def wait_ready(page: Page) -> None:
     page.wait_for_timeout(300)
 
 
-_WATCH = """(selector) => {
-  const target = document.querySelector(selector);
+_WATCH = """([selector, lock]) => {
   window.__eventStarted = false;
-  const check = () => {
-    const wrap = target.querySelector('.wrap');
-    if (wrap && !wrap.classList.contains('hide')) window.__eventStarted = true;
+  const busy = () => {
+    if (lock) { const button = document.querySelector(lock); return !!(button && button.disabled); }
+    const wrap = document.querySelector(selector).querySelector('.wrap');
+    return !!(wrap && !wrap.classList.contains('hide'));
   };
   if (window.__eventWatch) window.__eventWatch.disconnect();
-  window.__eventWatch = new MutationObserver(check);
-  window.__eventWatch.observe(target, {attributes: true, childList: true, subtree: true});
+  window.__eventWatch = new MutationObserver(() => { if (busy()) window.__eventStarted = true; });
+  window.__eventWatch.observe(document.body, {attributes: true, childList: true, subtree: true});
+  window.__eventBusy = busy;
 }"""
-_FINISHED = """(selector) => {
-  const wrap = document.querySelector(selector).querySelector('.wrap');
-  return window.__eventStarted && wrap && wrap.classList.contains('hide');
-}"""
+_FINISHED = "() => window.__eventStarted && !window.__eventBusy()"
 
 
-def run_event(page: Page, action, status_selector: str = "#chat-status") -> str:
-    """Do `action()` (a click...) and wait until the event it starts has finished updating the element at
-    `status_selector` (an output of that event); returns that element's text."""
-    page.evaluate(_WATCH, status_selector)
+def run_event(page: Page, action, status_selector: str = "#chat-status", *, lock: str | None = None) -> str:
+    """Do `action()` (a click...) and wait until the event it starts has finished; returns the text of the
+    element at `status_selector`. A streaming event is followed through the button it disables while it runs
+    (`lock`); any other through the progress indicator Gradio shows on `status_selector`, one of its outputs."""
+    page.evaluate(_WATCH, [status_selector, lock])
     action()
-    page.wait_for_function(_FINISHED, arg=status_selector, timeout=EVENT_TIMEOUT_MS)
+    page.wait_for_function(_FINISHED, timeout=EVENT_TIMEOUT_MS)
     return page.inner_text(status_selector)
+
+
+def chat_event(page: Page, action) -> str:
+    """Run a chat turn (Send, Regenerate, Continue...) to its end; returns the chat's status line."""
+    return run_event(page, action, "#chat-status", lock="#chat-send")
 
 
 def tab(page: Page, name: str) -> None:
@@ -208,7 +212,7 @@ def last_reply(page: Page) -> str:
 
 def send(page: Page, text: str) -> str:
     set_text(page, "#chat-input", text)
-    return run_event(page, lambda: page.click("#chat-send"))
+    return chat_event(page, lambda: page.click("#chat-send"))
 
 
 def new_chat(page: Page) -> None:

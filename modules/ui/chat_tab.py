@@ -14,7 +14,7 @@ from modules.ui.character_panel import build_character_panel
 from modules.ui.chat_histories_panel import build_chat_histories_panel
 from modules.ui.chat_runner import Action, run_turn, shown_messages
 from modules.ui.chat_view import ChatView, show
-from modules.ui.common import UiContext, session_of, user_errors, warn
+from modules.ui.common import UiContext, session_of, stream_locked, user_errors, warn
 from modules.ui.session_state import UiSession
 
 
@@ -36,8 +36,8 @@ def build_chat_tab(ctx: UiContext) -> ChatView:
                 impersonate = gr.Button("Impersonate", size="sm", elem_id="chat-impersonate")
                 remove_last = gr.Button("Remove last", size="sm", elem_id="chat-remove-last")
                 replace_last = gr.Button("Replace last reply", size="sm", elem_id="chat-replace-last")
-                copy_last = gr.Button("Copy last reply", size="sm", elem_id="chat-copy-last")
             with gr.Row():
+                copy_last = gr.Button("Copy last reply", size="sm", elem_id="chat-copy-last")
                 dummy_message = gr.Button("Send dummy message", size="sm", elem_id="chat-dummy-message")
                 dummy_reply = gr.Button("Send dummy reply", size="sm", elem_id="chat-dummy-reply")
                 new_chat = gr.Button("Start new chat", size="sm", elem_id="chat-new")
@@ -91,10 +91,10 @@ def _wire_turns(ctx: UiContext, view: ChatView, send: gr.Button, regenerate: gr.
         handler.__name__ = f"chat_{action}"
         return handler
 
-    for button, action in ((send, "send"), (regenerate, "regenerate"), (continue_, "continue"),
-                           (impersonate, "impersonate")):
-        button.click(turn(action), inputs, outputs)
-    view.message.submit(turn("send"), inputs, outputs)
+    lock = [send, regenerate, continue_, impersonate]
+    for button, action in zip(lock, ("send", "regenerate", "continue", "impersonate")):
+        stream_locked(button.click, turn(action), inputs, outputs, lock)
+    stream_locked(view.message.submit, turn("send"), inputs, outputs, lock)
     stop.click(lambda session: session.stop() if session else None, ctx.session, None, queue=False)
 
 

@@ -107,6 +107,24 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     return call
 
 
+def stream_locked(trigger: Callable[..., Any], fn: Callable[..., Any], inputs: Any, outputs: list[Any],
+                  lock: list[gr.Button]) -> Any:
+    """Wire a streaming handler so that the `lock` buttons are disabled while it runs (one generation per page)
+    and enabled again afterwards, even when it fails. Gradio's progress animation is left out: the streaming
+    text is the progress, and the animation costs the browser a good share of a CPU core."""
+    def locked(*args: Any) -> Any:
+        first = True
+        for update in fn(*args):
+            state = [gr.update(interactive=False) if first else gr.skip() for _ in lock]
+            first = False
+            yield (*update, *state)
+    locked.__name__ = fn.__name__
+    event = trigger(locked, inputs, [*outputs, *lock], show_progress="hidden")
+    unlocked = [gr.update(interactive=True) for _ in lock]
+    event.then(lambda: unlocked if len(lock) > 1 else unlocked[0], None, lock, queue=False)
+    return event
+
+
 @dataclass
 class Confirm:
     """A destructive button guarded by a second click: `ask` reveals `yes`/`no`; wire your action to `yes`."""

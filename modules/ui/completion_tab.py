@@ -7,7 +7,7 @@ from typing import Any
 
 import gradio as gr
 
-from modules.ui.common import UiContext, session_of, user_errors, warn
+from modules.ui.common import UiContext, session_of, stream_locked, user_errors, warn
 from modules.ui.completion_runner import run_completion, token_heat, token_rows
 
 _TOKEN_HEADERS = ["#", "token", "probability", "top alternatives"]
@@ -64,8 +64,8 @@ def build_default_tab(ctx: UiContext) -> None:
         handler.__name__ = "default_continue" if keep_output else "default_generate"
         return handler
 
-    generate.click(run(False), inputs, [output, status, heat, table])
-    continue_.click(run(True), inputs, [output, status, heat, table])
+    stream_locked(generate.click, run(False), inputs, [output, status, heat, table], [generate, continue_])
+    stream_locked(continue_.click, run(True), inputs, [output, status, heat, table], [generate, continue_])
     stop.click(lambda session: session.stop() if session else None, ctx.session, None, queue=False)
     count.click(_count(ctx), prompt, status)
 
@@ -100,7 +100,8 @@ def build_notebook_tab(ctx: UiContext) -> None:
         session = session_of(session)
         return session.notebook_undo.pop() if session.notebook_undo else gr.skip()
 
-    generate.click(on_generate, {ctx.session, text, show, *ctx.params.inputs}, [text, status, heat, table])
+    stream_locked(generate.click, on_generate, {ctx.session, text, show, *ctx.params.inputs},
+                  [text, status, heat, table], [generate])
     stop.click(lambda session: session.stop() if session else None, ctx.session, None, queue=False)
     undo.click(on_undo, ctx.session, text)
     count.click(_count(ctx), text, status)
