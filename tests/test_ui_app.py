@@ -189,6 +189,62 @@ def test_save_preset_as_writes_the_knobs_shown(page: Page, workspace: Workspace)
     assert saved["top_k"] == 7
 
 
+def add_dummy(page: Page, button: str, text: str) -> None:
+    set_text(page, "#chat-input", text)
+    run_event(page, lambda: page.click(button), "#chatbot")
+
+
+def test_editing_actions_and_past_chats(page: Page) -> None:
+    new_chat(page)
+    add_dummy(page, "#chat-dummy-message", "First question")
+    add_dummy(page, "#chat-dummy-reply", "First answer")
+    assert chat_messages(page) == [("user", "First question"), ("assistant", "First answer")]
+    add_dummy(page, "#chat-replace-last", "Better answer")
+    assert chat_messages(page)[-1] == ("assistant", "Better answer")
+    run_event(page, lambda: page.click("#chat-copy-last"), "#chatbot")
+    assert page.locator("#chat-input textarea").input_value() == "Better answer"
+    add_dummy(page, "#chat-dummy-message", "Second question")
+    page.locator("#chatbot .message-row").first.click()  # pick the first message, then branch there
+    page.wait_for_timeout(300)
+    run_event(page, lambda: page.click("#chat-branch"), "#chatbot")
+    assert chat_messages(page) == [("user", "First question")]
+    assert "(branch)" in page.locator("#chat-history-select input").first.input_value()
+    set_text(page, "#chat-rename-name", "Kept branch")
+    run_event(page, lambda: page.click("#chat-rename"), "#chat-history-select")
+    assert page.locator("#chat-history-select input").first.input_value().startswith("Kept branch")
+    run_event(page, lambda: page.click("#chat-remove-last"), "#chatbot")
+    assert chat_messages(page) == []
+    assert page.locator("#chat-input textarea").input_value() == "First question"
+    page.click("#chat-delete")
+    run_event(page, lambda: page.click("#chat-delete-yes"), "#chatbot")
+    page.locator("#chat-history-select input").first.click()
+    assert not [o for o in page.get_by_role("option").all_inner_texts() if o.startswith("Kept branch")]
+
+
+def test_an_overflowing_chat_drops_its_oldest_turns_and_says_so(page: Page) -> None:
+    use_preset(page, "Five-Tokens")
+    tab(page, "Parameters")
+    set_text(page, "#chat-truncation-length", "120")
+    tab(page, "Chat")
+    new_chat(page)
+    long = "Tell me about the history of the Roman Empire, its emperors, its roads and its fall. " * 2
+    for _ in range(2):
+        add_dummy(page, "#chat-dummy-message", long)
+        add_dummy(page, "#chat-dummy-reply", long)
+    status = send(page, "And now, in one word?")
+    assert re.search(r"Prompt: \d+ of 120 tokens \(\d+ oldest messages left out to fit\)", status), status
+
+
+def test_a_damaged_chat_file_is_reported_and_kept_aside(browser: Browser, server: Server, workspace: Workspace) -> None:
+    folder = workspace.user_data / "logs" / "chat" / "Assistant"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "20200101-000000-abcdef.json").write_text("{ this is not json")
+    page, _ = open_app(browser, server.url)
+    page.locator(".toast-body").filter(has_text="is damaged").first.wait_for()
+    assert list(folder.glob("20200101-000000-abcdef.json.corrupt-*"))
+    page.context.close()
+
+
 def tavern_card(name: str, greeting: str) -> bytes:
     card = {"spec": "chara_card_v2", "spec_version": "2.0",
             "data": {"name": name, "description": "{{char}} is a lighthouse keeper.", "personality": "calm",
