@@ -160,7 +160,8 @@ class ProgressCallback(TrainerCallback):
         self._session_first_step = state.global_step
         self._last_tokens = state.num_input_tokens_seen
         if state.is_world_process_zero:
-            write_status(self.run_dir, state="running", step=state.global_step, max_steps=state.max_steps)
+            write_status(self.run_dir, state="running", step=state.global_step, max_steps=state.max_steps,
+                         message="")
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         wants = self.stop.requested()

@@ -26,7 +26,6 @@ from modules.training.perplexity import evaluate_perplexity, load_results, recor
 from modules.ui.widgets import FieldPanel
 
 _SECTIONS = {"dataset": DatasetOptions, "lora": LoraOptions, "train": TrainOptions, "launch": LaunchOptions}
-_PLOT_COLUMNS = ["step", "loss", "series"]
 
 
 def _guard(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -38,6 +37,11 @@ def _guard(fn: Callable[..., Any]) -> Callable[..., Any]:
             raise gr.Error(str(exc), print_exception=False) from None
     wrapper.__name__ = fn.__name__
     return wrapper
+
+
+def _fresh_choices(dropdown: gr.Dropdown, choices: Callable[[], list[str]]) -> None:
+    """Re-read a folder whenever the dropdown is opened: files and LoRAs appear while the app runs."""
+    dropdown.focus(lambda: gr.update(choices=choices()), None, dropdown, show_progress="hidden")
 
 
 def build_training_tab(services: Services) -> None:
@@ -70,6 +74,8 @@ def _panels(jobs: JobManager) -> dict[str, FieldPanel]:
                                                label="target_modules", render=False,
                                                elem_id="training-lora-target-modules")}),
         "train": FieldPanel(TrainOptions, TrainOptions(), elem_prefix="training-train-", overrides={
+            "learning_rate": gr.Number(TrainOptions().learning_rate, label="learning_rate", minimum=0, render=False,
+                                       info="Peak learning rate.", elem_id="training-train-learning-rate"),
             "report_to": gr.CheckboxGroup(choices=["tensorboard", "wandb"], value=[], label="report_to",
                                           render=False, elem_id="training-train-report-to")}),
         "launch": FieldPanel(LaunchOptions, LaunchOptions(), elem_prefix="training-launch-"),
@@ -110,9 +116,11 @@ def _train_panel(services: Services, jobs: JobManager) -> None:
     for title, section in (("Dataset", "dataset"), ("LoRA", "lora"), ("Training", "train"),
                            ("Launch (several GPUs)", "launch")):
         with gr.Accordion(title, open=section == "dataset"):
-            with gr.Row(equal_height=False):
-                for component in panels[section].inputs:
-                    component.render()
+            inputs = panels[section].inputs
+            for start_at in range(0, len(inputs), 5):
+                with gr.Row(equal_height=False):
+                    for component in inputs[start_at:start_at + 5]:
+                        component.render()
     with gr.Row():
         preview_button = gr.Button("Preview dataset", elem_id="training-preview")
         start = gr.Button("Start", variant="primary", elem_id="training-start")
@@ -125,10 +133,15 @@ def _train_panel(services: Services, jobs: JobManager) -> None:
                           allow_custom_value=True, scale=1)
         message = gr.Markdown(elem_id="training-message")
     progress = gr.HTML(_progress_html(None), elem_id="training-progress")
-    plot = gr.LinePlot(pd.DataFrame(columns=_PLOT_COLUMNS), x="step", y="loss", color="series", height=320,
+    plot = gr.LinePlot(_plot_frame(None), x="step", y="loss", color="series", height=320,
                        title="Loss", elem_id="training-loss-plot", x_title="step", y_title="loss")
     with gr.Accordion("Job log", open=False):
         log = gr.Textbox(lines=12, max_lines=12, show_label=False, elem_id="training-log")
+    datasets_now = lambda: list_datasets(jobs.folders.datasets)  # noqa: E731
+    _fresh_choices(base, manager.list_models)
+    _fresh_choices(copy_from, manager.list_loras)
+    _fresh_choices(panels["dataset"].components["train_file"], datasets_now)
+    _fresh_choices(panels["dataset"].components["eval_file"], lambda: [""] + datasets_now())
     seen = gr.State(None)
     timer = gr.Timer(1.0)
     form = [name, base, overwrite, gguf_lora] + [c for p in panels.values() for c in p.inputs]
@@ -187,6 +200,9 @@ def _train_panel(services: Services, jobs: JobManager) -> None:
     def on_tick(run_name: str | None, last: Any, runs_now: list[str] | None) -> tuple[Any, ...]:
         runs = jobs.list_runs()
         choices = gr.update(choices=runs) if runs != (runs_now or []) else gr.skip()
+        if not run_name and runs:  # a fresh page: follow the running job (or the latest run)
+            run_name = default_run()
+            choices = gr.update(choices=runs, value=run_name)
         if not run_name or run_name not in runs:
             return choices, gr.skip(), gr.skip(), gr.skip(), last, runs
         status = jobs.status(run_name)
@@ -243,8 +259,12 @@ def _progress_html(status: JobStatus | None, curves: Any = None) -> str:
 
 
 def _plot_frame(curves: Any) -> pd.DataFrame:
-    rows = [(s, v, "train") for s, v in curves.train] + [(s, v, "eval") for s, v in curves.eval]
-    return pd.DataFrame(rows, columns=_PLOT_COLUMNS)
+    """Typed columns even when empty: the browser keeps the axis types of the first frame it draws."""
+    rows = [] if curves is None else ([(s, v, "train") for s, v in curves.train] +
+                                      [(s, v, "eval") for s, v in curves.eval])
+    return pd.DataFrame({"step": pd.Series([r[0] for r in rows], dtype="int64"),
+                         "loss": pd.Series([r[1] for r in rows], dtype="float64"),
+                         "series": pd.Series([r[2] for r in rows], dtype="str")})
 
 
 def _preview_markdown(shown: dict[str, Any]) -> str:
@@ -309,6 +329,9 @@ def _perplexity_panel(services: Services, jobs: JobManager) -> None:
         return (f"Perplexity **{outcome.perplexity:.3f}** for {outcome.model} ({loras_text}) on {label}: "
                 f"{outcome.tokens} tokens in {outcome.seconds:.1f} s.", _results_frame(table_path))
 
+    _fresh_choices(file, lambda: list_datasets(jobs.folders.datasets))
+    _fresh_choices(run, jobs.list_runs)
+    _fresh_choices(loras, manager.list_loras)
     evaluate.click(on_evaluate, [source, file, run, loras, context, stride, limit], [result, table])
 
 
@@ -382,6 +405,9 @@ def _export_panel(services: Services, jobs: JobManager) -> None:
                                      overwrite=replace).name for kind in kinds]
         return "Wrote " + ", ".join(f"**{n}**" for n in written) + " in models/."
 
+    _fresh_choices(lora, manager.list_loras)
+    _fresh_choices(base, lambda: [""] + manager.list_models())
+    _fresh_choices(model, transformers_models)
     merge.click(on_merge, [lora, base, merged_name, dtype, overwrite], [outcome, model])
     lora_gguf.click(on_lora_gguf, [lora, base], outcome)
     export.click(on_export, [model, types, overwrite], outcome)
