@@ -8,8 +8,8 @@
    receives it: tokens / (last change of the reply in the page - the click on Send), on the browser's clock.
 3. core_tok_s: the same prompt and parameters through ModelManager.generate in this process: tokens / (last
    token - the call), while the (idle) server keeps running.
-Browser and core rounds alternate, so both see the same load on the machine; medians are reported. The last line is one JSON object:
-{"ready_s", "browser_tok_s", "core_tok_s", "ratio"} (ratio = browser / core).
+Browser and core rounds alternate, so both see the same load on the machine; medians are reported. The last
+line is one JSON object: {"ready_s", "browser_tok_s", "core_tok_s", "ratio"} (ratio = browser / core).
 """
 from __future__ import annotations
 
@@ -45,10 +45,15 @@ QUESTION = "Write a long story about a dragon who learns to cook."
 _WATCH_REPLY = """() => {
   window.__replyTimes = [];
   const chat = document.querySelector('#chatbot');
-  const last = () => { const rows = chat.querySelectorAll('.bot-row'); return rows.length ? rows[rows.length - 1].innerText : ''; };
+  const last = () => {
+    const rows = chat.querySelectorAll('.bot-row');
+    return rows.length ? rows[rows.length - 1].innerText : '';
+  };
   let seen = last();
-  new MutationObserver(() => { const now = last(); if (now !== seen) { seen = now; window.__replyTimes.push(performance.now()); } })
-    .observe(chat, {childList: true, subtree: true, characterData: true});
+  new MutationObserver(() => {
+    const now = last();
+    if (now !== seen) { seen = now; window.__replyTimes.push(performance.now()); }
+  }).observe(chat, {childList: true, subtree: true, characterData: true});
   window.__started = false;
   new MutationObserver(() => { if (document.querySelector('#chat-send').disabled) window.__started = true; })
     .observe(document.body, {attributes: true, subtree: true});
