@@ -17,6 +17,7 @@ import numpy as np
 from pydantic import Field, model_validator
 
 from loaders.base import Capability, LoadedModel, Loader, LoaderOptions, ModelInfo, gguf_files
+from loaders.gguf_header import diagnose, trained_context
 from loaders.llama_cpp_sampling import build_sampler_chain, SUPPORTED_PARAMS
 from modules.errors import GenerationError, ModelLoadError
 from modules.generation import GenerationParams, TokenEvent, TopLogprob
@@ -51,7 +52,6 @@ class LlamaCppOptions(LoaderOptions):
 
 _PROMPT_CHUNK = 128  # prompt tokens per decode call; a multiple of it is where cache reuse may resume
 _GGML_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q8_0": 8, "iq4_nl": 20, "bf16": 30}
-_GGUF_MAGIC = b"GGUF"
 
 
 class LlamaCppLoader(Loader):
@@ -75,32 +75,6 @@ class LlamaCppLoader(Loader):
         return LlamaCppModel(files[0], options)
 
 
-def check_gguf_header(file: Path) -> int:
-    """Refuse files that are not GGUF or are cut short, before llama.cpp sees them (it may abort otherwise).
-    Returns the trained context length from the metadata (0 when absent)."""
-    try:
-        size = file.stat().st_size
-        with open(file, "rb") as handle:
-            magic = handle.read(4)
-    except OSError as exc:
-        raise ModelLoadError(f"Cannot read {file.name}: {exc.strerror}.") from None
-    if magic != _GGUF_MAGIC:
-        raise ModelLoadError(f"{file.name} is not a GGUF file (its first bytes are {magic!r}, not b'GGUF').")
-    try:
-        from gguf import GGUFReader
-
-        reader = GGUFReader(str(file))
-        end = max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=0)
-        arch = reader.fields["general.architecture"].contents()
-        context_field = reader.fields.get(f"{arch}.context_length")
-        n_ctx_train = int(context_field.contents()) if context_field is not None else 0
-    except Exception as exc:  # the reader raises many kinds of errors on a damaged header
-        raise ModelLoadError(f"{file.name} is a corrupt or truncated GGUF file: {exc}") from None
-    if end > size:
-        raise ModelLoadError(f"{file.name} is truncated: its tensors need {end:,} bytes but the file has {size:,}.")
-    return n_ctx_train
-
-
 class LlamaCppModel(LoadedModel):
     loader_name = "llama.cpp"
     capabilities = frozenset({Capability.TOKENIZE, Capability.LOGPROBS, Capability.GRAMMAR, Capability.LORA})
@@ -109,7 +83,7 @@ class LlamaCppModel(LoadedModel):
     def __init__(self, file: Path, options: LlamaCppOptions):
         import llama_cpp
 
-        n_ctx_train = check_gguf_header(file)
+        n_ctx_train = trained_context(file)
         self._lib = llama_cpp
         self.path = file
         self.name = file.name
@@ -131,7 +105,7 @@ class LlamaCppModel(LoadedModel):
                 n_ctx = min(n_ctx, n_ctx_train)
             self._llama = llama_cpp.Llama(n_ctx=n_ctx, **kwargs)
         except (ValueError, RuntimeError, OSError) as exc:
-            raise ModelLoadError(f"llama.cpp could not load {file.name}: {exc}") from None
+            raise ModelLoadError(diagnose(file) or f"llama.cpp could not load {file.name}: {exc}") from None
         llama = self._llama
         self._vocab = llama._model.vocab
         self._n_vocab = llama.n_vocab()
