@@ -9,7 +9,6 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from extensions.openai.errors import ApiError, api_error_from
-from loaders.base import Capability
 from modules.errors import WorkbenchError
 from modules.generation import GenerationParams
 from modules.presets import load_preset
@@ -160,46 +159,33 @@ class ChatPrompt:
 
 def build_chat_prompt(services: Any, messages: list[dict[str, Any]], request: Any, params: GenerationParams,
                       state: dict[str, Any], tools: list[dict[str, Any]] | None) -> ChatPrompt:
-    """The prompt for an OpenAI-style conversation, through modules.chat.prompt.build_prompt, fitted to the
-    context (context length minus max_new_tokens) by dropping the oldest turns."""
-    from modules.chat.characters import load_character
-    from modules.chat.prompt import PromptOptions, build_prompt
-    from modules.chat.templates import choose_template
+    """The prompt for an OpenAI-style conversation through the Chat tab's own builder
+    (modules.chat.model_prompt), with the request's text-generation-webui chat fields over the chat settings.
+    Instruct mode unless the request asks for another; the conversation brings its own system message."""
+    from modules.chat.model_prompt import build_model_prompt
 
     settings = services.settings
-    manager = services.manager
-    model = manager.require_model()
     registry = services.extensions
     if registry is not None:
         messages = registry.modify_history(messages)
         custom = registry.custom_chat_prompt(messages, state, services)
         if custom is not None:
             return ChatPrompt(custom, [], None)
-    mode = getattr(request, "mode", None) or "instruct"
-    chosen_template = getattr(request, "instruction_template_str", None)
-    warnings: list[str] = []
-    if not chosen_template:
-        chosen = choose_template(model.chat_template, getattr(request, "instruction_template", None)
-                                 or settings.chat.instruction_template, templates_dir=settings.template_dir)
-        chosen_template = chosen.template
-        if chosen.warning:
-            warnings.append(chosen.warning)
-    character = None
-    if mode != "instruct":
-        character = load_character(getattr(request, "character", None) or settings.chat.character,
-                                   characters_dir=settings.character_dir)
-    options = PromptOptions(mode=mode, instruction_template=chosen_template, bos_token=model.bos_token,
-                            eos_token=model.eos_token, tools=tools, character=character,
-                            user_name=getattr(request, "user_name", None) or settings.chat.user_name,
-                            user_bio=getattr(request, "user_bio", None) or settings.chat.user_bio)
-    if getattr(request, "chat_instruct_command", None):
-        options.chat_instruct_command = request.chat_instruct_command
-    can_count = Capability.TOKENIZE in model.capabilities
-    result = build_prompt(messages, options, continue_last=bool(getattr(request, "continue_", False)),
-                          count_tokens=manager.token_count if can_count else None,
-                          token_budget=model.context_length - params.max_new_tokens if can_count else None)
-    return ChatPrompt(result.prompt, result.stop_strings, False if result.starts_with_bos else None,
-                      warnings + result.warnings)
+    overrides = {key: value for key, value in {
+        "mode": getattr(request, "mode", None) or "instruct",
+        "character": getattr(request, "character", None),
+        "instruction_template": getattr(request, "instruction_template", None),
+        "user_name": getattr(request, "user_name", None),
+        "user_bio": getattr(request, "user_bio", None),
+        "chat_instruct_command": getattr(request, "chat_instruct_command", None),
+    }.items() if value}
+    chat = settings.chat.model_copy(update={"system_message": "", **overrides})
+    built = build_model_prompt(services.manager.require_model(), chat, messages, max_new_tokens=params.max_new_tokens,
+                               template_dir=settings.template_dir, characters_dir=settings.character_dir,
+                               template_override=getattr(request, "instruction_template_str", None), tools=tools,
+                               continue_last=bool(getattr(request, "continue_", False)))
+    result = built.result
+    return ChatPrompt(result.prompt, result.stop_strings, False if result.starts_with_bos else None, built.warnings)
 
 
 def apply_input_hooks(services: Any, messages: list[dict[str, Any]], state: dict[str, Any]) -> list[dict[str, Any]]:

@@ -11,10 +11,9 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from loaders.base import Capability
-from modules.chat.characters import Character, load_character
 from modules.chat.history import ChatHistory, ChatMessage
-from modules.chat.prompt import DEFAULT_CHAT_INSTRUCT_COMMAND, PromptOptions, PromptResult, build_prompt
-from modules.chat.templates import choose_template
+from modules.chat.model_prompt import build_model_prompt, chat_character
+from modules.chat.prompt import PromptResult
 from modules.errors import ConfigError
 from modules.generation import GenerationParams
 from modules.services import Services
@@ -37,17 +36,11 @@ class TurnUpdate:
     done: bool = False
 
 
-def character_for(services: Services, chat: ChatSettings) -> Character | None:
-    if not chat.character:
-        return None
-    return load_character(chat.character, characters_dir=services.settings.character_dir)
-
-
 def greeting_messages(services: Services, chat: ChatSettings) -> list[ChatMessage]:
     """The first message of a new chat: the character's greeting in chat modes, nothing in instruct mode."""
     if chat.mode == "instruct":
         return []
-    character = character_for(services, chat)
+    character = chat_character(chat, services.settings.character_dir)
     greeting = character.greeting_message(chat.user_name) if character else None
     return [ChatMessage(**greeting)] if greeting else []
 
@@ -58,40 +51,15 @@ def shown_messages(services: Services, session: UiSession, chat: ChatSettings) -
     return list(session.history.messages)
 
 
-def prompt_options(services: Services, chat: ChatSettings) -> tuple[PromptOptions, list[str]]:
-    """PromptOptions for the chat settings and the loaded model, and warnings to show (a default template...)."""
-    model = services.manager.require_model()
-    chosen = choose_template(model.chat_template, chat.instruction_template or None,
-                             templates_dir=services.settings.template_dir)
-    options = PromptOptions(
-        mode=chat.mode, instruction_template=chosen.template, system_message=chat.system_message,
-        chat_instruct_command=chat.chat_instruct_command or DEFAULT_CHAT_INSTRUCT_COMMAND,
-        user_name=chat.user_name, user_bio=chat.user_bio,
-        character=character_for(services, chat) if chat.mode != "instruct" else None,
-        bos_token=model.bos_token, eos_token=model.eos_token)
-    return options, [chosen.warning] if chosen.warning else []
-
-
-def context_budget(services: Services, chat: ChatSettings, params: GenerationParams) -> tuple[int, int]:
-    """(context length in force, tokens left for the prompt)."""
-    model = services.manager.require_model()
-    context = model.context_length
-    if chat.truncation_length:
-        context = min(context, chat.truncation_length)
-    return context, context - params.max_new_tokens
-
-
 def build_turn_prompt(services: Services, chat: ChatSettings, params: GenerationParams,
                       messages: list[dict[str, Any]], *, continue_last: bool = False, impersonate: bool = False,
                       impersonate_prefix: str = "") -> tuple[PromptResult, list[str], int]:
-    options, warnings = prompt_options(services, chat)
-    context, budget = context_budget(services, chat, params)
-    model = services.manager.require_model()
-    can_count = Capability.TOKENIZE in model.capabilities
-    result = build_prompt(messages, options, continue_last=continue_last, impersonate=impersonate,
-                          impersonate_prefix=impersonate_prefix, count_tokens=model.token_count if can_count else None,
-                          token_budget=budget if can_count else None)
-    return result, warnings + result.warnings, context
+    """(prompt, warnings to show, context length in force) through the builder the API uses too."""
+    built = build_model_prompt(services.manager.require_model(), chat, messages,
+                               max_new_tokens=params.max_new_tokens, template_dir=services.settings.template_dir,
+                               characters_dir=services.settings.character_dir, continue_last=continue_last,
+                               impersonate=impersonate, impersonate_prefix=impersonate_prefix)
+    return built.result, built.warnings, built.context
 
 
 def run_turn(services: Services, session: UiSession, chat: ChatSettings, params: GenerationParams,
