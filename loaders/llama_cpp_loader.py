@@ -175,10 +175,11 @@ class LlamaCppModel(LoadedModel):
         decoder = _Utf8Stream()
         try:
             self._eval_prompt(ids, cancel)
-            for step in range(params.max_new_tokens):
+            token: int | None = None  # the previous token, fed back before sampling the next
+            for _ in range(params.max_new_tokens):
                 if cancel.is_set():
                     return
-                if step:
+                if token is not None:
                     if llama.n_tokens >= self.context_length:
                         return  # context full
                     self._eval([token])

@@ -5,7 +5,6 @@ logits-processor chain (modules.samplers) is the whole sampler, in the order Gen
 """
 from __future__ import annotations
 
-import gc
 import queue
 import threading
 from collections.abc import Iterator
@@ -18,6 +17,7 @@ from loaders.base import Capability, LoadedModel, Loader, LoaderOptions, ModelIn
 from loaders.transformers_support import (IncrementalDetokenizer, LogprobRecorder, QueueStreamer,
                                           check_memory, pick_dtype, weight_files)
 from modules.errors import GenerationError, ModelLoadError
+from modules.memory import release_memory
 from modules.generation import GenerationParams, TokenEvent
 
 DType = Literal["auto", "float32", "bfloat16", "float16"]
@@ -96,12 +96,7 @@ class TransformersModel(LoadedModel):
             model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
             model.eval()
         except (OSError, ValueError, RuntimeError, KeyError, TypeError, ImportError, MemoryError) as exc:
-            del model
-            gc.collect()
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            if isinstance(exc, ModelLoadError):
-                raise
+            model = None  # nothing half-loaded stays referenced; the manager then gives the memory back
             kind = "out of memory" if "out of memory" in str(exc).lower() or isinstance(exc, MemoryError) else None
             raise ModelLoadError(f"Transformers could not load {path.name}: {kind or exc}") from None
         self.model = model
@@ -363,9 +358,7 @@ class TransformersModel(LoadedModel):
             return
         self.model = None
         self.tokenizer = None
-        gc.collect()
-        if self._torch.cuda.is_available():
-            self._torch.cuda.empty_cache()
+        release_memory()
 
 
 def _input_device(model: Any) -> Any:

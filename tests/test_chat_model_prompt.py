@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import FRANCE, MODEL_DIR, ROOT
+from conftest import FRANCE, ROOT
 from loaders.llama_cpp_loader import LlamaCppLoader, LlamaCppOptions
 from modules.chat.model_prompt import build_model_prompt
 from modules.settings import ChatSettings
