@@ -165,9 +165,8 @@ def test_early_stopping_ends_the_run_after_the_patience_runs_out(jobs: JobManage
 
 
 def test_two_processes_under_accelerate_launch(jobs: JobManager):
-    config = tiny_config("ddp", max_steps=3, save_steps=3, micro_batch_size=2).model_copy(
-        update={"launch": {"num_processes": 2, "distributed": "ddp", "cpu": True}})
-    config = TrainingConfig(**config.model_dump())
+    config = TrainingConfig(**{**tiny_config("ddp", max_steps=3, save_steps=3, micro_batch_size=2).model_dump(),
+                               "launch": {"num_processes": 2, "distributed": "ddp", "cpu": True}})
     assert "accelerate.commands.launch" in jobs.command(config, resume=False)
     jobs.start(config)
     status = jobs.wait("ddp", JOB_TIMEOUT)

@@ -170,7 +170,17 @@ class TrainingJob:
                 load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                 bnb_4bit_compute_dtype=torch.bfloat16 if train.precision == "bf16" else torch.float16)
             kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
-        model = AutoModelForCausalLM.from_pretrained(hf_dir, **kwargs)
+        if train.padding_free:
+            from modules.training.attention import PACKED_SDPA
+
+            kwargs["attn_implementation"] = PACKED_SDPA  # per-example causal attention inside packed rows
+        try:
+            model = AutoModelForCausalLM.from_pretrained(hf_dir, **kwargs)
+        except ValueError as exc:
+            if kwargs.pop("attn_implementation", None) is None:
+                raise
+            log.warning("per-example attention unavailable for this model (%s); using SDPA with a packed mask", exc)
+            model = AutoModelForCausalLM.from_pretrained(hf_dir, **kwargs)
         model.config.use_cache = False  # a KV cache would hide packed sequences from the mask builder
         if train.qlora:
             from peft import prepare_model_for_kbit_training

@@ -93,9 +93,14 @@ def _train_panel(services: Services, jobs: JobManager) -> None:
     manager = services.manager
 
     def loaded_or_first() -> str | None:
+        """The loaded model; while the start-up model is still loading (the page is served at once), that one."""
         info = manager.info()
         models = manager.list_models()
-        return info.name if info is not None else (models[0] if models else None)
+        if info is not None:
+            return info.name
+        if services.settings.model in models:
+            return services.settings.model
+        return models[0] if models else None
 
     def default_run() -> str | None:
         return jobs.active_job() or next(iter(jobs.list_runs()), None)
