@@ -1,7 +1,8 @@
 """Hugging Face Transformers: safetensors folders and GGUF files, CPU or CUDA, bitsandbytes quantization, PEFT LoRAs.
 
-Generation runs `model.generate` in a worker thread and streams token ids back through a queue; our own
-logits-processor chain (modules.samplers) is the whole sampler, in the order GenerationParams gives.
+Generation steps the model in the caller's thread (transformers_support.decode_loop), with our own
+logits-processor chain (modules.samplers) as the whole sampler, in the order GenerationParams gives; what only
+`model.generate` does (beam search, prompt lookup, guidance, the compiled static cache) runs it in a worker thread.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from pydantic import Field, model_validator
 
 from loaders.base import Capability, LoadedModel, Loader, LoaderOptions, ModelInfo, gguf_files
 from loaders.transformers_support import (IncrementalDetokenizer, LogprobRecorder, QueueStreamer,
-                                          check_memory, pick_dtype, weight_files)
+                                          check_memory, decode_loop, pick_dtype, weight_files)
 from modules.errors import GenerationError, ModelLoadError
 from modules.memory import release_memory
 from modules.generation import GenerationParams, TokenEvent
@@ -112,13 +113,6 @@ class TransformersModel(LoadedModel):
         self.vocab_size = self._vocab_size
         self._eos_ids = _eos_ids(model, self.tokenizer)
         self._lock = threading.Lock()
-        if options.static_cache:
-            from transformers import CompileConfig
-
-            compile_config = CompileConfig()
-            compile_config._compile_all_devices = True  # CPU too: measured faster in bench/generation.py
-            model.generation_config.cache_implementation = "static"
-            model.generation_config.compile_config = compile_config
 
     @staticmethod
     def _from_pretrained_args(path: Path, options: TransformersOptions) -> tuple[str, dict[str, Any]]:
@@ -203,7 +197,7 @@ class TransformersModel(LoadedModel):
             yield from self._generate(ids, params, cancel)
 
     def _generate(self, ids: list[int], params: GenerationParams, cancel: threading.Event) -> Iterator[TokenEvent]:
-        from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteriaList, set_seed
+        from transformers import LogitsProcessorList, set_seed
 
         from modules.samplers import build_logits_processors, generate_kwargs
         from modules.samplers.mirostat import Mirostat
@@ -221,28 +215,60 @@ class TransformersModel(LoadedModel):
             # Before mirostat, which leaves a single finite logit: report the distribution it drew from.
             position = next((i for i, p in enumerate(processors) if isinstance(p, Mirostat)), len(processors))
             processors.insert(position, recorder)
+        device = _input_device(self.model)
+        input_ids = torch.tensor([ids], dtype=torch.long, device=device)
+        kwargs = generate_kwargs(params, tokenizer=self.tokenizer, eos_token_ids=self._eos_ids, device=device)
+        stop_ids = set() if params.ban_eos_token else set(self._eos_ids)
+        own_loop = (params.num_beams == 1 and "prompt_lookup_num_tokens" not in kwargs
+                    and "guidance_scale" not in kwargs and not self.options.static_cache)
+        if own_loop:
+            tokens = decode_loop(self.model, input_ids, processors, sampling=kwargs["do_sample"],
+                                 max_new_tokens=params.max_new_tokens, stop_ids=stop_ids, cancel=cancel.is_set)
+            yield from self._events(tokens, params, recorder, stop_ids)
+            return
+        kwargs.update(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                      max_new_tokens=params.max_new_tokens, logits_processor=processors,
+                      eos_token_id=sorted(stop_ids) or None,
+                      pad_token_id=self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None
+                      else self._eos_ids[0])
+        if self.options.static_cache:
+            from transformers import CompileConfig
 
+            compile_config = CompileConfig()
+            compile_config._compile_all_devices = True  # CPU too; bench/generation.py --static-cache measures it
+            kwargs.update(cache_implementation="static", compile_config=compile_config)
+        yield from self._events(self._generate_in_thread(kwargs, params, cancel, len(ids)), params, recorder,
+                                stop_ids)
+
+    def _events(self, tokens: Iterator[int], params: GenerationParams, recorder: LogprobRecorder | None,
+                stop_ids: set[int]) -> Iterator[TokenEvent]:
+        detok = IncrementalDetokenizer(self.tokenizer, skip_special_tokens=params.skip_special_tokens)
+        for token in tokens:
+            if token in stop_ids:
+                return
+            event = TokenEvent(token_id=token, text=detok.push(token))
+            if recorder is not None:
+                recorder.fill(event, self.tokenizer)
+            yield event
+
+    def _generate_in_thread(self, kwargs: dict[str, Any], params: GenerationParams, cancel: threading.Event,
+                            prompt_length: int) -> Iterator[int]:
+        """generate() in a worker thread, its tokens handed over through a queue: for what only generate() does
+        (beam search, which picks its sequence at the end, prompt lookup, guidance, the compiled static cache)."""
+        from transformers import StoppingCriteria, StoppingCriteriaList
+
+        torch = self._torch
         finished = threading.Event()  # set when the consumer leaves, so the worker stops too
 
         class _Cancelled(StoppingCriteria):
-            def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+            def __call__(self, input_ids: Any, scores: Any, **kw: Any) -> Any:
                 stop = cancel.is_set() or finished.is_set()
                 return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
 
         streamer = QueueStreamer(skip_prompt=True)
         streaming = params.num_beams == 1  # beam search picks its sequence only at the end
-        device = _input_device(self.model)
-        input_ids = torch.tensor([ids], dtype=torch.long, device=device)
-        kwargs = generate_kwargs(params, tokenizer=self.tokenizer, eos_token_ids=self._eos_ids, device=device)
-        kwargs.update(
-            input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=params.max_new_tokens,
-            logits_processor=processors, stopping_criteria=StoppingCriteriaList([_Cancelled()]),
-            streamer=streamer if streaming else None, pad_token_id=self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None
-            else self._eos_ids[0])
-        if params.ban_eos_token:
-            kwargs["eos_token_id"] = None
-        else:
-            kwargs["eos_token_id"] = self._eos_ids
+        kwargs.update(stopping_criteria=StoppingCriteriaList([_Cancelled()]),
+                      streamer=streamer if streaming else None)
         failure: list[BaseException] = []
 
         def work() -> None:
@@ -250,7 +276,7 @@ class TransformersModel(LoadedModel):
                 with torch.inference_mode():
                     output = self.model.generate(**kwargs)
                 if not streaming:
-                    for token in output[0, len(ids):].tolist():
+                    for token in output[0, prompt_length:].tolist():
                         streamer.queue.put(int(token))
             except BaseException as exc:  # surfaced to the consumer below
                 failure.append(exc)
@@ -259,7 +285,6 @@ class TransformersModel(LoadedModel):
 
         worker = threading.Thread(target=work, name="transformers-generate", daemon=True)
         worker.start()
-        detok = IncrementalDetokenizer(self.tokenizer, skip_special_tokens=params.skip_special_tokens)
         try:
             while True:
                 try:
@@ -270,12 +295,7 @@ class TransformersModel(LoadedModel):
                     continue
                 if token is None:
                     break
-                if token in self._eos_ids and not params.ban_eos_token:
-                    break
-                event = TokenEvent(token_id=token, text=detok.push(token))
-                if recorder is not None:
-                    recorder.fill(event, self.tokenizer)
-                yield event
+                yield token
         finally:
             finished.set()
             worker.join()

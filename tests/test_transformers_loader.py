@@ -46,6 +46,21 @@ def test_beam_search_scores_at_least_as_high_as_greedy(starter: ModelManager):
     assert sequence_logprob(starter, prompt_ids, beam_ids) >= sequence_logprob(starter, prompt_ids, greedy_ids) - 1e-4
 
 
+def test_own_decode_loop_agrees_with_generate(starter: ModelManager):
+    """Plain greedy runs our step loop; prompt lookup (exact under greedy) goes through generate(): the same
+    tokens, also with a penalty that reads the whole sequence so far."""
+    model = starter.require_model()
+    prompt = render_chat(choose_template(model.chat_template).template,
+                         [{"role": "user", "content": "List five fruits, one per line."}],
+                         add_generation_prompt=True, bos_token=model.bos_token, eos_token=model.eos_token)
+    for knobs in ({"do_sample": False}, {"do_sample": False, "repetition_penalty": 1.3}):
+        params = GenerationParams(max_new_tokens=30, **knobs)
+        ours = starter.complete(prompt, params)
+        through_generate = starter.complete(prompt, params.model_copy(update={"prompt_lookup_num_tokens": 3}))
+        assert ours.text == through_generate.text and ours.stats.completion_tokens > 5, knobs
+        assert ours.stats.finish_reason == through_generate.stats.finish_reason
+
+
 def test_gguf_file_loads_in_transformers_and_answers(starter_gguf: Path):
     manager = ModelManager(MODEL_DIR, MODEL_DIR.parent / "loras")
     manager.load(STARTER_GGUF, "transformers", {"dtype": "float32"})
