@@ -2,9 +2,10 @@
 trained, bin packing, and the callback that writes progress, honours Stop and marks finished checkpoints.
 
 Padding-free batches: a micro-batch is one row of all its examples back to back, with position ids restarting at
-each example; Transformers' mask builder turns restarting positions into a block-diagonal mask, so examples never
-attend to each other and no compute goes to padding. The model must not use a KV cache while training
-(use_cache=False), or the mask builder skips that detection.
+each example; modules.training.attention runs causal attention per example from those positions (a model that
+cannot take that attention gets Transformers' SDPA, whose mask builder turns restarting positions into a
+block-diagonal mask), so examples never attend to each other and no compute goes to padding. The model must not
+use a KV cache while training (use_cache=False), or the mask builder skips that detection.
 """
 from __future__ import annotations
 
