@@ -165,11 +165,12 @@ class TransformersModel(LoadedModel):
         if options.attn_implementation != "auto":
             kwargs["attn_implementation"] = options.attn_implementation
         if options.load_in_4bit or options.load_in_8bit:
-            try:
-                from transformers import BitsAndBytesConfig
-                import bitsandbytes  # noqa: F401
-            except ImportError:
-                raise ModelLoadError("4-bit/8-bit loading needs bitsandbytes: pip install bitsandbytes") from None
+            import importlib.util
+
+            from transformers import BitsAndBytesConfig
+
+            if importlib.util.find_spec("bitsandbytes") is None:
+                raise ModelLoadError("4-bit/8-bit loading needs bitsandbytes: pip install bitsandbytes")
             kwargs["quantization_config"] = BitsAndBytesConfig(
                 load_in_4bit=options.load_in_4bit, load_in_8bit=options.load_in_8bit,
                 bnb_4bit_use_double_quant=options.use_double_quant, bnb_4bit_quant_type=options.quant_type,

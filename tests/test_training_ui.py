@@ -119,8 +119,11 @@ def test_start_watch_reload_stop_and_apply(browser: Browser, server: Server, wor
     page.get_by_text("Training", exact=True).last.click()  # the reloaded page has the options folded again
     set_text(page, "#training-train-max-steps", "7")
     page.click("#training-copy")
-    page.wait_for_function("() => document.querySelector('#training-train-max-steps input').value === '400'",
-                           timeout=WAIT_MS)
+    page.wait_for_function("() => document.querySelector('#training-train-max-steps input').value === '400'"
+                           " || document.querySelector('.toast-body') !== null", timeout=WAIT_MS)
+    toasts = page.locator(".toast-body")
+    assert toasts.count() == 0, toasts.first.inner_text()  # an error shown instead of the copied settings
+    assert page.locator("#training-train-max-steps input").input_value() == "400"
 
     page.click("#training-apply")
     page.wait_for_function("() => document.querySelector('#training-message').innerText.includes('Applied')",

@@ -182,15 +182,27 @@ def tab(page: Page, name: str) -> None:
 def set_text(page: Page, selector: str, value: str) -> None:
     """Type into a Gradio textbox or number box and commit it (Gradio reads the value on blur/input)."""
     box = page.locator(f"{selector} textarea, {selector} input").first
-    box.fill(value)
-    box.blur()
+    for _ in range(3):  # a box in an accordion that is still opening may be redrawn with its old value
+        box.fill(value)
+        box.blur()
+        page.wait_for_timeout(150)
+        if box.input_value() == value:
+            return
+    raise AssertionError(f"{selector} did not keep {value!r} (it shows {box.input_value()!r})")
 
 
 def choose(page: Page, selector: str, option: str) -> None:
-    """Pick an option of a Gradio dropdown."""
-    page.locator(f"{selector} input").first.click()
-    page.get_by_role("option", name=option, exact=True).click()
-    page.wait_for_timeout(200)
+    """Pick an option of a Gradio dropdown, and check that it took: a dropdown that re-reads its choices when
+    opened may redraw its list under the click on a busy machine, and then the pick must be made again."""
+    box = page.locator(f"{selector} input").first
+    for _ in range(3):
+        box.click()
+        page.get_by_role("option", name=option, exact=True).click()
+        page.wait_for_timeout(200)
+        if box.input_value() == option:
+            return
+        page.keyboard.press("Escape")
+    raise AssertionError(f"{selector} did not take the option {option!r} (it shows {box.input_value()!r})")
 
 
 def chat_messages(page: Page) -> list[tuple[str, str]]:
