@@ -17,7 +17,7 @@ from pydantic import Field, model_validator
 from loaders.base import Capability, LoadedModel, Loader, LoaderOptions, ModelInfo, gguf_files
 from loaders.transformers_support import (IncrementalDetokenizer, LogprobRecorder, QueueStreamer,
                                           check_memory, decode_loop, pick_dtype, weight_files)
-from modules.errors import GenerationError, ModelLoadError
+from modules.errors import GenerationError, ModelLoadError, WorkbenchError
 from modules.memory import release_memory
 from modules.generation import GenerationParams, TokenEvent
 
@@ -225,7 +225,12 @@ class TransformersModel(LoadedModel):
         if own_loop:
             tokens = decode_loop(self.model, input_ids, processors, sampling=kwargs["do_sample"],
                                  max_new_tokens=params.max_new_tokens, stop_ids=stop_ids, cancel=cancel.is_set)
-            yield from self._events(tokens, params, recorder, stop_ids)
+            try:
+                yield from self._events(tokens, params, recorder, stop_ids)
+            except WorkbenchError:
+                raise
+            except Exception as exc:  # a failure inside the model or a processor: one clear message
+                raise GenerationError(f"Generation failed: {type(exc).__name__}: {exc}") from exc
             return
         kwargs.update(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
                       max_new_tokens=params.max_new_tokens, logits_processor=processors,
