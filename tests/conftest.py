@@ -53,3 +53,16 @@ def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory, starter_hf: Path) -
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Debian's Chromium through Playwright, one per test module (see ui_helpers.launch_browser)."""
+    from playwright.sync_api import sync_playwright
+
+    from ui_helpers import launch_browser
+
+    with sync_playwright() as playwright:
+        browser = launch_browser(playwright)
+        yield browser
+        browser.close()

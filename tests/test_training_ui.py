@@ -9,9 +9,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from playwright.sync_api import Browser, Page, sync_playwright
+from playwright.sync_api import Browser, Page
 
-from ui_helpers import Server, Workspace, choose, launch_browser, open_app, set_text, tab
+from ui_helpers import Server, Workspace, choose, open_app, set_text, tab
 
 pytestmark = pytest.mark.browser
 WAIT_MS = 240_000
@@ -43,14 +43,6 @@ def server(workspace: Workspace) -> Iterator[Server]:
                     str(workspace.root / "training"), model="tiny").start()
     yield server
     server.stop()
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    with sync_playwright() as playwright:
-        browser = launch_browser(playwright)
-        yield browser
-        browser.close()
 
 
 def open_training(browser: Browser, server: Server) -> Page:

@@ -16,12 +16,12 @@ import pytest
 import yaml
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
-from playwright.sync_api import Browser, Page, sync_playwright
+from playwright.sync_api import Browser, Page
 
 from conftest import FRANCE
 from modules.generation import GenerationParams
 from modules.ui.parameters_tab import group_elem_id, grouped
-from ui_helpers import (Server, Workspace, chat_event, chat_messages, choose, last_reply, launch_browser, new_chat,
+from ui_helpers import (Server, Workspace, chat_event, chat_messages, choose, last_reply, new_chat,
                         open_app, run_event, screenshot, send, set_text, tab)
 
 pytestmark = pytest.mark.browser
@@ -43,14 +43,6 @@ def server(workspace: Workspace) -> Iterator[Server]:
     server = Server(workspace).start()
     yield server
     server.stop()
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    with sync_playwright() as playwright:
-        browser = launch_browser(playwright)
-        yield browser
-        browser.close()
 
 
 @pytest.fixture

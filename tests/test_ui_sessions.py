@@ -6,9 +6,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from playwright.sync_api import Browser, Page, sync_playwright
+from playwright.sync_api import Browser, Page
 
-from ui_helpers import EVENT_TIMEOUT_MS, Server, Workspace, launch_browser, new_chat, send, wait_ready
+from ui_helpers import EVENT_TIMEOUT_MS, Server, Workspace, new_chat, send, wait_ready
 
 pytestmark = pytest.mark.browser
 
@@ -24,14 +24,6 @@ def server(tmp_path_factory: pytest.TempPathFactory, starter_gguf: Path) -> Iter
     server = Server(workspace, "--multi-user", "--gradio-auth-path", str(passwords), "--preset", "Short").start()
     yield server
     server.stop()
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    with sync_playwright() as playwright:
-        browser = launch_browser(playwright)
-        yield browser
-        browser.close()
 
 
 def log_in(browser: Browser, url: str, user: str, password: str) -> Page:
