@@ -232,6 +232,24 @@ def test_tool_call_round_trip(client: openai.OpenAI) -> None:
     calls = [tc for c in streamed if c.choices for tc in (c.choices[0].delta.tool_calls or [])]
     assert calls and calls[0].function.name == "get_weather"
     assert [c.choices[0].finish_reason for c in streamed if c.choices][-1] == "tool_calls"
+    assert "get_weather" not in "".join(c.choices[0].delta.content or "" for c in streamed if c.choices)
+
+
+@pytest.mark.parametrize("question", [FRANCE, "What is the weather in Paris?"])
+def test_streamed_reply_with_tools_is_the_whole_reply(client: openai.OpenAI, question: str) -> None:
+    """With tool_choice auto the reply may be text or a call: the stream holds back what may be a call, and in the
+    end shows what the whole reply shows, text and calls alike, never a call's raw markup."""
+    request = dict(model=MODEL, messages=ask(question), tools=[WEATHER_TOOL], max_tokens=40, temperature=0,
+                   tool_choice="auto")
+    whole = client.chat.completions.create(**request).choices[0]
+    streamed = [c for c in client.chat.completions.create(**request, stream=True) if c.choices]
+    text = "".join(c.choices[0].delta.content or "" for c in streamed)
+    calls = [tc.function.name for c in streamed for tc in (c.choices[0].delta.tool_calls or [])]
+    assert text == (whole.message.content or "")
+    assert calls == [tc.function.name for tc in whole.message.tool_calls or []]
+    assert streamed[-1].choices[0].finish_reason == whole.finish_reason
+    if calls:
+        assert "<tool_call>" not in text and "get_weather" not in text
 
 
 def test_langchain_chat_openai_answers_and_binds_a_tool(api: str) -> None:
@@ -277,6 +295,17 @@ def test_anthropic_messages(api: str) -> None:
     block = [b for b in used["content"] if b["type"] == "tool_use"][0]
     assert used["stop_reason"] == "tool_use" and block["name"] == "get_weather"
     jsonschema.validate(block["input"], tool["input_schema"])
+    with httpx.stream("POST", api + "/v1/messages", timeout=120, json={
+            "model": MODEL, "max_tokens": 40, "temperature": 0, "tools": [tool], "stream": True,
+            "tool_choice": {"type": "tool", "name": "get_weather"},
+            "messages": [{"role": "user", "content": "What is the weather in Paris?"}]}) as response:
+        data = [json.loads(line[len("data: "):]) for line in response.iter_lines() if line.startswith("data: ")]
+    starts = [d["content_block"] for d in data if d["type"] == "content_block_start"]
+    partial = "".join(d["delta"]["partial_json"] for d in data
+                      if d["type"] == "content_block_delta" and d["delta"]["type"] == "input_json_delta")
+    assert [b["type"] for b in starts] == ["tool_use"] and starts[0]["name"] == "get_weather"  # no raw call as text
+    assert json.loads(partial) == block["input"]  # the streamed call is the whole reply's call
+    assert [d["delta"]["stop_reason"] for d in data if d["type"] == "message_delta"] == ["tool_use"]
     answer = httpx.post(api + "/v1/messages", timeout=120, json={
         "model": MODEL, "max_tokens": 20, "temperature": 0, "tools": [tool],
         "messages": [{"role": "user", "content": "What is the weather in Paris?"},

@@ -12,14 +12,13 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 
-from extensions.openai import tools as tooling
 from extensions.openai.completions import (ERRORS, STREAMED, ChatPlan, api_state, first_chunk, start_run,
                                            warnings_header)
 from extensions.openai.errors import ApiError, api_error_from
 from extensions.openai.mapping import check_model
 from extensions.openai.protocol import (AnthropicBlock, AnthropicUsage, ChatCompletionRequest, MessagesRequest,
                                         MessagesResponse)
-from extensions.openai.streaming import GenerationRun, guarded, sse
+from extensions.openai.streaming import GenerationRun, HeldBackText, guarded, sse
 from modules.errors import WorkbenchError
 
 router = APIRouter(responses=ERRORS)
@@ -169,24 +168,13 @@ async def _stream(plan: ChatPlan, run: GenerationRun, first: Any, ident: str, mo
         return events
 
     try:
-        held, holding = "", bool(plan.tools)
-        piece = first
-        while piece is not None:
-            if holding:
-                held += piece.text
-                if plan.forced_tool or tooling.may_start_tool_call(held):
-                    piece = await run.next_chunk(watch_disconnect=False)
-                    continue
-                holding, text = False, held
-            else:
-                text = piece.text
-            if text:
-                for event in text_delta(text):
-                    yield event
-            piece = await run.next_chunk(watch_disconnect=False)
+        stream = HeldBackText(run, first, plan.holds_back)
+        async for text, _ in stream.pieces():
+            for event in text_delta(text):
+                yield event
         content, calls = plan.result(run.generation.text)
-        if holding and (content if calls else held):
-            for event in text_delta(content if calls else held):
+        if rest := stream.rest(content, calls):
+            for event in text_delta(rest):
                 yield event
         if text_open:
             yield sse({"type": "content_block_stop", "index": index}, "content_block_stop")

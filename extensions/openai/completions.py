@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -18,7 +18,7 @@ from extensions.openai.protocol import (ChatChoice, ChatCompletionChunk, ChatCom
                                         ChoiceLogprobs, ChunkChoice, CompletionChoice, CompletionLogprobs,
                                         CompletionRequest, CompletionResponse, Delta, DeltaFunction, DeltaToolCall,
                                         ErrorResponse, LogprobItem, ResponseMessage, ToolCall, TopLogprob, Usage)
-from extensions.openai.streaming import ClientGone, GenerationRun, guarded, sse
+from extensions.openai.streaming import ClientGone, GenerationRun, HeldBackText, guarded, sse
 from modules.errors import WorkbenchError
 from modules.generation import GenerationParams, TokenEvent
 
@@ -278,6 +278,13 @@ class ChatPlan:
         self.params = params.model_copy(update={"stop": list(dict.fromkeys([*params.stop, *chat.stops]))})
         self.top_logprobs = top if body.logprobs else None
 
+    @property
+    def holds_back(self) -> Callable[[str], bool] | None:
+        """For a request with tools: whether a reply beginning so may still be a tool call (hold it back)."""
+        if not self.tools:
+            return None
+        return lambda text: self.forced_tool or tooling.may_start_tool_call(text)
+
     def result(self, text: str) -> tuple[str | None, list[dict[str, Any]]]:
         """(content, tool calls) of a finished reply."""
         if not self.tools:
@@ -340,26 +347,13 @@ async def _stream_chat(services: Any, request: Request, body: ChatCompletionRequ
                 runs.append(run)
                 first = await run.next_chunk()
             yield chunk(index, Delta(role="assistant", content=""))
-            held, holding = "", bool(plan.tools)
-            piece = first
-            while piece is not None:
-                if holding:  # a reply that may be a tool call is held back until it is known
-                    held += piece.text
-                    if plan.forced_tool or tooling.may_start_tool_call(held):
-                        piece = await run.next_chunk(watch_disconnect=False)
-                        continue
-                    holding, text = False, held
-                else:
-                    text = piece.text
-                if text:
-                    yield chunk(index, Delta(content=text), logprobs=chat_logprobs(piece.tokens, plan.top_logprobs))
-                piece = await run.next_chunk(watch_disconnect=False)
+            stream = HeldBackText(run, first, plan.holds_back)
+            async for text, piece in stream.pieces():
+                yield chunk(index, Delta(content=text), logprobs=chat_logprobs(piece.tokens, plan.top_logprobs))
             content, calls = plan.result(run.generation.text)
-            if holding and held and not calls:
-                yield chunk(index, Delta(content=held))
+            if rest := stream.rest(content, calls):
+                yield chunk(index, Delta(content=rest))
             if calls:
-                if holding and content:
-                    yield chunk(index, Delta(content=content))
                 yield chunk(index, Delta(tool_calls=[
                     DeltaToolCall(index=i, id=c["id"], type="function", function=DeltaFunction(**c["function"]))
                     for i, c in enumerate(calls)]))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import Request
@@ -89,6 +89,39 @@ class GenerationRun:
     @property
     def tokens(self) -> list[Any]:
         return [token for chunk in self.chunks for token in chunk.tokens]
+
+
+class HeldBackText:
+    """A run's text as it streams, except a reply that may still turn out to be a tool call: that is held back
+    until it cannot be one, so a client never sees the raw markup of a call."""
+
+    def __init__(self, run: GenerationRun, first: StreamChunk | None, hold: Callable[[str], bool] | None):
+        self.run, self._first, self._hold = run, first, hold
+        self.holding = hold is not None
+        self.held = ""
+
+    async def pieces(self) -> AsyncIterator[tuple[str, StreamChunk]]:
+        """(text to show now, the chunk that released it), to the end of the run."""
+        piece = self._first
+        while piece is not None:
+            if self.holding:
+                self.held += piece.text
+                if self._hold is not None and self._hold(self.held):
+                    piece = await self.run.next_chunk(watch_disconnect=False)
+                    continue
+                self.holding, text = False, self.held
+            else:
+                text = piece.text
+            if text:
+                yield text, piece
+            piece = await self.run.next_chunk(watch_disconnect=False)
+
+    def rest(self, content: str | None, calls: list[Any]) -> str:
+        """What was held to the end and must still be shown: the text before the calls, or the whole reply when it
+        held no call after all."""
+        if not self.holding:
+            return ""
+        return (content or "") if calls else self.held
 
 
 def sse(data: BaseModel | dict[str, Any] | str, event: str | None = None) -> str:
