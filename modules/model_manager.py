@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from loaders.base import Capability, LoadedModel, LoaderRegistry, ModelInfo
+from modules.cpu_threads import in_short_lived_thread
 from modules.errors import GenerationError, ModelLoadError, NoModelLoaded, WorkbenchError
 from modules.generation import GenerationParams, GenerationStats, check_supported
 from modules.memory import release_memory, weights_in_mmap
@@ -266,7 +267,7 @@ class ModelManager:
             started = time.perf_counter()
             try:
                 with weights_in_mmap():
-                    model = loader_cls.load(path, parsed)
+                    model = in_short_lived_thread(lambda: loader_cls.load(path, parsed), "model-load")
             except WorkbenchError:
                 release_memory()
                 raise
@@ -315,9 +316,9 @@ class ModelManager:
         model = self.require_model()
         paths = [resolve_inside(self.lora_dir, n, what="LoRA", must_exist=True) for n in names]
         if paths:
-            model.apply_loras(paths, scales)
+            in_short_lived_thread(lambda: model.apply_loras(paths, scales), "lora-apply")
         else:
-            model.remove_loras()
+            in_short_lived_thread(model.remove_loras, "lora-remove")
 
     def remove_loras(self) -> ModelInfo:
         return self.apply_loras([])

@@ -221,3 +221,32 @@ def test_unload_then_generate_says_no_model(model_dir: Path):
     assert manager.model is None
     with pytest.raises(NoModelLoaded, match="No model is loaded"):
         manager.complete("Hi", GenerationParams(max_new_tokens=2))
+
+
+def test_ui_stream_batches_hold_every_token_in_few_updates(manager: ModelManager):
+    """The browser gets the whole reply, in order, in at most one update per interval (plus the first token)."""
+    from modules.ui.streaming import stream_batches
+
+    interval = 0.2
+    params = GenerationParams(do_sample=False, max_new_tokens=120, ban_eos_token=True)
+    generation = manager.generate("Once upon a time", params)
+    started = time.monotonic()
+    batches = list(stream_batches(generation, interval_s=interval))
+    seconds = time.monotonic() - started
+    assert all(batches) and "".join(c.text for b in batches for c in b) == generation.text
+    assert sum(len(b) for b in batches) >= 100 > len(batches)
+    assert len(batches) <= seconds / interval + 2
+    assert generation.text == manager.complete("Once upon a time", params).text
+
+
+def test_ui_stream_batches_closed_early_cancel_the_generation(manager: ModelManager):
+    from modules.ui.streaming import stream_batches
+
+    generation = manager.generate("Once upon a time", LONG)
+    batches = stream_batches(generation, interval_s=0.05)
+    next(batches)
+    batches.close()  # the page went away
+    deadline = time.monotonic() + 5
+    while manager.busy and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not manager.busy and generation.stats.completion_tokens < 400

@@ -26,9 +26,12 @@ class _Done:
 def stream_batches(generation: Generation, *, interval_s: float = DEFAULT_INTERVAL_S) -> Iterator[list[StreamChunk]]:
     """Yield lists of chunks (never empty), at most one list per `interval_s`, until the generation ends.
 
+    The consumer wakes for the first chunk of a batch and then only at the batch's deadline or at the end, not for
+    every token (no speed difference measured either way; it is simply less work).
     Errors of the generation are raised here. Closing this iterator early (the page went away) cancels the
     generation."""
     inbox: queue.SimpleQueue[StreamChunk | _Done] = queue.SimpleQueue()
+    ended = threading.Event()
 
     def work() -> None:
         try:
@@ -38,6 +41,7 @@ def stream_batches(generation: Generation, *, interval_s: float = DEFAULT_INTERV
             inbox.put(_Done(exc))
         else:
             inbox.put(_Done())
+        ended.set()
 
     threading.Thread(target=work, name="generation-stream", daemon=True).start()
     last_yield = 0.0
@@ -45,18 +49,18 @@ def stream_batches(generation: Generation, *, interval_s: float = DEFAULT_INTERV
     try:
         while done is None:
             batch: list[StreamChunk] = []
-            item = inbox.get()
-            deadline = last_yield + interval_s
+            items = [inbox.get()]  # blocks until the batch's first chunk (or the end)
+            ended.wait(timeout=max(0.0, last_yield + interval_s - time.monotonic()))
             while True:
+                try:
+                    items.append(inbox.get_nowait())
+                except queue.Empty:
+                    break
+            for item in items:
                 if isinstance(item, _Done):
                     done = item
                     break
                 batch.append(item)
-                wait = deadline - time.monotonic()
-                try:
-                    item = inbox.get(timeout=wait) if wait > 0 else inbox.get_nowait()
-                except queue.Empty:
-                    break
             if batch:
                 last_yield = time.monotonic()
                 yield batch
