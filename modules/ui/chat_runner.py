@@ -106,9 +106,10 @@ def run_turn(services: Services, session: UiSession, chat: ChatSettings, params:
     set_reply = _reply_setter(history, action)
     reply, tokens = "", []
     try:
+        batches = stream_batches(generation)  # the prompt is processed while the first update goes out
         yield TurnUpdate(_show(history, chat, services), impersonation=base if impersonate else None,
                          status=status_head + " · writing…", warnings=warnings)
-        for batch in stream_batches(generation):
+        for batch in batches:
             for chunk in batch:
                 reply += chunk.text
                 tokens.extend(chunk.tokens)

@@ -40,8 +40,9 @@ def run_completion(services: Services, session: UiSession, prompt: str, params: 
     session.generation = generation
     text, tokens = "", []
     try:
+        batches = stream_batches(generation)  # the prompt is processed while the first update goes out
         yield CompletionUpdate(text, "writing…", warnings=list(generation.warnings))
-        for batch in stream_batches(generation):
+        for batch in batches:
             for chunk in batch:
                 text += chunk.text
                 tokens.extend(chunk.tokens)

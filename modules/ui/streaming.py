@@ -24,12 +24,14 @@ class _Done:
 
 
 def stream_batches(generation: Generation, *, interval_s: float = DEFAULT_INTERVAL_S) -> Iterator[list[StreamChunk]]:
-    """Yield lists of chunks (never empty), at most one list per `interval_s`, until the generation ends.
+    """Start `generation` now, and return an iterator of lists of its chunks (never empty), at most one list per
+    `interval_s`, until it ends.
 
-    The consumer wakes for the first chunk of a batch and then only at the batch's deadline or at the end, not for
-    every token (no speed difference measured either way; it is simply less work).
-    Errors of the generation are raised here. Closing this iterator early (the page went away) cancels the
-    generation."""
+    It starts before the first list is asked for, so the prompt is processed while the caller sends its first
+    update (the user's message) to the browser: that round trip through Gradio took about 0.1-0.2 s here.
+    The consumer wakes for the first chunk of a list and then only at the list's deadline or at the end, not for
+    every token. Errors of the generation are raised from the iterator. Closing the iterator early (the page went
+    away) cancels the generation; a caller that never iterates it must cancel the generation itself."""
     inbox: queue.SimpleQueue[StreamChunk | _Done] = queue.SimpleQueue()
     ended = threading.Event()
 
@@ -44,6 +46,11 @@ def stream_batches(generation: Generation, *, interval_s: float = DEFAULT_INTERV
         ended.set()
 
     threading.Thread(target=work, name="generation-stream", daemon=True).start()
+    return _batches(generation, inbox, ended, interval_s)
+
+
+def _batches(generation: Generation, inbox: queue.SimpleQueue[StreamChunk | _Done], ended: threading.Event,
+             interval_s: float) -> Iterator[list[StreamChunk]]:
     last_yield = 0.0
     done: _Done | None = None
     try:
