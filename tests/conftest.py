@@ -36,23 +36,27 @@ def instruction_data() -> list[dict]:
     return json.loads(_require(DATA_DIR / "instruction-data.json", "the shared data folder is missing").read_text())
 
 
-@pytest.fixture(scope="session")
-def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory, starter_hf: Path) -> Path:
-    """A 2-layer random Llama with the starter's tokenizer, saved as safetensors: fast where quality is moot."""
+def save_tiny_llama(folder: Path, tokenizer_source: Path, *, initializer_range: float = 0.02) -> Path:
+    """A 2-layer random Llama (seed 0) with the tokenizer of `tokenizer_source`, saved as safetensors in `folder`."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    folder = tmp_path_factory.mktemp("models") / "tiny-llama"
-    tokenizer = AutoTokenizer.from_pretrained(starter_hf)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)
+                         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True,
+                         initializer_range=initializer_range)
     torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
-    model.save_pretrained(folder)
+    LlamaForCausalLM(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory, starter_hf: Path) -> Path:
+    """A 2-layer random Llama with the starter's tokenizer: fast where quality is moot."""
+    return save_tiny_llama(tmp_path_factory.mktemp("models") / "tiny-llama", starter_hf)
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import save_tiny_llama
 from modules.errors import ConfigError, PathError
 from modules.training.config import Folders, TrainingConfig, load_config, parse_config
 from modules.training.jobs import JobManager, copy_settings_from_lora
@@ -21,18 +22,8 @@ JOB_TIMEOUT = 420
 def workspace(tmp_path_factory: pytest.TempPathFactory, starter_hf: Path, instruction_data: list[dict]) -> Path:
     """models/tiny: 2 layers, random weights drawn wide enough (initializer_range 0.4) that a LoRA visibly lowers
     the loss within a few steps; datasets/ with instruction records."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
     root = tmp_path_factory.mktemp("training")
-    tokenizer = AutoTokenizer.from_pretrained(starter_hf)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True, initializer_range=0.4)
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(root / "models" / "tiny")
-    tokenizer.save_pretrained(root / "models" / "tiny")
+    save_tiny_llama(root / "models" / "tiny", starter_hf, initializer_range=0.4)
     (root / "datasets").mkdir()
     (root / "datasets" / "train.json").write_text(json.dumps(instruction_data[:120]))
     return root

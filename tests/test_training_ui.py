@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import Browser, Page
 
+from conftest import save_tiny_llama
 from ui_helpers import Server, Workspace, choose, open_app, set_text, tab
 
 pytestmark = pytest.mark.browser
@@ -19,18 +20,8 @@ WAIT_MS = 240_000
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory: pytest.TempPathFactory, starter_hf: Path, instruction_data: list[dict]) -> Workspace:
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
     workspace = Workspace(tmp_path_factory.mktemp("training-ui"))
-    tokenizer = AutoTokenizer.from_pretrained(starter_hf)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True, initializer_range=0.4)
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(workspace.models / "tiny")
-    tokenizer.save_pretrained(workspace.models / "tiny")
+    save_tiny_llama(workspace.models / "tiny", starter_hf, initializer_range=0.4)
     datasets = workspace.root / "training" / "datasets"
     datasets.mkdir(parents=True)
     (datasets / "instructions.json").write_text(json.dumps(instruction_data[:200]))
