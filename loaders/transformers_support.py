@@ -125,8 +125,8 @@ def decode_loop(model: Any, input_ids: Any, processors: Any, *, sampling: bool, 
                 stop_ids: set[int], cancel: Any) -> Iterator[int]:
     """Token ids, one forward step at a time, in the caller's thread.
 
-    Why not generate() with a streamer: that needs a second thread, and on a few cores its wake-up per token
-    preempts the compute threads (bench/generation.py measured ~10% slower than generate() itself on 2 cores).
+    Why not generate() with a streamer: that needs a second thread running the model, which bench/generation.py
+    measured ~10% slower than generate() itself on 2 cores (modules/cpu_threads.py has the likely reason).
     This loop does what generate()'s sampling loop does for one sequence and our processor chain (which
     generate_kwargs() makes the whole sampler anyway): scores = processors(ids, logits); argmax or a draw from
     softmax(scores). Beam search, prompt lookup, guidance and the static cache keep using generate()."""

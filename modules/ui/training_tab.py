@@ -93,7 +93,8 @@ def _train_panel(services: Services, jobs: JobManager) -> None:
     manager = services.manager
 
     def loaded_or_first() -> str | None:
-        """The loaded model; while the start-up model is still loading (the page is served at once), that one."""
+        """The loaded model; when none is (a swap under way, or the start-up load failed), the --model one if it is
+        listed, else the first model."""
         info = manager.info()
         models = manager.list_models()
         if info is not None:
