@@ -13,7 +13,7 @@ from conftest import save_tiny_llama
 from modules.errors import ConfigError, PathError
 from modules.training.config import Folders, TrainingConfig, load_config, parse_config
 from modules.training.jobs import JobManager, copy_settings_from_lora
-from modules.training.progress import latest_checkpoint
+from modules.training.progress import latest_checkpoint, write_status
 
 JOB_TIMEOUT = 420
 
@@ -103,11 +103,12 @@ def test_the_adapter_loads_in_the_transformers_loader(jobs: JobManager, workspac
 
 
 def test_kill_9_then_resume_continues_the_same_curve(jobs: JobManager):
-    jobs.start(tiny_config("straight"))
+    steps = 16  # enough that the kill lands well before the end (see the next test for a kill after it)
+    jobs.start(tiny_config("straight", max_steps=steps))
     assert jobs.wait("straight", JOB_TIMEOUT).state == "finished", jobs.log_tail("straight")
     reference = {r["step"]: r for r in train_records(jobs, "straight")}
 
-    jobs.start(tiny_config("killed"))
+    jobs.start(tiny_config("killed", max_steps=steps))
     wait_for_step(jobs, "killed", 5)
     jobs.kill("killed")  # SIGKILL: no chance to save anything
     status = jobs.status("killed")
@@ -120,7 +121,7 @@ def test_kill_9_then_resume_continues_the_same_curve(jobs: JobManager):
     assert jobs.wait("killed", JOB_TIMEOUT).state == "finished", jobs.log_tail("killed")
     records, _ = jobs.progress("killed")
     train = [r for r in records if r["type"] == "train"]
-    assert [r["step"] for r in train] == list(range(1, 9))  # no gap, no step counted twice
+    assert [r["step"] for r in train] == list(range(1, steps + 1))  # no gap, no step counted twice
     events = [r for r in records if r["type"] == "event"]
     assert [e["event"] for e in events] == ["started", "resumed", "finished"]
     assert events[1]["step"] == resumed_from
@@ -129,7 +130,27 @@ def test_kill_9_then_resume_continues_the_same_curve(jobs: JobManager):
     for record in later:  # the same weights, optimizer and data order as the run that was never interrupted
         assert record["lr"] == reference[record["step"]]["lr"]
         assert record["loss"] == pytest.approx(reference[record["step"]]["loss"], rel=1e-4)
-    assert reference[8]["loss"] < reference[1]["loss"] - 1.0  # a restart from scratch would not join up
+    assert reference[steps]["loss"] < reference[1]["loss"] - 1.0  # a restart from scratch would not join up
+
+
+def test_resume_after_a_kill_past_the_last_checkpoint_trains_no_extra_step(jobs: JobManager, workspace: Path):
+    """A kill -9 after the last step's checkpoint but before the run said it finished (here: the status such a kill
+    leaves behind). Trainer alone would train a ninth step of eight from that checkpoint."""
+    jobs.start(tiny_config("late"))
+    assert jobs.wait("late", JOB_TIMEOUT).state == "finished", jobs.log_tail("late")
+    assert latest_checkpoint(jobs.run_dir("late")).name == "checkpoint-8"
+    first = (workspace / "loras" / "late" / "adapter_model.safetensors").read_bytes()
+    jobs.kill("late")  # the process may still be exiting
+    write_status(jobs.run_dir("late"), state="running")  # what a kill just before "finished" leaves
+    status = jobs.status("late")
+    assert status.state == "interrupted" and status.resumable
+
+    jobs.resume("late")
+    assert jobs.wait("late", JOB_TIMEOUT).state == "finished", jobs.log_tail("late")
+    assert [r["step"] for r in train_records(jobs, "late")] == list(range(1, 9))
+    saved = json.loads((workspace / "loras" / "late" / "training_run.json").read_text())
+    assert saved["outcome"] == "finished" and saved["step"] == 8
+    assert (workspace / "loras" / "late" / "adapter_model.safetensors").read_bytes() == first
 
 
 def test_stop_saves_the_adapter_at_once(jobs: JobManager, workspace: Path):

@@ -24,11 +24,12 @@ from typing import Any
 from modules.errors import ConfigError, WorkbenchError
 from modules.paths import atomic_write_text
 from modules.training.config import CONFIG_FILE_NAME, TrainingConfig, load_config
-from modules.training.progress import (CHECKPOINTS, append_progress, latest_checkpoint, read_status,
-                                       truncate_progress_after, write_status)
+from modules.training.progress import (CHECKPOINTS, append_progress, latest_checkpoint, read_progress,
+                                       read_status, truncate_progress_after, write_status)
 
 log = logging.getLogger("modules.training.run")
 RUN_RECORD = "training_run.json"
+TRAINER_STATE_NAME = "trainer_state.json"  # what Trainer writes into each checkpoint
 
 
 def _rank() -> int:
@@ -147,8 +148,12 @@ class TrainingJob:
         self.event("resumed" if checkpoint else "started", step=int(checkpoint.name.split("-")[-1])
                    if checkpoint else 0, examples=len(data.train), eval_examples=len(data.eval),
                    processes=trainer.args.world_size, device=str(trainer.args.device))
-        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-        if eval_items and not callback.stopped and not train.eval_steps:
+        if checkpoint is not None and reached_the_end(checkpoint):
+            restore_final_checkpoint(trainer, checkpoint)  # killed after its last step: nothing left to train
+        else:
+            trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        if eval_items and not callback.stopped and not train.eval_steps and not self.evaluated_at(
+                trainer.state.global_step):
             trainer.evaluate()  # logged as an eval line by the callback
         outcome = "stopped" if callback.stopped else "finished"
         if self.is_main:
@@ -237,6 +242,10 @@ class TrainingJob:
             _barrier()
         return checkpoint
 
+    def evaluated_at(self, step: int) -> bool:
+        records, _ = read_progress(self.run_dir)
+        return any(r.get("type") == "eval" and r.get("step") == step for r in records)
+
     def save_adapter(self, trainer: Any, base: Any, outcome: str) -> None:
         """Write the adapter to loras/<name>/ through a temporary folder, so a crash never leaves half of one."""
         config = self.config
@@ -261,6 +270,26 @@ class TrainingJob:
             shutil.rmtree(target)
         tmp.rename(target)
         self.status(lora=str(target))
+
+
+def reached_the_end(checkpoint: Path) -> bool:
+    """Whether the checkpoint holds the run's last step. Trainer would train one more step from it when the
+    step count is not a whole number of epochs (it resumes mid-epoch and checks the limit after a step)."""
+    try:
+        state = json.loads((checkpoint / TRAINER_STATE_NAME).read_text(encoding="utf-8"))
+        return 0 < int(state["max_steps"]) <= int(state["global_step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def restore_final_checkpoint(trainer: Any, checkpoint: Path) -> None:
+    """What `train(resume_from_checkpoint=...)` restores, without a step: the adapter weights and the state."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+    from transformers import TrainerState
+
+    trainer.state = TrainerState.load_from_json(str(checkpoint / TRAINER_STATE_NAME))
+    set_peft_model_state_dict(trainer.model, load_file(checkpoint / "adapter_model.safetensors"))
 
 
 def use_cpu(config: TrainingConfig) -> bool:
