@@ -231,12 +231,28 @@ def test_ui_stream_batches_hold_every_token_in_few_updates(manager: ModelManager
     params = GenerationParams(do_sample=False, max_new_tokens=120, ban_eos_token=True)
     generation = manager.generate("Once upon a time", params)
     started = time.monotonic()
-    batches = list(stream_batches(generation, interval_s=interval))
+    batches = list(stream_batches(generation, interval_s=interval, first_wait_s=60))
     seconds = time.monotonic() - started
     assert all(batches) and "".join(c.text for b in batches for c in b) == generation.text
     assert sum(len(b) for b in batches) >= 100 > len(batches)
     assert len(batches) <= seconds / interval + 2
     assert generation.text == manager.complete("Once upon a time", params).text
+
+
+def test_ui_stream_batches_send_a_first_update_soon_even_without_a_token(manager: ModelManager):
+    """The page shows the user's message after `first_wait_s` at the latest, also when no token ever comes."""
+    from modules.ui.streaming import stream_batches
+
+    generation = manager.generate("Once upon a time", GenerationParams(do_sample=False, max_new_tokens=20,
+                                                                        ban_eos_token=True))
+    batches = list(stream_batches(generation, first_wait_s=0.0))  # no prompt is processed in no time
+    assert batches[0] == [] and batches[1:] and all(batches[1:])
+    assert "".join(c.text for b in batches for c in b) == generation.text != ""
+
+    stopped = manager.generate("Once upon a time", LONG)
+    stopped.cancel()  # Stop pressed before the first token
+    assert list(stream_batches(stopped, first_wait_s=60)) == [[]]
+    assert stopped.stats.completion_tokens == 0
 
 
 def test_ui_stream_batches_closed_early_cancel_the_generation(manager: ModelManager):

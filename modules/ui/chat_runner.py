@@ -106,19 +106,15 @@ def run_turn(services: Services, session: UiSession, chat: ChatSettings, params:
     set_reply = _reply_setter(history, action)
     reply, tokens = "", []
     try:
-        batches = stream_batches(generation)  # the prompt is processed while the first update goes out
-        yield TurnUpdate(_show(history, chat, services), impersonation=base if impersonate else None,
-                         status=status_head + " · writing…", warnings=warnings)
-        for batch in batches:
+        for batch in stream_batches(generation):  # the first one shows the user's message (and the first words)
             for chunk in batch:
                 reply += chunk.text
                 tokens.extend(chunk.tokens)
-            if impersonate:
-                yield TurnUpdate(_show(history, chat, services), impersonation=base + reply,
-                                 status=status_head + " · writing…")
-            else:
+            if not impersonate:
                 set_reply(base + reply, None)
-                yield TurnUpdate(_show(history, chat, services), status=status_head + " · writing…")
+            yield TurnUpdate(_show(history, chat, services), impersonation=base + reply if impersonate else None,
+                             status=status_head + " · writing…", warnings=warnings)
+            warnings = []
     finally:
         generation.cancel()  # no-op once it ended; stops it when the page went away mid-reply
         session.generation = None

@@ -38,15 +38,16 @@ def run_completion(services: Services, session: UiSession, prompt: str, params: 
         params = params.model_copy(update={"logprobs": VIEW_LOGPROBS})
     generation = services.manager.generate(prompt, params)
     session.generation = generation
-    text, tokens = "", []
+    text, tokens, warnings = "", [], list(generation.warnings)
     try:
-        batches = stream_batches(generation)  # the prompt is processed while the first update goes out
-        yield CompletionUpdate(text, "writing…", warnings=list(generation.warnings))
-        for batch in batches:
+        for batch in stream_batches(generation):
             for chunk in batch:
                 text += chunk.text
                 tokens.extend(chunk.tokens)
-            yield CompletionUpdate(text, f"Prompt: {generation.stats.prompt_tokens} tokens · writing…", tokens)
+            prompt_tokens = generation.stats.prompt_tokens
+            yield CompletionUpdate(text, f"Prompt: {prompt_tokens} tokens · writing…" if prompt_tokens else
+                                   "writing…", tokens, warnings=warnings)
+            warnings = []
     finally:
         generation.cancel()  # no-op once it ended; stops it when the page went away
         session.generation = None
