@@ -29,7 +29,6 @@ from modules.training.progress import (CHECKPOINTS, append_progress, latest_chec
 
 log = logging.getLogger("modules.training.run")
 RUN_RECORD = "training_run.json"
-TRAINER_STATE_NAME = "trainer_state.json"  # what Trainer writes into each checkpoint
 
 
 def _rank() -> int:
@@ -148,8 +147,10 @@ class TrainingJob:
         self.event("resumed" if checkpoint else "started", step=int(checkpoint.name.split("-")[-1])
                    if checkpoint else 0, examples=len(data.train), eval_examples=len(data.eval),
                    processes=trainer.args.world_size, device=str(trainer.args.device))
-        if checkpoint is not None and reached_the_end(checkpoint):
-            restore_final_checkpoint(trainer, checkpoint)  # killed after its last step: nothing left to train
+        final_state = finished_state(checkpoint) if checkpoint is not None else None
+        if final_state is not None:  # killed after its last step: nothing left to train
+            trainer.state = final_state
+            restore_adapter(trainer.model, checkpoint)
         else:
             trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
         if eval_items and not callback.stopped and not train.eval_steps and not self.evaluated_at(
@@ -272,24 +273,26 @@ class TrainingJob:
         self.status(lora=str(target))
 
 
-def reached_the_end(checkpoint: Path) -> bool:
-    """Whether the checkpoint holds the run's last step. Trainer would train one more step from it when the
-    step count is not a whole number of epochs (it resumes mid-epoch and checks the limit after a step)."""
+def finished_state(checkpoint: Path) -> Any:
+    """The checkpoint's TrainerState when it holds the run's last step, else None. Trainer would train one more
+    step from such a checkpoint when the step count is not a whole number of epochs (it resumes mid-epoch and
+    checks the limit after a step)."""
+    from transformers import TrainerState
+    from transformers.trainer import TRAINER_STATE_NAME
+
     try:
-        state = json.loads((checkpoint / TRAINER_STATE_NAME).read_text(encoding="utf-8"))
-        return 0 < int(state["max_steps"]) <= int(state["global_step"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
+        state = TrainerState.load_from_json(str(checkpoint / TRAINER_STATE_NAME))
+    except (OSError, ValueError, TypeError):
+        return None
+    return state if 0 < state.max_steps <= state.global_step else None
 
 
-def restore_final_checkpoint(trainer: Any, checkpoint: Path) -> None:
-    """What `train(resume_from_checkpoint=...)` restores, without a step: the adapter weights and the state."""
+def restore_adapter(model: Any, checkpoint: Path) -> None:
+    """The adapter weights that `train(resume_from_checkpoint=...)` would restore, without training a step."""
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
-    from transformers import TrainerState
 
-    trainer.state = TrainerState.load_from_json(str(checkpoint / TRAINER_STATE_NAME))
-    set_peft_model_state_dict(trainer.model, load_file(checkpoint / "adapter_model.safetensors"))
+    set_peft_model_state_dict(model, load_file(checkpoint / "adapter_model.safetensors"))
 
 
 def use_cpu(config: TrainingConfig) -> bool:
