@@ -34,9 +34,12 @@ def packed_sdpa_forward(module: torch.nn.Module, query: torch.Tensor, key: torch
     ends = starts[1:] + [query.shape[2]]
     gqa = query.shape[1] != key.shape[1]
     p = dropout if module.training else 0.0
-    pieces = [F.scaled_dot_product_attention(query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], is_causal=True,
-                                             dropout_p=p, scale=scaling, enable_gqa=gqa)
-              for s, e in zip(starts, ends)]
+    lengths = [e - s for s, e in zip(starts, ends)]
+    # split, not slicing: the backward of a split concatenates the pieces' gradients, where that of each slice
+    # would fill a zero tensor of the whole row
+    pieces = [F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p, scale=scaling, enable_gqa=gqa)
+              for q, k, v in zip(query.split(lengths, dim=2), key.split(lengths, dim=2),
+                                 value.split(lengths, dim=2))]
     out = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=2)
     return out.transpose(1, 2).contiguous(), None
 

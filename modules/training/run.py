@@ -194,11 +194,17 @@ class TrainingJob:
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=train.gradient_checkpointing)
         lora = self.config.lora
         try:
-            return get_peft_model(model, LoraConfig(
+            model = get_peft_model(model, LoraConfig(
                 r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                 target_modules=lora.peft_target_modules(), bias="none", task_type="CAUSAL_LM"))
         except ValueError as exc:
             raise ConfigError(f"The LoRA target modules {lora.target_modules} do not fit this model: {exc}") from None
+        fsdp = self.config.launch.num_processes > 1 and self.config.launch.distributed == "fsdp"
+        if train.fused_lora and not fsdp:  # FSDP swaps parameters under the layers; leave those to PEFT
+            from modules.training.fused_lora import fuse_lora_linears
+
+            log.info("fused %d LoRA linear layers", fuse_lora_linears(model))
+        return model
 
     def training_arguments(self, *, has_eval: bool) -> Any:
         from transformers import TrainingArguments

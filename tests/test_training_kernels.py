@@ -1,0 +1,97 @@
+"""The two pieces the training job swaps into the model for speed, checked against what they replace on a tiny
+random Llama: fused LoRA layers against PEFT's own forward and backward, and padding-free rows (per-example
+attention) against running each example on its own."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from modules.training.attention import PACKED_SDPA
+from modules.training.fused_lora import fuse_lora_linears
+
+TEXTS = ["Name three primary colors.", "Translate 'good morning' into French, please, and explain the greeting.",
+         "Add 2 and 3."]
+
+
+def lora_model(folder: Path, *, dropout: float = 0.0, attention: str | None = None) -> torch.nn.Module:
+    """The same LoRA every call (seed 0), with B drawn non-zero so that gradients reach A too."""
+    kwargs = {"attn_implementation": attention} if attention else {}
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **kwargs)
+    model.config.use_cache = False
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules="all-linear"))
+    for name, parameter in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(parameter, std=0.1)
+    return model.train()
+
+
+def loss_and_grads(model: torch.nn.Module, ids: torch.Tensor, **inputs: torch.Tensor) -> tuple[float, dict]:
+    torch.manual_seed(1)  # the same dropout masks for both models
+    loss = model(input_ids=ids, labels=ids, **inputs).loss
+    loss.backward()
+    return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def token_ids(folder: Path) -> list[list[int]]:
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    return [tokenizer(text)["input_ids"] for text in TEXTS]
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_fused_lora_layers_give_peft_s_loss_and_gradients(tiny_llama_dir: Path, dropout: float):
+    ids = torch.tensor([sum(token_ids(tiny_llama_dir), [])])
+    peft_loss, peft_grads = loss_and_grads(lora_model(tiny_llama_dir, dropout=dropout), ids)
+    fused = lora_model(tiny_llama_dir, dropout=dropout)
+    assert fuse_lora_linears(fused) == 2 * 7  # every linear layer of both decoder layers
+    fused_loss, fused_grads = loss_and_grads(fused, ids)
+    assert fused_loss == pytest.approx(peft_loss, rel=1e-5)
+    assert fused_grads.keys() == peft_grads.keys() and len(fused_grads) == 2 * 2 * 7  # A and B of each layer
+    for name, grad in peft_grads.items():
+        torch.testing.assert_close(fused_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_fused_layers_leave_disabled_and_merged_adapters_to_peft(tiny_llama_dir: Path):
+    ids = torch.tensor([token_ids(tiny_llama_dir)[0]])
+    model = lora_model(tiny_llama_dir).eval()
+    fuse_lora_linears(model)
+    with torch.no_grad():
+        with_lora = model(input_ids=ids).logits
+        with model.disable_adapter():
+            without = model(input_ids=ids).logits
+        base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)(input_ids=ids).logits
+        model.merge_adapter()
+        merged = model(input_ids=ids).logits
+    torch.testing.assert_close(without, base)
+    assert (with_lora - base).abs().max() > 1e-3  # the adapter does something, so the next check means something
+    torch.testing.assert_close(merged, with_lora, rtol=1e-4, atol=1e-4)
+
+
+def test_a_padding_free_row_trains_like_its_examples_one_by_one(tiny_llama_dir: Path):
+    """Logits and LoRA gradients of one row of three examples (positions restarting at each) equal those of the
+    examples run apart: no example attends to another."""
+    examples = token_ids(tiny_llama_dir)
+    model = lora_model(tiny_llama_dir, attention=PACKED_SDPA)
+    fuse_lora_linears(model)
+    apart_logits, total = [], torch.zeros(())
+    for ids in examples:
+        logits = model(input_ids=torch.tensor([ids])).logits[0]
+        apart_logits.append(logits.detach())
+        total = total + F.cross_entropy(logits[:-1], torch.tensor(ids[1:]), reduction="sum")
+    total.backward()
+    apart_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+
+    row = torch.tensor([sum(examples, [])])
+    positions = torch.tensor([[i for ids in examples for i in range(len(ids))]])
+    logits = model(input_ids=row, position_ids=positions).logits[0]
+    torch.testing.assert_close(logits.detach(), torch.cat(apart_logits), rtol=1e-4, atol=1e-4)
+    pieces = logits.split([len(ids) for ids in examples])
+    sum(F.cross_entropy(p[:-1], torch.tensor(ids[1:]), reduction="sum") for p, ids in zip(pieces, examples)).backward()
+    for name, grad in apart_grads.items():
+        torch.testing.assert_close(dict(model.named_parameters())[name].grad, grad, rtol=1e-3, atol=1e-5, msg=name)
