@@ -1,7 +1,7 @@
 """Training tokens/s of our LoRA job next to plain PEFT + Transformers Trainer, same model, data, LoRA settings,
 seed and steps, in the same run; with the final loss of each.
 
-    python bench/training.py [--steps 20] [--batch 8] [--records 400] [--model SmolLM2-135M-Instruct]
+    python bench/training.py [--steps 20] [--batch 8] [--repeats 3] [--records 400] [--model SmolLM2-135M-Instruct]
 
 Ours is the real job (`python -m modules.training.run`, started through JobManager): padding-free micro-batches
 (one row, positions restarting per example, so no padding and no cross-example attention) and logits computed
@@ -9,8 +9,10 @@ only where a token is trained. Its tokens/s comes from its own progress lines. T
 tutorial writes: the same tokenized, prompt-masked examples, DataCollatorForSeq2Seq padding each batch to its
 longest example, the model's own loss over full logits. Both count real (non-padding) tokens and skip the first
 step (warm-up) when timing; both see the same batches in the same order (same sampler seed, same LoRA init), so
-their loss curves should agree. The last line is one JSON object:
-{"ours": {"tok_s", "final_loss"}, "baseline": {"tok_s", "final_loss"}, "ratio"}.
+their loss curves should agree. With --repeats N the two run N times each, alternating which goes first, and the
+figures are medians (the ratio is the median of the N paired ratios), because these machines are noisy: a single
+pair of runs can be off by 10%. The last line is one JSON object:
+{"ours": {"tok_s", "final_loss"}, "baseline": {"tok_s", "final_loss"}, "ratio", "ratios": [one per repeat], ...}.
 """
 from __future__ import annotations
 
@@ -108,6 +110,7 @@ def main() -> int:
     parser.add_argument("--model", default=STARTER_HF_DIR, help="A Transformers folder in models/.")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch", type=int, default=8, help="Examples per step (micro-batch, no accumulation).")
+    parser.add_argument("--repeats", type=int, default=3, help="Runs of each, alternating; medians are reported.")
     parser.add_argument("--records", type=int, default=400, help="Instruction records to draw batches from.")
     parser.add_argument("--cutoff", type=int, default=256)
     parser.add_argument("--rank", type=int, default=16)
@@ -119,16 +122,24 @@ def main() -> int:
         work = Path(tmp)
         (work / "datasets").mkdir()
         (work / "datasets" / "train.json").write_text(json.dumps(json.loads(DATA.read_text())[:args.records]))
-        baseline = run_baseline(args, work)
-        print(f"baseline (PEFT + Trainer, padded batches): {baseline['tok_s']} tok/s, final loss "
-              f"{baseline['final_loss']}", flush=True)
-        ours = run_ours(args, work, "bench")
-        print(f"ours (the training job): {ours['tok_s']} tok/s, final loss {ours['final_loss']}", flush=True)
+        pairs: list[tuple[dict, dict]] = []
+        for repeat in range(args.repeats):
+            runs = {}
+            for side in (("baseline", "ours") if repeat % 2 == 0 else ("ours", "baseline")):
+                runs[side] = run_baseline(args, work) if side == "baseline" else run_ours(args, work, f"bench-{repeat}")
+                print(f"repeat {repeat + 1}/{args.repeats}: {side}: {runs[side]['tok_s']} tok/s, final loss "
+                      f"{runs[side]['final_loss']}", flush=True)
+            pairs.append((runs["ours"], runs["baseline"]))
+            print(f"repeat {repeat + 1}/{args.repeats}: ratio {runs['ours']['tok_s'] / runs['baseline']['tok_s']:.3f}",
+                  flush=True)
+        ours, baseline = pairs[0]
         gap = max(abs(a - b) for a, b in zip(ours["losses"], baseline["losses"]))
         print(f"largest per-step loss difference between the two curves: {gap:.4f}", flush=True)
-        result = {"ours": {k: ours[k] for k in ("tok_s", "final_loss")},
-                  "baseline": {k: baseline[k] for k in ("tok_s", "final_loss")},
-                  "ratio": round(ours["tok_s"] / baseline["tok_s"], 3),
+        ratios = [o["tok_s"] / b["tok_s"] for o, b in pairs]
+        result = {"ours": {"tok_s": statistics.median(o["tok_s"] for o, _ in pairs), "final_loss": ours["final_loss"]},
+                  "baseline": {"tok_s": statistics.median(b["tok_s"] for _, b in pairs),
+                               "final_loss": baseline["final_loss"]},
+                  "ratio": round(statistics.median(ratios), 3), "ratios": [round(r, 3) for r in ratios],
                   "mean_loss_last5": {"ours": round(statistics.mean(ours["losses"][-5:]), 4),
                                       "baseline": round(statistics.mean(baseline["losses"][-5:]), 4)},
                   "steps": args.steps, "batch": args.batch}
