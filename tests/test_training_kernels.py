@@ -95,3 +95,33 @@ def test_a_padding_free_row_trains_like_its_examples_one_by_one(tiny_llama_dir: 
     sum(F.cross_entropy(p[:-1], torch.tensor(ids[1:]), reduction="sum") for p, ids in zip(pieces, examples)).backward()
     for name, grad in apart_grads.items():
         torch.testing.assert_close(dict(model.named_parameters())[name].grad, grad, rtol=1e-3, atol=1e-5, msg=name)
+
+
+def test_the_padding_free_batch_leaves_out_only_tokens_without_a_later_target(tiny_llama_dir: Path, tmp_path: Path):
+    """The collator cuts each example after its last target; the job's loss on that row equals the loss of the
+    whole examples run one by one, and the token count is still the examples' whole length."""
+    from transformers import TrainingArguments
+
+    from modules.training.formatting import IGNORE_INDEX, Example
+    from modules.training.trainer import LoraTrainer, PaddingFreeCollator
+
+    tokenized = token_ids(tiny_llama_dir)
+    examples = [Example(ids, [IGNORE_INDEX] * 4 + ids[4:], "") for ids in tokenized[:2]]  # a masked prompt
+    examples.append(Example(tokenized[2], tokenized[2][:-2] + [IGNORE_INDEX] * 2, ""))  # untrained tail of two
+    batch = PaddingFreeCollator()([{"examples": examples}])
+    assert int(batch["example_tokens"]) == sum(len(ids) for ids in tokenized)
+    assert batch["input_ids"].shape[1] == sum(len(ids) for ids in tokenized) - 1 - 1 - 3
+    assert batch["input_ids"].shape == batch["position_ids"].shape == batch["shift_labels"].shape
+
+    model = lora_model(tiny_llama_dir, attention=PACKED_SDPA)
+    trainer = LoraTrainer(model=model, args=TrainingArguments(output_dir=str(tmp_path), use_cpu=True,
+                                                              report_to="none", disable_tqdm=True))
+    with torch.no_grad():
+        loss = trainer.compute_loss(model, batch)
+        total, count = 0.0, 0
+        for example in examples:
+            logits = model(input_ids=torch.tensor([example.input_ids])).logits[0, :-1]
+            targets = torch.tensor(example.labels[1:])
+            total += F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum").item()
+            count += int((targets != IGNORE_INDEX).sum())
+    assert loss.item() == pytest.approx(total / count, rel=1e-5)

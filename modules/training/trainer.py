@@ -60,20 +60,31 @@ def pack_examples(examples: list[Example], capacity: int) -> list[list[Example]]
 
 class PaddingFreeCollator:
     """One row per micro-batch: input_ids, position_ids, labels, and shift_labels (the target of each position,
-    which the Trainer also uses to count the tokens a gradient-accumulation step normalizes by)."""
+    which the Trainer also uses to count the tokens a gradient-accumulation step normalizes by).
+
+    Each example is cut after the last position that predicts a trained token: the tokens after it (at least the
+    closing one, whose next token is not the example's) have no target and no later token of the example attends
+    to them, so computing them changes nothing. `example_tokens` counts the examples' whole lengths, the tokens/s
+    the progress lines report."""
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         ids: list[int] = []
         positions: list[int] = []
         labels: list[int] = []
+        shift: list[int] = []
+        whole = 0
         for feature in features:
             for example in feature["examples"]:
-                ids += example.input_ids
-                positions += range(len(example.input_ids))
-                labels += [IGNORE_INDEX] + example.labels[1:]  # the first token of an example is never a target
-        shift = labels[1:] + [IGNORE_INDEX]
+                whole += len(example.input_ids)
+                last_target = max((i for i, label in enumerate(example.labels) if label != IGNORE_INDEX and i > 0),
+                                  default=len(example.input_ids))
+                ids += example.input_ids[:last_target]
+                positions += range(last_target)
+                labels += [IGNORE_INDEX] + example.labels[1:last_target]  # the first token is never a target
+                shift += example.labels[1:last_target + 1] + [IGNORE_INDEX] * (last_target + 1 - len(example.labels))
         return {"input_ids": torch.tensor([ids]), "position_ids": torch.tensor([positions]),
-                "labels": torch.tensor([labels]), "shift_labels": torch.tensor([shift])}
+                "labels": torch.tensor([labels]), "shift_labels": torch.tensor([shift]),
+                "example_tokens": torch.tensor(whole)}
 
 
 class PaddedCollator:
@@ -110,10 +121,19 @@ class LoraTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.select_logits = select_logits
 
+    def _track_num_input_tokens(self, inputs: dict[str, Any]) -> None:
+        """Count the examples' tokens, also those the padding-free collator did not need to feed."""
+        if "example_tokens" not in inputs or self.args.include_num_input_tokens_seen == "no":
+            super()._track_num_input_tokens(inputs)
+            return
+        tokens = torch.as_tensor(inputs["example_tokens"], device=self.args.device, dtype=torch.int64)
+        self.state.num_input_tokens_seen += int(self.accelerator.gather(tokens).sum().item())
+
     def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: torch.Tensor | int | None = None) -> Any:
         inputs = dict(inputs)
         inputs.pop("labels", None)
+        inputs.pop("example_tokens", None)
         shift = inputs.pop("shift_labels")
         if self.select_logits and shift.shape[0] == 1:
             keep = (shift[0] != IGNORE_INDEX).nonzero().squeeze(-1)
