@@ -125,3 +125,33 @@ def test_the_padding_free_batch_leaves_out_only_tokens_without_a_later_target(ti
             total += F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum").item()
             count += int((targets != IGNORE_INDEX).sum())
     assert loss.item() == pytest.approx(total / count, rel=1e-5)
+
+
+def test_the_last_layer_on_kept_rows_gives_the_same_loss_and_gradients(tiny_llama_dir: Path, tmp_path: Path):
+    """With prompts masked, the job runs the last layer's o_proj and MLP only where a logit is kept: the loss and
+    every LoRA gradient match the full computation, and the layers get their own forward back afterwards."""
+    from transformers import TrainingArguments
+
+    from modules.training.formatting import IGNORE_INDEX, Example
+    from modules.training.last_layer import position_wise_tail
+    from modules.training.trainer import LoraTrainer, PaddingFreeCollator
+
+    examples = [Example(ids, [IGNORE_INDEX] * 6 + ids[6:], "") for ids in token_ids(tiny_llama_dir)]
+    batch = PaddingFreeCollator()([{"examples": examples}])
+    results = []
+    for select_rows in (False, True):
+        model = lora_model(tiny_llama_dir, attention=PACKED_SDPA)
+        fuse_lora_linears(model)
+        o_proj, mlp = position_wise_tail(model)
+        forwards = (o_proj.forward, mlp.forward)
+        trainer = LoraTrainer(model=model, select_last_rows=select_rows, args=TrainingArguments(
+            output_dir=str(tmp_path), use_cpu=True, report_to="none", disable_tqdm=True))
+        loss = trainer.compute_loss(model, batch)
+        loss.backward()
+        assert (o_proj.forward, mlp.forward) == forwards
+        results.append((loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (full_loss, full_grads), (rows_loss, rows_grads) = results
+    assert rows_loss == pytest.approx(full_loss, rel=1e-5)
+    assert rows_grads.keys() == full_grads.keys()
+    for name, grad in full_grads.items():
+        torch.testing.assert_close(rows_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)

@@ -8,8 +8,8 @@ accumulated into the base output by one `addmm_` (scaling as its alpha), and the
 input gradient, so only the small (tokens x rank) tensors are scaled. The arithmetic is the same; the parameters,
 their names and the saved adapter are PEFT's own, untouched.
 
-Only plain LoRA on a plain `torch.nn.Linear` is fused (no DoRA or other variant, no quantized base, one active
-adapter, not merged, no autocast); every other call goes to PEFT's own forward, checked on each call.
+Only plain LoRA on a plain `torch.nn.Linear` is fused (no DoRA or other variant, no LoRA bias, no quantized base,
+one active adapter, not merged, no autocast); every other call goes to PEFT's own forward, checked on each call.
 """
 from __future__ import annotations
 
@@ -68,7 +68,7 @@ def _fused_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> tor
             or adapter in self.lora_variant or torch.is_autocast_enabled(x.device.type)):
         return self._peft_forward(x, *args, **kwargs)
     base, lora_a, lora_b = self.base_layer, self.lora_A[adapter].weight, self.lora_B[adapter].weight
-    if not (x.dtype == base.weight.dtype == lora_a.dtype == lora_b.dtype):
+    if self.lora_B[adapter].bias is not None or not (x.dtype == base.weight.dtype == lora_a.dtype == lora_b.dtype):
         return self._peft_forward(x, *args, **kwargs)
     x_lora = self.lora_dropout[adapter](x)
     return LoraLinearFunction.apply(x, x_lora, base.weight, base.bias, lora_a, lora_b,

@@ -142,7 +142,8 @@ class TrainingJob:
         trainer = LoraTrainer(model=model, args=args, train_dataset=ExampleDataset(train_items),
                               eval_dataset=ExampleDataset(eval_items) if eval_items else None,
                               data_collator=collator, callbacks=callbacks,
-                              select_logits=train.padding_free and accepts_logits_to_keep(model))
+                              select_logits=train.padding_free and accepts_logits_to_keep(model),
+                              select_last_rows=not train.gradient_checkpointing)
         checkpoint = self.resume_point()
         self.event("resumed" if checkpoint else "started", step=int(checkpoint.name.split("-")[-1])
                    if checkpoint else 0, examples=len(data.train), eval_examples=len(data.eval),

@@ -13,6 +13,7 @@ import inspect
 import os
 import threading
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ import torch.nn.functional as F
 from transformers import Trainer, TrainerCallback
 
 from modules.training.formatting import IGNORE_INDEX, Example
+from modules.training.last_layer import only_kept_rows
 from modules.training.progress import COMPLETE_MARK, STOP_FILE, append_progress, write_status
 
 
@@ -117,9 +119,10 @@ class LoraTrainer(Trainer):
     """Trainer whose loss asks the model for logits only at positions whose next token is trained: with prompts
     masked, most positions need no (vocabulary-sized) logits at all."""
 
-    def __init__(self, *args: Any, select_logits: bool = True, **kwargs: Any):
+    def __init__(self, *args: Any, select_logits: bool = True, select_last_rows: bool = False, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.select_logits = select_logits
+        self.select_last_rows = select_logits and select_last_rows  # see modules.training.last_layer
 
     def _track_num_input_tokens(self, inputs: dict[str, Any]) -> None:
         """Count the examples' tokens, also those the padding-free collator did not need to feed."""
@@ -137,7 +140,10 @@ class LoraTrainer(Trainer):
         shift = inputs.pop("shift_labels")
         if self.select_logits and shift.shape[0] == 1:
             keep = (shift[0] != IGNORE_INDEX).nonzero().squeeze(-1)
-            outputs = model(**inputs, logits_to_keep=keep, use_cache=False)
+            rows = (only_kept_rows(self.accelerator.unwrap_model(model), keep, shift.shape[1])
+                    if self.select_last_rows else nullcontext())
+            with rows:
+                outputs = model(**inputs, logits_to_keep=keep, use_cache=False)
             logits, targets = outputs.logits[0], shift[0, keep]
         else:
             outputs = model(**inputs, use_cache=False)
