@@ -1,8 +1,10 @@
-"""The two pieces the training job swaps into the model for speed, checked against what they replace on a tiny
-random Llama: fused LoRA layers against PEFT's own forward and backward, and padding-free rows (per-example
-attention) against running each example on its own."""
+"""The pieces the training job uses for speed, checked against what they replace on a tiny random Llama: fused
+LoRA layers against PEFT's own forward and backward, padding-free rows (per-example attention, examples cut after
+their last target) against running each example on its own, the last layer on kept rows against the full layer;
+and the malloc settings the job process applies."""
 from __future__ import annotations
 
+import platform
 from pathlib import Path
 
 import pytest
@@ -155,3 +157,15 @@ def test_the_last_layer_on_kept_rows_gives_the_same_loss_and_gradients(tiny_llam
     assert rows_grads.keys() == full_grads.keys()
     for name, grad in full_grads.items():
         torch.testing.assert_close(rows_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the settings are glibc's")
+def test_glibc_takes_the_training_malloc_settings():
+    """In a fresh interpreter, as the job process applies them: glibc must accept each setting."""
+    import subprocess
+    import sys
+
+    code = "from modules.training.allocator import keep_freed_memory; print(keep_freed_memory())"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                            cwd=Path(__file__).resolve().parents[1])
+    assert result.stdout.strip() == "True", result.stderr

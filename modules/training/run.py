@@ -23,6 +23,7 @@ from typing import Any
 
 from modules.errors import ConfigError, WorkbenchError
 from modules.paths import atomic_write_text
+from modules.training.allocator import keep_freed_memory
 from modules.training.config import CONFIG_FILE_NAME, TrainingConfig, load_config
 from modules.training.progress import (CHECKPOINTS, append_progress, latest_checkpoint, read_progress,
                                        read_status, truncate_progress_after, write_status)
@@ -350,6 +351,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.resume or not read_status(run_dir).get("run_id"):
             status["run_id"] = uuid.uuid4().hex
         write_status(run_dir, **status)
+    keep_freed_memory()  # before the model's first allocations (modules.training.allocator)
     job = TrainingJob(config, run_dir, resume=args.resume)
     try:
         outcome = job.run(stop)
