@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import platform
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -33,11 +34,25 @@ def lora_model(folder: Path, *, dropout: float = 0.0, attention: str | None = No
     return model.train()
 
 
+def lora_grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
 def loss_and_grads(model: torch.nn.Module, ids: torch.Tensor, **inputs: torch.Tensor) -> tuple[float, dict]:
     torch.manual_seed(1)  # the same dropout masks for both models
     loss = model(input_ids=ids, labels=ids, **inputs).loss
     loss.backward()
-    return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return loss.item(), lora_grads(model)
+
+
+def cpu_trainer(model: torch.nn.Module, output_dir: Path, **kwargs: Any) -> Any:
+    """The job's LoraTrainer, only to call its compute_loss."""
+    from transformers import TrainingArguments
+
+    from modules.training.trainer import LoraTrainer
+
+    return LoraTrainer(model=model, args=TrainingArguments(output_dir=str(output_dir), use_cpu=True, report_to="none",
+                                                           disable_tqdm=True), **kwargs)
 
 
 def token_ids(folder: Path) -> list[list[int]]:
@@ -86,7 +101,7 @@ def test_a_padding_free_row_trains_like_its_examples_one_by_one(tiny_llama_dir: 
         apart_logits.append(logits.detach())
         total = total + F.cross_entropy(logits[:-1], torch.tensor(ids[1:]), reduction="sum")
     total.backward()
-    apart_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    apart_grads = lora_grads(model)
     model.zero_grad()
 
     row = torch.tensor([sum(examples, [])])
@@ -102,10 +117,8 @@ def test_a_padding_free_row_trains_like_its_examples_one_by_one(tiny_llama_dir: 
 def test_the_padding_free_batch_leaves_out_only_tokens_without_a_later_target(tiny_llama_dir: Path, tmp_path: Path):
     """The collator cuts each example after its last target; the job's loss on that row equals the loss of the
     whole examples run one by one, and the token count is still the examples' whole length."""
-    from transformers import TrainingArguments
-
     from modules.training.formatting import IGNORE_INDEX, Example
-    from modules.training.trainer import LoraTrainer, PaddingFreeCollator
+    from modules.training.trainer import PaddingFreeCollator
 
     tokenized = token_ids(tiny_llama_dir)
     examples = [Example(ids, [IGNORE_INDEX] * 4 + ids[4:], "") for ids in tokenized[:2]]  # a masked prompt
@@ -116,8 +129,7 @@ def test_the_padding_free_batch_leaves_out_only_tokens_without_a_later_target(ti
     assert batch["input_ids"].shape == batch["position_ids"].shape == batch["shift_labels"].shape
 
     model = lora_model(tiny_llama_dir, attention=PACKED_SDPA)
-    trainer = LoraTrainer(model=model, args=TrainingArguments(output_dir=str(tmp_path), use_cpu=True,
-                                                              report_to="none", disable_tqdm=True))
+    trainer = cpu_trainer(model, tmp_path)
     with torch.no_grad():
         loss = trainer.compute_loss(model, batch)
         total, count = 0.0, 0
@@ -132,11 +144,9 @@ def test_the_padding_free_batch_leaves_out_only_tokens_without_a_later_target(ti
 def test_the_last_layer_on_kept_rows_gives_the_same_loss_and_gradients(tiny_llama_dir: Path, tmp_path: Path):
     """With prompts masked, the job runs the last layer's o_proj and MLP only where a logit is kept: the loss and
     every LoRA gradient match the full computation, and the layers get their own forward back afterwards."""
-    from transformers import TrainingArguments
-
     from modules.training.formatting import IGNORE_INDEX, Example
     from modules.training.last_layer import position_wise_tail
-    from modules.training.trainer import LoraTrainer, PaddingFreeCollator
+    from modules.training.trainer import PaddingFreeCollator
 
     examples = [Example(ids, [IGNORE_INDEX] * 6 + ids[6:], "") for ids in token_ids(tiny_llama_dir)]
     batch = PaddingFreeCollator()([{"examples": examples}])
@@ -146,12 +156,11 @@ def test_the_last_layer_on_kept_rows_gives_the_same_loss_and_gradients(tiny_llam
         fuse_lora_linears(model)
         o_proj, mlp = position_wise_tail(model)
         forwards = (o_proj.forward, mlp.forward)
-        trainer = LoraTrainer(model=model, select_last_rows=select_rows, args=TrainingArguments(
-            output_dir=str(tmp_path), use_cpu=True, report_to="none", disable_tqdm=True))
+        trainer = cpu_trainer(model, tmp_path, select_last_rows=select_rows)
         loss = trainer.compute_loss(model, batch)
         loss.backward()
         assert (o_proj.forward, mlp.forward) == forwards
-        results.append((loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+        results.append((loss.item(), lora_grads(model)))
     (full_loss, full_grads), (rows_loss, rows_grads) = results
     assert rows_loss == pytest.approx(full_loss, rel=1e-5)
     assert rows_grads.keys() == full_grads.keys()

@@ -83,10 +83,8 @@ def fuse_lora_linears(model: torch.nn.Module) -> int:
     for module in model.modules():
         if type(module) is not LoraLinear or type(module.base_layer) is not torch.nn.Linear:
             continue
-        if hasattr(module, "_peft_forward"):
-            fused += 1
-            continue
-        module._peft_forward = module.forward
-        module.forward = types.MethodType(_fused_forward, module)
+        if not hasattr(module, "_peft_forward"):  # not fused by an earlier call
+            module._peft_forward = module.forward
+            module.forward = types.MethodType(_fused_forward, module)
         fused += 1
     return fused

@@ -83,7 +83,7 @@ class PaddingFreeCollator:
                 ids += example.input_ids[:last_target]
                 positions += range(last_target)
                 labels += [IGNORE_INDEX] + example.labels[1:last_target]  # the first token is never a target
-                shift += example.labels[1:last_target + 1] + [IGNORE_INDEX] * (last_target + 1 - len(example.labels))
+                shift += (example.labels + [IGNORE_INDEX])[1:last_target + 1]  # the next token's label, if any
         return {"input_ids": torch.tensor([ids]), "position_ids": torch.tensor([positions]),
                 "labels": torch.tensor([labels]), "shift_labels": torch.tensor([shift]),
                 "example_tokens": torch.tensor(whole)}
