@@ -17,6 +17,7 @@ from pydantic import Field, model_validator
 from loaders.base import Capability, LoadedModel, Loader, LoaderOptions, ModelInfo, gguf_files
 from loaders.transformers_support import (IncrementalDetokenizer, LogprobRecorder, QueueStreamer,
                                           check_memory, decode_loop, pick_dtype, weight_files)
+from modules.cuda_attention import avoid_cudnn_attention
 from modules.errors import GenerationError, ModelLoadError, WorkbenchError
 from modules.memory import release_memory
 from modules.generation import GenerationParams, TokenEvent
@@ -91,6 +92,7 @@ class TransformersModel(LoadedModel):
         self.extra_processors: list[Any] = []  # logits processors added by extensions
         source, kwargs = self._from_pretrained_args(path, options)
         model = None
+        avoid_cudnn_attention()  # every decoded token is a new length to cuDNN (modules.cuda_attention)
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(source, **{k: v for k, v in kwargs.items()
                                                                        if k in ("gguf_file", "trust_remote_code")})

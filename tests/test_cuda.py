@@ -1,0 +1,174 @@
+"""The CUDA paths, on the starter model: bitsandbytes 4-bit and 8-bit loading in the Transformers loader, a QLoRA
+job (4-bit NF4 base, bf16 compute), a bf16 LoRA job killed and resumed, and fused LoRA layers in bf16 on the GPU.
+
+CI has no GPU, so there these tests are skipped; run them on a CUDA machine with bitsandbytes installed:
+`python -m pytest tests/test_cuda.py`. What they gave on an H100 is in the README ("GPU")."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from modules.chat.templates import render_chat
+from modules.generation import GenerationParams
+from modules.model_manager import ModelManager
+from modules.starter import STARTER_HF_DIR
+from modules.training.config import Folders, TrainingConfig
+from modules.training.datasets import eval_texts
+from modules.training.jobs import JobManager
+from modules.training.perplexity import evaluate_perplexity
+from modules.training.progress import latest_checkpoint
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA paths need a CUDA GPU")
+
+ROOT = Path(__file__).resolve().parents[1]
+MODELS = ROOT / "models"
+GREEDY = GenerationParams(max_new_tokens=12, temperature=0.0, top_k=1, seed=1)
+FRANCE = "What is the capital of France? Answer in one short sentence."
+JOB_TIMEOUT = 900
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory: pytest.TempPathFactory, starter_hf: Path, instruction_data: list[dict]) -> dict:
+    root = tmp_path_factory.mktemp("cuda")
+    (root / "datasets").mkdir()
+    (root / "datasets" / "train.json").write_text(json.dumps(instruction_data[:935]))
+    (root / "datasets" / "val.json").write_text(json.dumps(instruction_data[935:990]))
+    jobs = JobManager(Folders(models=MODELS, loras=root / "loras", datasets=root / "datasets", runs=root / "runs"))
+    return {"root": root, "jobs": jobs, "test": instruction_data[990:1100]}
+
+
+def starter_config(name: str, **train: object) -> TrainingConfig:
+    return TrainingConfig(
+        name=name, base_model=STARTER_HF_DIR,
+        dataset={"train_file": "train.json", "eval_file": "val.json", "cutoff_len": 256},
+        lora={"rank": 16, "alpha": 32, "target_modules": ["all-linear"]},
+        train={"max_steps": 40, "micro_batch_size": 8, "learning_rate": 1e-3, "save_steps": 10, "eval_steps": 40,
+               **train})
+
+
+def ask(manager: ModelManager, question: str) -> str:
+    prompt = render_chat(manager.model.chat_template, [{"role": "user", "content": question}],
+                         add_generation_prompt=True)
+    return manager.complete(prompt, GREEDY, add_bos=False).text
+
+
+def held_out_answers(manager: ModelManager, records: list[dict]) -> list[str]:
+    return [ask(manager, r["instruction"] + (f"\n\n{r['input']}" if r["input"] else "")) for r in records]
+
+
+def finished_evals(jobs: JobManager, name: str) -> list[dict]:
+    status = jobs.wait(name, JOB_TIMEOUT)
+    assert status.state == "finished", jobs.log_tail(name, 80)
+    return [r for r in jobs.progress(name)[0] if r["type"] == "eval"]
+
+
+def test_bitsandbytes_4_and_8_bit_loading_answer_like_bf16(starter_hf: Path, tmp_path: Path):
+    import bitsandbytes as bnb
+
+    manager = ModelManager(MODELS, tmp_path)
+    footprints, answers = {}, {}
+    for label, options in (("bf16", {"dtype": "bfloat16"}),
+                           ("nf4", {"load_in_4bit": True, "quant_type": "nf4", "use_double_quant": True}),
+                           ("fp4", {"load_in_4bit": True, "quant_type": "fp4", "compute_dtype": "float16"}),
+                           ("int8", {"load_in_8bit": True})):
+        manager.load(STARTER_HF_DIR, "transformers", options)
+        model = manager.model.model
+        assert {p.device.type for p in model.parameters()} == {"cuda"}, label
+        layer = model.model.layers[0].mlp.down_proj
+        expected = {"bf16": torch.nn.Linear, "nf4": bnb.nn.Linear4bit, "fp4": bnb.nn.Linear4bit,
+                    "int8": bnb.nn.Linear8bitLt}[label]
+        assert type(layer) is expected, (label, type(layer))
+        assert not torch.backends.cuda.cudnn_sdp_enabled()  # modules.cuda_attention: no plan per new length
+        footprints[label] = model.get_memory_footprint()
+        answers[label] = ask(manager, FRANCE)
+        manager.unload()
+    print("footprints (MB):", {k: round(v / 1e6, 1) for k, v in footprints.items()}, "answers:", answers)
+    # the tied embedding (28 M of the 135 M parameters) stays in bf16; every linear layer shrinks
+    assert footprints["nf4"] < 0.6 * footprints["bf16"] and footprints["int8"] < 0.75 * footprints["bf16"]
+    for label, answer in answers.items():
+        assert "Paris" in answer, (label, answer)
+
+
+def test_qlora_job_lowers_the_eval_loss_and_its_adapter_applies_to_a_4_bit_base(workspace: dict):
+    jobs, root = workspace["jobs"], workspace["root"]
+    jobs.start(starter_config("qlora", qlora=True, precision="bf16"))
+    evals = finished_evals(jobs, "qlora")
+    print("qlora evals:", evals)
+    assert [r["step"] for r in evals] == [0, 40]
+    assert evals[-1]["eval_loss"] < evals[0]["eval_loss"] - 0.1
+    train = [r for r in jobs.progress("qlora")[0] if r["type"] == "train"]
+    assert all(r["tok_s"] > 0 for r in train) and train[-1]["eta_s"] == 0
+    adapter = root / "loras" / "qlora" / "adapter_model.safetensors"
+    assert adapter.is_file()
+
+    manager = ModelManager(MODELS, root / "loras")
+    manager.load(STARTER_HF_DIR, "transformers", {"load_in_4bit": True, "use_double_quant": True})
+    model = manager.model
+    text = "\n\n".join(eval_texts(jobs.config("qlora").dataset, root / "datasets", seed=0,
+                                  chat_template=model.chat_template, bos=model.bos_token, eos=model.eos_token))
+    held_out = workspace["test"][:3]
+    before = held_out_answers(manager, held_out)
+    base_ppl = evaluate_perplexity(manager, text, source="eval split", context_length=512, stride=256).perplexity
+    info = manager.apply_loras(["qlora"])
+    after = held_out_answers(manager, held_out)
+    lora_ppl = evaluate_perplexity(manager, text, source="eval split", context_length=512, stride=256).perplexity
+    manager.unload()
+    print("perplexity base / lora:", base_ppl, lora_ppl, "answers:", before, after)
+    assert info.loras == ["qlora"]
+    assert before != after
+    assert lora_ppl < base_ppl
+
+
+def test_bf16_job_with_gradient_checkpointing_resumes_after_kill_9(workspace: dict):
+    jobs = workspace["jobs"]
+    steps = 80  # the kill lands well before the end (an H100 ran 0.4-0.7 s per step of this job)
+    jobs.start(starter_config("bf16", precision="bf16", gradient_checkpointing=True, max_steps=steps,
+                              eval_steps=steps))
+    deadline = time.monotonic() + JOB_TIMEOUT
+    while not any(r["type"] == "train" and r["step"] >= 15 for r in jobs.progress("bf16")[0]):
+        assert jobs.status("bf16").active, jobs.log_tail("bf16", 80)
+        assert time.monotonic() < deadline, "the bf16 job never reached step 15"
+        time.sleep(0.05)
+    jobs.kill("bf16")
+    resumed_from = int(latest_checkpoint(jobs.run_dir("bf16")).name.split("-")[-1])
+    assert resumed_from >= 10
+    jobs.resume("bf16")
+    evals = finished_evals(jobs, "bf16")
+    records = jobs.progress("bf16")[0]
+    print("bf16 evals:", evals)
+    assert [r["step"] for r in records if r["type"] == "train"] == list(range(1, steps + 1))
+    assert [r["event"] for r in records if r["type"] == "event"] == ["started", "resumed", "finished"]
+    assert evals[-1]["eval_loss"] < evals[0]["eval_loss"] - 0.1
+
+
+def test_fused_lora_layers_match_peft_in_bf16_on_the_gpu(tiny_llama_dir: Path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from modules.training.fused_lora import fuse_lora_linears
+
+    def run(fused: bool) -> tuple[float, dict[str, torch.Tensor]]:
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.bfloat16).cuda()
+        model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(parameter, std=0.1)
+        if fused:
+            assert fuse_lora_linears(model) == 2 * 7
+        ids = torch.arange(1, 65, device="cuda").unsqueeze(0)
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        return loss.item(), {n: p.grad.float() for n, p in model.named_parameters() if p.grad is not None}
+
+    peft_loss, peft_grads = run(False)
+    fused_loss, fused_grads = run(True)
+    assert fused_loss == pytest.approx(peft_loss, rel=2e-2)
+    assert fused_grads.keys() == peft_grads.keys() and len(peft_grads) == 2 * 2 * 7
+    for name, grad in peft_grads.items():  # bf16 sums in another order: compare directions, not bits
+        cosine = torch.nn.functional.cosine_similarity(fused_grads[name].flatten(), grad.flatten(), dim=0)
+        assert cosine > 0.99, (name, cosine.item())
