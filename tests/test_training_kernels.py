@@ -141,6 +141,44 @@ def test_the_padding_free_batch_leaves_out_only_tokens_without_a_later_target(ti
     assert loss.item() == pytest.approx(total / count, rel=1e-5)
 
 
+def test_a_shared_prefix_written_once_trains_like_the_examples_written_out(tiny_llama_dir: Path, tmp_path: Path):
+    """A system prompt that every example starts with goes into the row once; each example continues from it. The
+    job's loss and every LoRA gradient equal those of the row with each example written out in full; a prefix
+    that holds a trained token is not shared."""
+    from modules.training.formatting import IGNORE_INDEX, Example
+    from modules.training.trainer import PaddingFreeCollator
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    prefix = tokenizer("You are a helpful assistant. Answer briefly.")["input_ids"]
+    examples = [Example(prefix + ids, [IGNORE_INDEX] * (len(prefix) + 3) + ids[3:], "")
+                for ids in token_ids(tiny_llama_dir)]
+    full = PaddingFreeCollator()([{"examples": examples}])
+    shared = PaddingFreeCollator(share_prefix=True)([{"examples": examples}])
+    assert shared["input_ids"].shape[1] == full["input_ids"].shape[1] - 2 * len(prefix)
+    assert int(shared["example_tokens"]) == int(full["example_tokens"])
+    positions = shared["position_ids"][0].tolist()
+    assert positions[:len(prefix) + 1] == list(range(len(prefix) + 1))
+    assert positions.count(len(prefix)) == len(examples)  # every example continues at the prefix's length
+    assert (shared["shift_labels"] != IGNORE_INDEX).sum() == (full["shift_labels"] != IGNORE_INDEX).sum()
+
+    results = []
+    for batch in (full, shared):
+        model = lora_model(tiny_llama_dir, attention=PACKED_SDPA)
+        fuse_lora_linears(model)
+        loss = cpu_trainer(model, tmp_path, select_last_rows=True).compute_loss(model, batch)
+        loss.backward()
+        results.append((loss.item(), lora_grads(model)))
+    (full_loss, full_grads), (shared_loss, shared_grads) = results
+    assert shared_loss == pytest.approx(full_loss, rel=1e-5)
+    assert shared_grads.keys() == full_grads.keys() and len(full_grads) == 2 * 2 * 7
+    for name, grad in full_grads.items():
+        torch.testing.assert_close(shared_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+    raw = [Example(e.input_ids, list(e.input_ids), "") for e in examples]  # raw text: every token trained
+    assert torch.equal(PaddingFreeCollator(share_prefix=True)([{"examples": raw}])["input_ids"],
+                       PaddingFreeCollator()([{"examples": raw}])["input_ids"])
+
+
 def test_the_last_layer_on_kept_rows_gives_the_same_loss_and_gradients(tiny_llama_dir: Path, tmp_path: Path):
     """With prompts masked, the job runs the last layer's o_proj and MLP only where a logit is kept: the loss and
     every LoRA gradient match the full computation, and the layers get their own forward back afterwards."""

@@ -93,6 +93,9 @@ class TrainOptions(_Strict):
     padding_free: bool = Field(True, description="Concatenate each micro-batch into one row with restarting "
                                                  "positions instead of padding (needs a model whose attention "
                                                  "honours position_ids, as Llama-style models do).")
+    shared_prefix: bool = Field(True, description="Padding-free: compute the prompt prefix that all the examples of "
+                                                  "a micro-batch share (a system prompt, an Alpaca preamble) once "
+                                                  "(same loss and gradients).")
     fused_lora: bool = Field(True, description="Accumulate each LoRA product into its base layer's output in one "
                                                "step (same arithmetic, fewer passes over memory).")
     eval_steps: int = Field(0, ge=0, description="Evaluate every N steps; 0 = only at the end.")

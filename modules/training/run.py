@@ -135,7 +135,10 @@ class TrainingJob:
             eval_items = pack_examples(data.eval, config.dataset.cutoff_len)
         else:
             train_items, eval_items = single_items(data.train), single_items(data.eval)
-        collator = (PaddingFreeCollator() if train.padding_free else PaddedCollator(tokenizer.pad_token_id))
+        if train.padding_free:
+            collator = PaddingFreeCollator(share_prefix=train.shared_prefix and packed_attention(model))
+        else:
+            collator = PaddedCollator(tokenizer.pad_token_id)
         args = self.training_arguments(has_eval=bool(eval_items))
         callback = ProgressCallback(self.run_dir, stop)
         callbacks: list[Any] = [callback]
@@ -302,6 +305,15 @@ def restore_adapter(model: Any, checkpoint: Path) -> None:
     from safetensors.torch import load_file
 
     set_peft_model_state_dict(model, load_file(checkpoint / "adapter_model.safetensors"))
+
+
+def packed_attention(model: Any) -> bool:
+    """Whether the model runs modules.training.attention, the one attention that reads shared prefixes back
+    (Transformers' mask builder would cut each example off from the prefix)."""
+    from modules.training.attention import PACKED_SDPA
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return getattr(base.config, "_attn_implementation", None) == PACKED_SDPA
 
 
 def use_cpu(config: TrainingConfig) -> bool:

@@ -66,27 +66,48 @@ class PaddingFreeCollator:
 
     Each example is cut after the last position that predicts a trained token: the tokens after it (at least the
     closing one, whose next token is not the example's) have no target and no later token of the example attends
-    to them, so computing them changes nothing. `example_tokens` counts the examples' whole lengths, the tokens/s
-    the progress lines report."""
+    to them, so computing them changes nothing. With `share_prefix`, the leading tokens that every example has in
+    common and trains on nowhere are written once; each example continues from them (positions going on from the
+    prefix's length), which modules.training.attention reads back. Their hidden states are the same in every
+    example, so the loss and gradients are those of the examples written out in full. `example_tokens` counts the
+    examples' whole lengths, the tokens/s the progress lines report."""
+
+    def __init__(self, share_prefix: bool = False):
+        self.share_prefix = share_prefix
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        ids: list[int] = []
-        positions: list[int] = []
-        labels: list[int] = []
-        shift: list[int] = []
-        whole = 0
-        for feature in features:
-            for example in feature["examples"]:
-                whole += len(example.input_ids)
-                last_target = max((i for i, label in enumerate(example.labels) if label != IGNORE_INDEX and i > 0),
-                                  default=len(example.input_ids))
-                ids += example.input_ids[:last_target]
-                positions += range(last_target)
-                labels += [IGNORE_INDEX] + example.labels[1:last_target]  # the first token is never a target
-                shift += (example.labels + [IGNORE_INDEX])[1:last_target + 1]  # the next token's label, if any
+        examples = [example for feature in features for example in feature["examples"]]
+        cuts = [max((i for i, label in enumerate(e.labels) if label != IGNORE_INDEX and i > 0),
+                    default=len(e.input_ids)) for e in examples]
+        shared = shared_prefix(examples, cuts) if self.share_prefix and len(examples) > 1 else 0
+        first = examples[0]
+        ids: list[int] = first.input_ids[:shared]
+        positions: list[int] = list(range(shared))
+        labels: list[int] = ([IGNORE_INDEX] + first.labels[1:shared])[:shared]
+        shift: list[int] = [IGNORE_INDEX] * shared  # shared_prefix: no target inside the prefix
+        for example, cut in zip(examples, cuts):
+            ids += example.input_ids[shared:cut]
+            positions += range(shared, cut)
+            labels += ([] if shared else [IGNORE_INDEX]) + example.labels[max(shared, 1):cut]  # never the first
+            shift += (example.labels + [IGNORE_INDEX])[shared + 1:cut + 1]  # the next token's label, if any
         return {"input_ids": torch.tensor([ids]), "position_ids": torch.tensor([positions]),
                 "labels": torch.tensor([labels]), "shift_labels": torch.tensor([shift]),
-                "example_tokens": torch.tensor(whole)}
+                "example_tokens": torch.tensor(sum(len(e.input_ids) for e in examples))}
+
+
+def shared_prefix(examples: list[Example], cuts: list[int]) -> int:
+    """How many leading tokens all `examples` have in common with no trained target among them (not even the
+    next token's), keeping at least one token of each example (cut at `cuts`) out of it."""
+    limit = min(cuts) - 1
+    head = examples[0].input_ids
+    length = 0
+    while length < limit and all(e.input_ids[length] == head[length] for e in examples[1:]):
+        length += 1
+    for example in examples:  # position t predicts labels[t + 1]
+        trained = next((i for i in range(1, length + 1) if example.labels[i] != IGNORE_INDEX), None)
+        if trained is not None:
+            length = trained - 1
+    return length
 
 
 class PaddedCollator:
