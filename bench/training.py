@@ -2,6 +2,7 @@
 seed and steps, in the same run; with the final loss of each.
 
     python bench/training.py [--steps 20] [--batch 8] [--repeats 3] [--records 400] [--model SmolLM2-135M-Instruct]
+                             [--ours shared_prefix=false ...]
 
 Ours is the real job (`python -m modules.training.run`, started through JobManager): padding-free micro-batches
 (one row, positions restarting per example, so no padding and no cross-example attention) and logits computed
@@ -24,6 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import yaml
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -40,7 +43,7 @@ def job_config(args: argparse.Namespace, name: str, **train: object) -> Training
         dataset={"train_file": "train.json", "cutoff_len": args.cutoff},
         lora={"rank": args.rank, "alpha": 2 * args.rank, "dropout": 0.0, "target_modules": [args.targets]},
         train={"max_steps": args.steps, "micro_batch_size": args.batch, "learning_rate": 1e-3, "save_steps": 10_000,
-               "seed": args.seed, "logging_steps": 1, **train})
+               "seed": args.seed, "logging_steps": 1, **args.ours_options, **train})
 
 
 def run_ours(args: argparse.Namespace, work: Path, name: str, **train: object) -> dict:
@@ -117,7 +120,10 @@ def main() -> int:
     parser.add_argument("--targets", default="all-linear", help="all-linear, or q,k,v,o,... short names.")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--packing", action="store_true", help="Also run ours with packing (reported apart).")
+    parser.add_argument("--ours", action="append", default=[], metavar="OPTION=VALUE",
+                        help="A train option for our job, e.g. shared_prefix=false (to measure one piece).")
     args = parser.parse_args()
+    args.ours_options = {k: yaml.safe_load(v) for k, _, v in (o.partition("=") for o in args.ours)}
     with tempfile.TemporaryDirectory(prefix="bench-training-") as tmp:
         work = Path(tmp)
         (work / "datasets").mkdir()
