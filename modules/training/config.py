@@ -95,7 +95,8 @@ class TrainOptions(_Strict):
                                                  "honours position_ids, as Llama-style models do).")
     shared_prefix: bool = Field(True, description="Padding-free: compute the prompt prefix that all the examples of "
                                                   "a micro-batch share (a system prompt, an Alpaca preamble) once "
-                                                  "(same loss and gradients).")
+                                                  "(same loss and gradients; with LoRA dropout the prefix "
+                                                  "draws one dropout mask for the micro-batch).")
     fused_lora: bool = Field(True, description="Accumulate each LoRA product into its base layer's output in one "
                                                "step (same arithmetic, fewer passes over memory).")
     eval_steps: int = Field(0, ge=0, description="Evaluate every N steps; 0 = only at the end.")

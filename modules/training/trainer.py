@@ -69,7 +69,8 @@ class PaddingFreeCollator:
     to them, so computing them changes nothing. With `share_prefix`, the leading tokens that every example has in
     common and trains on nowhere are written once; each example continues from them (positions going on from the
     prefix's length), which modules.training.attention reads back. Their hidden states are the same in every
-    example, so the loss and gradients are those of the examples written out in full. `example_tokens` counts the
+    example, so the loss and gradients are those of the examples written out in full (with LoRA dropout, the
+    prefix draws one mask for the micro-batch instead of one per example). `example_tokens` counts the
     examples' whole lengths, the tokens/s the progress lines report."""
 
     def __init__(self, share_prefix: bool = False):
