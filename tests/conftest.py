@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from modules.chat.templates import render_chat
 from modules.starter import STARTER_GGUF, STARTER_HF_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -18,6 +20,21 @@ def _require(path: Path, how: str) -> Path:
     if not path.exists():
         pytest.fail(f"{path} is missing: {how}", pytrace=False)
     return path
+
+
+def instruction_prompts(template: str, records: list[dict]) -> list[str]:
+    """Alpaca-style records (instruction, input) as single user turns in the model's chat template."""
+    out = []
+    for record in records:
+        user = record["instruction"] + (f"\n\n{record['input']}" if record["input"] else "")
+        out.append(render_chat(template, [{"role": "user", "content": user}], add_generation_prompt=True))
+    return out
+
+
+def greedy_answers(manager: Any, records: list[dict], params: Any) -> list[str]:
+    """The loaded model's answers to `records` (see instruction_prompts) under `params`."""
+    return [manager.complete(p, params, add_bos=False).text
+            for p in instruction_prompts(manager.model.chat_template, records)]
 
 
 @pytest.fixture(scope="session")

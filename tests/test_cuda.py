@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from modules.chat.templates import render_chat
+from conftest import FRANCE, MODEL_DIR as MODELS, greedy_answers
 from modules.generation import GenerationParams
 from modules.model_manager import ModelManager
 from modules.starter import STARTER_HF_DIR
@@ -24,10 +24,7 @@ from modules.training.progress import latest_checkpoint
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA paths need a CUDA GPU")
 
-ROOT = Path(__file__).resolve().parents[1]
-MODELS = ROOT / "models"
 GREEDY = GenerationParams(max_new_tokens=12, temperature=0.0, top_k=1, seed=1)
-FRANCE = "What is the capital of France? Answer in one short sentence."
 JOB_TIMEOUT = 900
 
 
@@ -51,13 +48,7 @@ def starter_config(name: str, **train: object) -> TrainingConfig:
 
 
 def ask(manager: ModelManager, question: str) -> str:
-    prompt = render_chat(manager.model.chat_template, [{"role": "user", "content": question}],
-                         add_generation_prompt=True)
-    return manager.complete(prompt, GREEDY, add_bos=False).text
-
-
-def held_out_answers(manager: ModelManager, records: list[dict]) -> list[str]:
-    return [ask(manager, r["instruction"] + (f"\n\n{r['input']}" if r["input"] else "")) for r in records]
+    return greedy_answers(manager, [{"instruction": question, "input": ""}], GREEDY)[0]
 
 
 def finished_evals(jobs: JobManager, name: str) -> list[dict]:
@@ -111,10 +102,10 @@ def test_qlora_job_lowers_the_eval_loss_and_its_adapter_applies_to_a_4_bit_base(
     text = "\n\n".join(eval_texts(jobs.config("qlora").dataset, root / "datasets", seed=0,
                                   chat_template=model.chat_template, bos=model.bos_token, eos=model.eos_token))
     held_out = workspace["test"][:3]
-    before = held_out_answers(manager, held_out)
+    before = greedy_answers(manager, held_out, GREEDY)
     base_ppl = evaluate_perplexity(manager, text, source="eval split", context_length=512, stride=256).perplexity
     info = manager.apply_loras(["qlora"])
-    after = held_out_answers(manager, held_out)
+    after = greedy_answers(manager, held_out, GREEDY)
     lora_ppl = evaluate_perplexity(manager, text, source="eval split", context_length=512, stride=256).perplexity
     manager.unload()
     print("perplexity base / lora:", base_ppl, lora_ppl, "answers:", before, after)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from modules.chat.templates import render_chat
+from conftest import greedy_answers
 from modules.generation import GenerationParams
 from modules.model_manager import ModelManager
 from modules.starter import STARTER_GGUF, STARTER_HF_DIR
@@ -42,16 +42,8 @@ def trained(tmp_path_factory: pytest.TempPathFactory, starter_gguf: Path, starte
     return {"root": root, "jobs": jobs, "config": jobs.config("alpaca"), "test": instruction_data[990:1100]}
 
 
-def prompts(template: str, records: list[dict]) -> list[str]:
-    out = []
-    for record in records:
-        user = record["instruction"] + (f"\n\n{record['input']}" if record["input"] else "")
-        out.append(render_chat(template, [{"role": "user", "content": user}], add_generation_prompt=True))
-    return out
-
-
 def answers(manager: ModelManager, records: list[dict]) -> list[str]:
-    return [manager.complete(p, GREEDY, add_bos=False).text for p in prompts(manager.model.chat_template, records)]
+    return greedy_answers(manager, records, GREEDY)
 
 
 def test_the_eval_loss_falls(trained):

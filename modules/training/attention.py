@@ -62,7 +62,7 @@ def row_segments(positions: torch.Tensor) -> list[tuple[int, int, int]]:
     wrote once for all the examples sharing it (modules.training.trainer.PaddingFreeCollator): `shared` = p. If
     the row does not begin with such a prefix, the example stands alone (shared = 0)."""
     starts = torch.cat([positions.new_zeros(1), (positions[1:] != positions[:-1] + 1).nonzero().flatten() + 1])
-    starts_list, firsts = starts.tolist(), positions[starts].tolist()
+    starts_list, firsts = torch.stack([starts, positions[starts]]).tolist()  # one device sync per layer, not two
     ends = starts_list[1:] + [positions.shape[0]]
     head = ends[0] if firsts[0] == 0 else 0
     return [(start, end, first if 0 < first <= head and index > 0 else 0)
