@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from modules.chat.templates import choose_template, render_chat  # noqa: E402
-from modules.generation import GenerationParams  # noqa: E402
+from modules.generation_params import GenerationParams  # noqa: E402
 from modules.model_manager import ModelManager  # noqa: E402
 from modules.starter import STARTER_GGUF, STARTER_HF_DIR  # noqa: E402
 

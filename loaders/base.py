@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from modules.errors import ConfigError, ModelLoadError
-from modules.generation import GenerationParams, TokenEvent
+from modules.generation_params import GenerationParams, TokenEvent
 
 
 class Capability(StrEnum):
@@ -58,7 +58,7 @@ class LoadedModel(ABC):
 
     loader_name: ClassVar[str]
     capabilities: frozenset[Capability] = frozenset()
-    #: GenerationParams fields this model honours (see modules.generation.check_supported).
+    #: GenerationParams fields this model honours (see modules.generation_params.check_supported).
     supported_params: frozenset[str] = frozenset()
 
     name: str

@@ -20,7 +20,7 @@ from loaders.base import Capability, LoadedModel, Loader, LoaderOptions, ModelIn
 from loaders.gguf_header import diagnose, trained_context
 from loaders.llama_cpp_sampling import build_sampler_chain, SUPPORTED_PARAMS
 from modules.errors import GenerationError, ModelLoadError
-from modules.generation import GenerationParams, TokenEvent, TopLogprob
+from modules.generation_params import GenerationParams, TokenEvent, TopLogprob
 
 CacheType = Literal["f16", "f32", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0", "iq4_nl"]
 

@@ -6,7 +6,7 @@ import json
 from typing import Any
 
 from modules.errors import ConfigError
-from modules.generation import GenerationParams
+from modules.generation_params import GenerationParams
 
 SUPPORTED_PARAMS = frozenset({
     "do_sample", "seed", "temperature", "temperature_last", "dynamic_temperature", "dynatemp_low", "dynatemp_high",

@@ -23,7 +23,7 @@ from pydantic import Field, field_validator
 
 from loaders.base import Capability, LoadedModel, Loader, LoaderOptions, ModelInfo
 from modules.errors import GenerationError, ModelLoadError
-from modules.generation import GenerationParams, TokenEvent, TopLogprob
+from modules.generation_params import GenerationParams, TokenEvent, TopLogprob
 
 _OPENAI_KNOBS = frozenset({"temperature", "top_p", "presence_penalty", "frequency_penalty", "seed", "logit_bias"})
 #: llama-cpp-python's server: CreateCompletionRequest's sampling fields.

@@ -20,7 +20,7 @@ from loaders.transformers_support import (IncrementalDetokenizer, LogprobRecorde
 from modules.cuda_attention import avoid_cudnn_attention
 from modules.errors import GenerationError, ModelLoadError, WorkbenchError
 from modules.memory import release_memory
-from modules.generation import GenerationParams, TokenEvent
+from modules.generation_params import GenerationParams, TokenEvent
 
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 

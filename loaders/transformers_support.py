@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from modules.errors import ModelLoadError
-from modules.generation import TokenEvent, TopLogprob
+from modules.generation_params import TokenEvent, TopLogprob
 
 _SAFE = ("*.safetensors",)
 _PICKLE = ("*.bin", "*.pt", "*.pth", "*.ckpt")

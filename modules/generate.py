@@ -52,7 +52,7 @@ def _loader_options(pairs: list[str]) -> dict[str, object]:
 def run(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from modules.chat.templates import choose_template, render_chat
-    from modules.generation import GenerationParams
+    from modules.generation_params import GenerationParams
     from modules.model_manager import ModelManager
     from modules.presets import load_preset
 

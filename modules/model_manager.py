@@ -17,7 +17,7 @@ from typing import Any
 from loaders.base import Capability, LoadedModel, LoaderRegistry, ModelInfo
 from modules.cpu_threads import in_short_lived_thread
 from modules.errors import GenerationError, ModelLoadError, NoModelLoaded, WorkbenchError
-from modules.generation import GenerationParams, GenerationStats, check_supported
+from modules.generation_params import GenerationParams, GenerationStats, check_supported
 from modules.memory import release_memory, weights_in_mmap
 from modules.paths import resolve_inside
 from modules.stopping import StopStringFilter, StreamChunk

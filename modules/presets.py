@@ -8,7 +8,7 @@ import yaml
 from pydantic import ValidationError
 
 from modules.errors import ConfigError, PathError
-from modules.generation import GenerationParams
+from modules.generation_params import GenerationParams
 from modules.paths import atomic_write_text, resolve_inside
 
 SUFFIX = ".yaml"

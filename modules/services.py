@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from modules.errors import WorkbenchError
-from modules.generation import GenerationParams
+from modules.generation_params import GenerationParams
 from modules.model_manager import ModelManager
 from modules.presets import load_preset, params_from_mapping
 from modules.settings import Settings

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from loaders.base import BUILTIN_LOADERS, LoaderOptions
 from modules.errors import ConfigError
-from modules.generation import GenerationParams
+from modules.generation_params import GenerationParams
 
 DEFAULT_SETTINGS_FILE = Path("user_data/settings.yaml")
 

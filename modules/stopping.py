@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from modules.generation import TokenEvent
+from modules.generation_params import TokenEvent
 
 
 @dataclass

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from conftest import FRANCE, MODEL_DIR as MODELS, greedy_answers
-from modules.generation import GenerationParams
+from modules.generation_params import GenerationParams
 from modules.model_manager import ModelManager
 from modules.starter import STARTER_HF_DIR
 from modules.training.config import Folders, TrainingConfig

@@ -11,7 +11,7 @@ import pytest
 
 from conftest import ROOT
 from modules.extensions import BUILTIN_DIR, ExtensionRegistry, requirement_files, start_extensions
-from modules.generation import GenerationParams
+from modules.generation_params import GenerationParams
 from modules.model_manager import ModelManager
 from modules.services import Services
 from modules.settings import Settings, load_settings

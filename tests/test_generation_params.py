@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 
 from modules.errors import ConfigError, PathError, UnsupportedParameter
-from modules.generation import SAMPLER_NAMES, GenerationParams, check_supported, unsupported_knobs
+from modules.generation_params import SAMPLER_NAMES, GenerationParams, check_supported, unsupported_knobs
 from modules.presets import delete_preset, list_presets, load_preset, parse_preset_text, save_preset
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -14,7 +14,7 @@ import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, set_seed
 
 from modules.errors import ConfigError
-from modules.generation import GenerationParams
+from modules.generation_params import GenerationParams
 from modules.samplers import build_logits_processors, generate_kwargs
 from modules.samplers.grammar import GrammarCompilers, GrammarConstraint, compile_constraint
 

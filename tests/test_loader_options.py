@@ -11,7 +11,7 @@ import pytest
 from loaders.llama_cpp_loader import LlamaCppLoader, LlamaCppOptions
 from loaders.transformers_loader import TransformersLoader, TransformersOptions
 from modules.chat.templates import choose_template
-from modules.generation import GenerationParams
+from modules.generation_params import GenerationParams
 from modules.model_manager import ModelManager
 
 GREEDY = GenerationParams(do_sample=False, max_new_tokens=6, ban_eos_token=True)

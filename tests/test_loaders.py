@@ -10,7 +10,7 @@ import pytest
 from conftest import FRANCE, MODEL_DIR
 from modules.chat.templates import choose_template, render_chat
 from modules.errors import UnsupportedParameter
-from modules.generation import GenerationParams
+from modules.generation_params import GenerationParams
 from modules.model_manager import ModelManager
 from modules.starter import STARTER_GGUF, STARTER_HF_DIR
 

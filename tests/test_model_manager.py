@@ -13,7 +13,7 @@ import pytest
 
 from conftest import ROOT
 from modules.errors import ModelLoadError, NoModelLoaded, PathError, WorkbenchError
-from modules.generation import GenerationParams
+from modules.generation_params import GenerationParams
 from modules.model_manager import ModelManager
 from modules.starter import STARTER_GGUF
 
@@ -179,7 +179,7 @@ SWAP_SCRIPT = textwrap.dedent("""
     from transformers import LlamaForCausalLM
     import loaders.llama_cpp_loader, loaders.transformers_loader, modules.samplers
     from modules.model_manager import ModelManager
-    from modules.generation import GenerationParams
+    from modules.generation_params import GenerationParams
     rss = lambda: psutil.Process().memory_info().rss
     manager = ModelManager(Path(sys.argv[2]), Path(sys.argv[2]) / "loras")
     base = rss()

@@ -15,7 +15,7 @@ import pytest
 
 from conftest import FRANCE, ROOT
 from modules.errors import ModelLoadError
-from modules.generation import GenerationParams
+from modules.generation_params import GenerationParams
 from modules.model_manager import ModelManager
 from modules.services import Services, load_startup_model
 from modules.settings import Settings, load_settings

@@ -20,7 +20,7 @@ from transformers import (
 )
 
 from modules.errors import ConfigError
-from modules.generation import SAMPLER_NAMES, GenerationParams
+from modules.generation_params import SAMPLER_NAMES, GenerationParams
 from modules.samplers import TRANSFORMERS_SUPPORTED_PARAMS, build_logits_processors, generate_kwargs, sampler_order
 from modules.samplers.mirostat import Mirostat
 from modules.samplers.penalties import AdditivePenalty, DRYPenalty, PromptRepetitionPenalty, RangedRepetitionPenalty

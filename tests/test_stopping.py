@@ -1,5 +1,5 @@
 """The shared stop-string filter: split stop strings are caught and never shown in part."""
-from modules.generation import TokenEvent
+from modules.generation_params import TokenEvent
 from modules.stopping import StopStringFilter
 
 

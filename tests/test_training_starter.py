@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from conftest import greedy_answers
-from modules.generation import GenerationParams
+from modules.generation_params import GenerationParams
 from modules.model_manager import ModelManager
 from modules.starter import STARTER_GGUF, STARTER_HF_DIR
 from modules.training.config import Folders, TrainingConfig

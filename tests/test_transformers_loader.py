@@ -12,7 +12,7 @@ from conftest import FRANCE, MODEL_DIR
 from loaders.transformers_loader import TransformersLoader, TransformersOptions
 from modules.chat.templates import choose_template, render_chat
 from modules.errors import ModelLoadError
-from modules.generation import GenerationParams
+from modules.generation_params import GenerationParams
 from modules.model_manager import ModelManager
 from modules.starter import STARTER_GGUF, STARTER_HF_DIR
 

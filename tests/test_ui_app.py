@@ -19,7 +19,7 @@ from PIL.PngImagePlugin import PngInfo
 from playwright.sync_api import Browser, Page
 
 from conftest import FRANCE
-from modules.generation import GenerationParams
+from modules.generation_params import GenerationParams
 from modules.ui.parameters_tab import group_elem_id, grouped
 from ui_helpers import (Server, Workspace, chat_event, chat_messages, choose, last_reply, new_chat,
                         open_app, run_event, screenshot, send, set_text, tab)

@@ -9,7 +9,7 @@ import pytest
 
 from conftest import FRANCE, MODEL_DIR
 from modules.errors import ConfigError
-from modules.generation import GenerationParams
+from modules.generation_params import GenerationParams
 from modules.presets import load_preset
 from modules.services import build_services
 from modules.settings import ChatSettings, load_settings, loader_option_types

@@ -20,7 +20,7 @@ from extensions.openai.protocol import (ChatChoice, ChatCompletionChunk, ChatCom
                                         ErrorResponse, LogprobItem, ResponseMessage, ToolCall, TopLogprob, Usage)
 from extensions.openai.streaming import ClientGone, GenerationRun, HeldBackText, guarded, sse
 from modules.errors import WorkbenchError
-from modules.generation import GenerationParams, TokenEvent
+from modules.generation_params import GenerationParams, TokenEvent
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse} for status in (400, 401, 404, 503)}

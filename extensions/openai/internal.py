@@ -15,7 +15,7 @@ from extensions.openai.protocol import (DecodeRequest, DecodeResponse, EncodeReq
                                         ModelInfoResponse, ModelList, ModelNamesResponse, PredictRequest,
                                         PredictResponse, StatusResponse, TokenCountRequest, TokenCountResponse)
 from modules.errors import PathError, WorkbenchError
-from modules.generation import GenerationParams
+from modules.generation_params import GenerationParams
 
 router = APIRouter(responses=ERRORS)
 router.include_router(embeddings_router)

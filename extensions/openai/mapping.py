@@ -10,7 +10,7 @@ from pydantic import BaseModel, ValidationError
 
 from extensions.openai.errors import ApiError, api_error_from
 from modules.errors import WorkbenchError
-from modules.generation import GenerationParams
+from modules.generation_params import GenerationParams
 from modules.presets import load_preset
 
 _OPENAI_FIELDS = ("temperature", "top_p", "seed", "presence_penalty", "frequency_penalty")

@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
-from modules.generation import GenerationParams
+from modules.generation_params import GenerationParams
 
 MAX_N = 8  # most choices one request may ask for (each is a full generation on the one model)
 

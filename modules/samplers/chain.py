@@ -30,7 +30,7 @@ from transformers import (
 )
 
 from modules.errors import ConfigError
-from modules.generation import GenerationParams
+from modules.generation_params import GenerationParams
 from modules.samplers.grammar import GrammarConstraint, compile_constraint
 from modules.samplers.mirostat import Mirostat
 from modules.samplers.penalties import AdditivePenalty, DRYPenalty, PromptRepetitionPenalty, RangedRepetitionPenalty

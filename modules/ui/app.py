@@ -13,7 +13,7 @@ from modules.chat.characters import list_characters
 from modules.chat.prompt import MODES
 from modules.chat.templates import list_templates
 from modules.errors import ConfigError, WorkbenchError
-from modules.generation import GenerationParams
+from modules.generation_params import GenerationParams
 from modules.paths import atomic_write_text
 from modules.presets import list_presets
 from modules.services import Services

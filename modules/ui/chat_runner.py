@@ -15,7 +15,7 @@ from modules.chat.history import ChatHistory, ChatMessage
 from modules.chat.model_prompt import build_model_prompt, chat_character
 from modules.chat.prompt import PromptResult
 from modules.errors import ConfigError
-from modules.generation import GenerationParams
+from modules.generation_params import GenerationParams
 from modules.services import Services
 from modules.settings import ChatSettings
 from modules.ui.extension_hooks import RequestHooks, visible_text, with_visible

@@ -13,7 +13,7 @@ import gradio as gr
 from pydantic import ValidationError
 
 from modules.errors import ConfigError, WorkbenchError
-from modules.generation import GenerationParams
+from modules.generation_params import GenerationParams
 from modules.presets import params_from_mapping
 from modules.services import Services
 from modules.settings import ChatSettings, describe_validation_error

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from loaders.base import Capability
 from modules.errors import ConfigError
-from modules.generation import GenerationParams, TokenEvent
+from modules.generation_params import GenerationParams, TokenEvent
 from modules.services import Services
 from modules.ui.extension_hooks import RequestHooks
 from modules.ui.session_state import UiSession

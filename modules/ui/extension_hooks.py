@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from modules.generation import GenerationParams
+from modules.generation_params import GenerationParams
 from modules.presets import params_from_mapping
 from modules.services import Services
 from modules.settings import ChatSettings

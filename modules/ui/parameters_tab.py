@@ -9,7 +9,7 @@ from typing import Any
 
 import gradio as gr
 
-from modules.generation import GenerationParams, honoured_knobs
+from modules.generation_params import GenerationParams, honoured_knobs
 from modules.presets import delete_preset, list_presets, load_preset, save_preset
 from modules.ui.common import Confirm, UiContext, user_errors
 

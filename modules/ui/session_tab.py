@@ -7,7 +7,7 @@ from typing import Any
 import gradio as gr
 import yaml
 
-from modules.generation import GenerationParams
+from modules.generation_params import GenerationParams
 from modules.presets import load_preset
 from modules.services import Services
 from modules.settings import DEFAULT_SETTINGS_FILE, Settings, save_settings

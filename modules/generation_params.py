@@ -1,4 +1,4 @@
-"""Every sampling knob in one typed object, and the events a generation stream yields.
+"""GenerationParams: every sampling knob in one typed object; and the token events and stats a generation yields.
 
 GenerationParams is the single description of "how to generate" that presets, the Parameters tab, the API and
 the CLI all map onto. Loaders read it; each loader declares which knobs it honours (`LoadedModel.supported_params`)
