@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from modules.errors import ConfigError, ModelLoadError
+from modules.errors import ConfigError, ModelLoadError, describe_validation_error
 from modules.generation_params import GenerationParams, TokenEvent
 
 
@@ -26,8 +26,6 @@ class Capability(StrEnum):
     LOGPROBS = "logprobs"  # chosen-token and top-k log-probabilities
     GRAMMAR = "grammar"  # GBNF grammar and JSON schema constrained output
     LORA = "lora"  # apply/remove LoRA adapters on the loaded model
-    EMBEDDINGS = "embeddings"
-    BATCHING = "batching"
     LOGITS_PROCESSORS = "logits_processors"  # extensions may add logits processors
 
 
@@ -129,8 +127,7 @@ class Loader(ABC):
         try:
             return cls.Options(**(values or {}))
         except ValidationError as exc:
-            problems = "; ".join(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors())
-            raise ConfigError(f"Bad {cls.name} loader option(s): {problems}") from None
+            raise ConfigError(describe_validation_error(exc, f"Bad {cls.name} loader option(s)")) from None
 
 
 @dataclass(frozen=True)
@@ -155,7 +152,7 @@ BUILTIN_LOADERS: tuple[LoaderEntry, ...] = (
 
 
 class LoaderRegistry:
-    """The loaders an app knows, by name. Extensions may register more."""
+    """The loaders an app knows, by name. Extensions add theirs through the `register_loaders` hook."""
 
     def __init__(self, entries: tuple[LoaderEntry, ...] | list[LoaderEntry] = BUILTIN_LOADERS):
         self._entries: dict[str, LoaderEntry] = {entry.name: entry for entry in entries}

@@ -5,6 +5,8 @@ the UI shows it as is, the API maps it to an OpenAI error object, the CLI prints
 """
 from __future__ import annotations
 
+from typing import Any
+
 
 class WorkbenchError(Exception):
     """Base class: `str(error)` is the message to show."""
@@ -50,3 +52,42 @@ class BusyError(WorkbenchError):
 
     error_type = "server_error"
     status_code = 409
+
+
+def validation_problems(exc: Any, *, limit: int = 5) -> list[str]:
+    """One phrase per problem of a pydantic ValidationError ("unknown key 'x'", "bad value for 'a.b': why"), for
+    every caller that turns one into a message for a person (settings, presets, loader options, extension params,
+    chat files, API requests)."""
+    problems = []
+    for error in exc.errors():
+        key = ".".join(str(part) for part in error["loc"])
+        message = str(error["msg"]).removeprefix("Value error, ")
+        if error["type"] == "extra_forbidden":
+            problems.append(f"unknown key '{key}'")
+        elif error["type"] == "missing":
+            problems.append(f"'{key}' is required")
+        elif key:
+            problems.append(f"bad value for '{key}': {message}")
+        else:
+            problems.append(message)
+    unique = list(dict.fromkeys(problems))
+    return unique[:limit] + (["..."] if len(unique) > limit else [])
+
+
+def describe_validation_error(exc: Any, source: str = "") -> str:
+    """A pydantic ValidationError as one line: `source: problem; problem`."""
+    text = "; ".join(validation_problems(exc))
+    return f"{source}: {text}" if source else text
+
+
+class ChatChangedError(WorkbenchError):
+    """A chat's file changed in another page (or process) since this page read it, in a way that cannot be merged
+    with this page's change; the file was left as the other page wrote it. `kept_id` names the new chat that holds
+    this page's version when the caller asked for one to be kept."""
+
+    status_code = 409
+
+    def __init__(self, message: str, *, chat_id: str, kept_id: str | None = None):
+        super().__init__(message)
+        self.chat_id = chat_id
+        self.kept_id = kept_id

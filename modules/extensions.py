@@ -26,6 +26,8 @@ from typing import Any
 import pluggy
 from pydantic import BaseModel, ValidationError
 
+from modules.errors import describe_validation_error
+
 log = logging.getLogger(__name__)
 
 PROJECT = "workbench"
@@ -45,6 +47,16 @@ class HookSpecs:
     @hookspec
     def setup(self, app: Any, services: Any, params: Any) -> None:
         """Once at start: start work, add routes to `app` (the FastAPI app served on --api-port)."""
+
+    @hookspec
+    def start(self, app: Any, services: Any, params: Any) -> Any:
+        """After every extension's setup: serve `app` or start background work. Return a handle with `stop()` (and
+        `url` when it serves), or None. The core serves nothing itself: the extension that owns a port does."""
+
+    @hookspec
+    def register_loaders(self, loaders: Any, params: Any) -> None:
+        """Add loaders to `loaders` (the manager's loaders.base.LoaderRegistry) with `loaders.register(LoaderEntry(
+        name, module, class_name))`; they are then offered in the Model tab, --loader and the API's load route."""
 
     @hookspec
     def ui(self, services: Any, params: Any, components: dict[str, Any]) -> None:
@@ -68,10 +80,11 @@ class HookSpecs:
     def history_modifier(self, history: list[dict[str, Any]], params: Any) -> list[dict[str, Any]]:
         """Change the conversation (a list of {"role", "content"} messages) before the prompt is built."""
 
-    @hookspec(firstresult=True)
+    @hookspec
     def custom_generate_chat_prompt(self, messages: list[dict[str, Any]], state: dict[str, Any], services: Any,
                                     params: Any) -> str | None:
-        """Build the whole chat prompt yourself; None leaves it to the next extension or to modules.chat."""
+        """Build the whole chat prompt yourself; None leaves it to the next extension or to modules.chat. The first
+        extension (in enabled order) that returns a string wins."""
 
     @hookspec
     def output_modifier(self, text: str, state: dict[str, Any], tokens: list[Any], params: Any) -> str:
@@ -113,7 +126,8 @@ class ExtensionRegistry:
         #: name -> why it was disabled; shown to the user (UI messages, log).
         self.errors: dict[str, str] = {}
         self.app: Any = None  # the FastAPI app the setup hooks received (start_extensions)
-        self.server: Any = None  # the API server serving it, when the API is on
+        #: What the extensions' start hooks returned (servers, workers), by extension name.
+        self.handles: dict[str, Any] = {}
         self._lock = threading.Lock()
 
     # --- loading -------------------------------------------------------------------------------------------------
@@ -134,7 +148,7 @@ class ExtensionRegistry:
         try:
             folder = self._find(name)
             module = self._import(name, folder)
-            params = self._params(name, getattr(module, "params", None))
+            params = self.validated_params(name, module)
             self.plugins.register(module, name=name)
         except Exception as exc:  # an extension's import may raise anything: report it, go on
             self._fail(name, f"could not be loaded: {type(exc).__name__}: {exc}")
@@ -185,8 +199,14 @@ class ExtensionRegistry:
             raise
         return module
 
-    def _params(self, name: str, params: Any) -> Any:
-        """The extension's params with settings.yaml's `extensions.<name>` values on top (validated)."""
+    def import_package(self, name: str) -> ModuleType:
+        """The extension's package, imported (not enabled)."""
+        return self._import(name, self._find(name))
+
+    def validated_params(self, name: str, module: ModuleType) -> Any:
+        """The extension's params with settings.yaml's `extensions.<name>` values on top; a ValueError names a bad
+        or unknown key."""
+        params = getattr(module, "params", None)
         overrides = self.param_overrides.get(name) or {}
         if isinstance(params, BaseModel):
             unknown = [key for key in overrides if key not in type(params).model_fields]
@@ -196,8 +216,7 @@ class ExtensionRegistry:
             try:
                 return type(params).model_validate({**params.model_dump(), **overrides})
             except ValidationError as exc:
-                problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
-                raise ValueError(f"bad params in settings (extensions.{name}): {problems}") from None
+                raise ValueError(describe_validation_error(exc, f"extensions.{name}")) from None
         if isinstance(params, dict) or params is None:
             merged = dict(params or {})
             unknown = [key for key in overrides if params is not None and key not in merged]
@@ -321,42 +340,96 @@ class ExtensionRegistry:
 
 
 # --- start-up -------------------------------------------------------------------------------------------------
-def enabled_names(settings: Any) -> list[str]:
-    """The extensions to enable: --extensions / settings.yaml, plus `openai` when --api is on."""
-    names = list(settings.extensions)
-    if settings.api and "openai" not in names:
-        names.append("openai")
-    return names
-
-
-def start_extensions(services: Any, *, serve: bool = True) -> ExtensionRegistry:
-    """Enable the extensions the settings name, run their setup hooks on one FastAPI app, attach their logits
-    processors to every model the manager loads, and serve the app on --api-port when the API is on.
-    Failures become messages in services.startup_messages; the app always goes on."""
+def start_extensions(services: Any, *, serve: bool = True, folders: list[Path] | None = None) -> ExtensionRegistry:
+    """Enable the extensions the settings name, let them register loaders, run their setup hooks on one FastAPI
+    app, attach their logits processors to every model the manager loads, and (with `serve`) run their start
+    hooks, which serve the app where an extension owns a port. Failures become messages in
+    services.startup_messages; the app always goes on."""
     settings = services.settings
-    registry = ExtensionRegistry(param_overrides=settings.extension_params)
+    registry = ExtensionRegistry(folders, param_overrides=settings.extension_params)
     services.extensions = registry
-    names = enabled_names(settings)
-    registry.enable_all(names)
+    registry.enable_all(settings.extensions)
     if not registry.enabled:
         services.startup_messages.extend(registry.messages())
         return registry
     from fastapi import FastAPI
 
+    registry.call("register_loaders", loaders=services.manager.registry)
     app = FastAPI(title="LLM workbench API", version="1")
     registry.app = app
     registry.setup(app, services)
     services.manager.on_change(lambda event, _info: registry.attach_logits_processors(services, services.manager.model)
                                if event == "loaded" else None)
     registry.attach_logits_processors(services, services.manager.model)
-    if serve and "openai" in registry.enabled:
-        from extensions.openai.server import serve_app
-
-        server = serve_app(app, settings.host, settings.api_port)
-        registry.server = server
-        log.info("API on http://%s:%d/v1", settings.host, server.port)
+    if serve:
+        registry.handles = {name: handle for name, handle in registry.call("start", app=app, services=services)
+                            if handle is not None}
     services.startup_messages.extend(registry.messages())
     return registry
+
+
+# --- flags that extensions declare --------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ExtensionFlag:
+    """A setting an extension declares for the command line and the top level of settings.yaml: `--api` (enables
+    the extension: `param` is None) or `--api-port 5001` (sets `extension_params[extension][param]`). Declared in
+    the extension's package as `ENABLE_FLAG = "api"` and as `json_schema_extra={"flag": "api_port"}` on a field
+    of its `Params` model, so the core names no extension."""
+
+    name: str  # the settings key; the flag is --name-with-dashes
+    extension: str
+    param: str | None
+    annotation: Any
+    description: str
+
+
+def extension_flags(folders: list[Path] | None = None) -> list[ExtensionFlag]:
+    """The flags of every extension package in `folders` (default: the built-in ones). Reading them imports each
+    package's __init__ (which therefore must stay light); a package that fails to import declares nothing here
+    and is reported when it is enabled."""
+    flags: list[ExtensionFlag] = []
+    finder = ExtensionRegistry(folders)
+    for name in finder.available():
+        try:
+            module = finder.import_package(name)
+        except Exception:  # reported by enable(), with its reason, if the extension is ever enabled
+            continue
+        enable = getattr(module, "ENABLE_FLAG", None)
+        if isinstance(enable, str):
+            flags.append(ExtensionFlag(enable, name, None, bool, f"Enable the {name} extension."))
+        params = getattr(module, "params", None)
+        if isinstance(params, BaseModel):
+            for field_name, info in type(params).model_fields.items():
+                extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
+                if isinstance(extra.get("flag"), str):
+                    flags.append(ExtensionFlag(extra["flag"], name, field_name, info.annotation,
+                                               f"{info.description or ''} ({name} extension)".strip()))
+    return flags
+
+
+def apply_extension_flags(data: dict[str, Any], flags: list[ExtensionFlag]) -> dict[str, Any]:
+    """Move extension flag keys (`api: true`, `api_port: 5001`) of a settings mapping into `extensions` and
+    `extension_params`, so that flags and the top-level keys of settings.yaml mean the same as
+    `extensions: {openai: {port: 5001}}`."""
+    by_name = {flag.name: flag for flag in flags}
+    present = [key for key in data if key in by_name]
+    if not present:
+        return data
+    data = dict(data)
+    enabled = list(data.get("extensions") or [])
+    params = {name: dict(values) for name, values in (data.get("extension_params") or {}).items()}
+    for key in present:
+        flag, value = by_name[key], data.pop(key)
+        if flag.param is None:
+            if value and flag.extension not in enabled:
+                enabled.append(flag.extension)
+            elif not value and flag.extension in enabled:
+                enabled.remove(flag.extension)
+        else:
+            params.setdefault(flag.extension, {})[flag.param] = value
+    data["extensions"] = enabled
+    data["extension_params"] = params
+    return data
 
 
 # --- the start script asks which requirements to install --------------------------------------------------------
@@ -373,7 +446,7 @@ def requirement_files(argv: list[str]) -> list[Path]:
     except (SystemExit, Exception):  # bad flags or --help: webui.py will say so itself
         return []
     files = []
-    for name in enabled_names(settings):
+    for name in settings.extensions:
         if _NAME.match(name) and (BUILTIN_DIR / name / "requirements.txt").is_file():
             files.append(BUILTIN_DIR / name / "requirements.txt")
     return files

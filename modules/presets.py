@@ -7,7 +7,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from modules.errors import ConfigError, PathError
+from modules.errors import ConfigError, PathError, describe_validation_error
 from modules.generation_params import GenerationParams
 from modules.paths import atomic_write_text, resolve_inside
 
@@ -33,14 +33,7 @@ def params_from_mapping(values: Any, source: str) -> GenerationParams:
     try:
         return GenerationParams(**values)
     except ValidationError as exc:
-        problems = []
-        for error in exc.errors():
-            key = ".".join(str(p) for p in error["loc"]) or "(preset)"
-            if error["type"] == "extra_forbidden":
-                problems.append(f"unknown parameter '{key}'")
-            else:
-                problems.append(f"bad value for '{key}': {error['msg']}")
-        raise ConfigError(f"{source}: " + "; ".join(problems)) from None
+        raise ConfigError(describe_validation_error(exc, source)) from None
 
 
 def parse_preset_text(text: str, source: str) -> GenerationParams:

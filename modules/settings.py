@@ -15,7 +15,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from loaders.base import BUILTIN_LOADERS, LoaderOptions
-from modules.errors import ConfigError
+from modules.errors import ConfigError, describe_validation_error
+from modules.extensions import apply_extension_flags, extension_flags
 from modules.generation_params import GenerationParams
 
 DEFAULT_SETTINGS_FILE = Path("user_data/settings.yaml")
@@ -68,13 +69,11 @@ class Settings(BaseModel):
     gradio_auth_path: Path | None = Field(None, description="File of user:password lines protecting the UI.")
     multi_user: bool = Field(False, description="Each browser session keeps its own chats and state.")
     dark_theme: bool = Field(False, description="Start the UI in dark mode.")
-    # --- API and extensions -----------------------------------------------------------------------------------
-    api: bool = Field(False, description="Serve the OpenAI-compatible API.")
-    api_port: int = Field(5000, ge=1, le=65535, description="API port.")
-    api_key: str | None = Field(None, description="Bearer key every API request must send.")
-    admin_key: str | None = Field(None, description="Key for load/unload routes (default: --api-key).")
-    api_cors_origins: list[str] = Field(default_factory=list, description="Origins allowed by CORS (off if empty).")
-    api_autoload: bool = Field(False, description="Load a model named in an API request if it is not loaded.")
+    admin_users: list[str] = Field(default_factory=list, description="Signed-in users (--gradio-auth) who may "
+                                                                     "switch extensions with --multi-user.")
+    admin_ui: bool = Field(False, description="With --multi-user, show the operator's controls (extensions) to "
+                                              "every page (a single-operator setup).")
+    # --- extensions (the API is one: `--api` and its flags are declared by extensions/openai) ------------------
     extensions: list[str] = Field(default_factory=list, description="Extensions to enable (names in extensions/).")
     extension_params: dict[str, dict[str, Any]] = Field(default_factory=dict,
                                                         description="Parameters per extension.")
@@ -91,7 +90,10 @@ class Settings(BaseModel):
     @classmethod
     def _extensions_mapping(cls, data: Any) -> Any:
         """settings.yaml may write `extensions: {name: {param: value}}`, which enables each named extension
-        (unless it says `enabled: false`) and sets its params."""
+        (unless it says `enabled: false`) and sets its params; the flags extensions declare (`api: true`,
+        `api_port: 5001`) may also be written at the top level, as on the command line."""
+        if isinstance(data, dict) and isinstance(data.get("extensions"), str):
+            data = {**data, "extensions": [data["extensions"]]}
         if isinstance(data, dict) and isinstance(data.get("extensions"), dict):
             mapping = data["extensions"]
             data = dict(data)
@@ -104,7 +106,26 @@ class Settings(BaseModel):
                 params[name] = {**params.get(name, {}), **values}
             data["extensions"] = enabled
             data["extension_params"] = params
+        if isinstance(data, dict):
+            data = apply_extension_flags(data, extension_flags())
         return data
+
+    @model_validator(mode="after")
+    def _valid_extension_params(self) -> "Settings":
+        """Check the params given to each built-in extension against its Params model now, so a bad value stops
+        the start with the key named instead of disabling the extension later."""
+        from modules.extensions import BUILTIN_DIR, ExtensionRegistry
+
+        finder = ExtensionRegistry([BUILTIN_DIR], param_overrides=self.extension_params)
+        available = finder.available()
+        for name in self.extension_params:
+            if name in available:
+                try:
+                    module = finder.import_package(name)
+                except Exception:  # reported, with its reason, when the extension is enabled
+                    continue
+                finder.validated_params(name, module)  # a ValueError names the key
+        return self
 
     @field_validator("generation")
     @classmethod
@@ -156,17 +177,6 @@ def read_settings_file(path: Path) -> dict[str, Any]:
     return data
 
 
-def describe_validation_error(exc: ValidationError, source: str) -> str:
-    lines = []
-    for error in exc.errors():
-        key = ".".join(str(part) for part in error["loc"]) or "(top level)"
-        if error["type"] == "extra_forbidden":
-            lines.append(f"unknown key '{key}'")
-        else:
-            lines.append(f"bad value for '{key}': {error['msg']}")
-    return f"{source}: " + "; ".join(lines)
-
-
 # --- command line ---------------------------------------------------------------------------------------------
 _SKIP_FLAGS = {"loader_options", "generation", "chat", "extension_params"}
 
@@ -180,6 +190,11 @@ def build_parser() -> argparse.ArgumentParser:
     for name, field in Settings.model_fields.items():
         if name not in _SKIP_FLAGS:
             _add_flag(general, name, field.annotation, field.description or "")
+    groups: dict[str, Any] = {}
+    for flag in extension_flags():
+        if flag.extension not in groups:
+            groups[flag.extension] = parser.add_argument_group(f"{flag.extension} extension")
+        _add_flag(groups[flag.extension], flag.name, flag.annotation, flag.description)
     seen: set[str] = set()
     for loader_name, options in loader_option_types().items():
         group = parser.add_argument_group(f"{loader_name} loader options")

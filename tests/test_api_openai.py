@@ -382,12 +382,13 @@ def test_predict_answers_an_alpaca_instruction(api: str, instruction_data: list[
 
 def test_autoload_loads_the_model_a_request_names(served, client: openai.OpenAI) -> None:
     api, services = served
-    services.settings.api_autoload = True  # what --api-autoload sets
+    params = services.extensions.extensions["openai"].params
+    params.autoload = True  # what --api-autoload sets
     try:
         reply = client.chat.completions.create(model=OTHER, messages=ask(), max_tokens=4)
         assert reply.model == OTHER and client.models.list().data[0].id == OTHER
     finally:
-        services.settings.api_autoload = False
+        params.autoload = False
         httpx.post(api + "/v1/internal/model/load", json={"model_name": MODEL, "args": {"n_ctx": 2048}}, timeout=120)
     assert client.models.list().data[0].id == MODEL
 

@@ -38,9 +38,10 @@ def api(tmp_path_factory: pytest.TempPathFactory, starter_gguf: Path):
     manager.load(STARTER_GGUF, options={"n_ctx": 1024})
     services = Services(settings=settings, manager=manager)
     registry = start_extensions(services)
-    assert registry.server.host == "127.0.0.1"  # no --listen: never the network
-    yield registry.server.url
-    registry.server.stop()
+    server = registry.handles["openai"]  # the extension serves the app itself
+    assert server.host == "127.0.0.1"  # no --listen: never the network
+    yield server.url
+    server.stop()
     manager.unload()
 
 

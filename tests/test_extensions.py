@@ -224,3 +224,40 @@ def test_start_script_finds_requirements_of_enabled_extensions() -> None:
     assert requirement_files(["--extensions", "example", "gallery"]) == []
     assert requirement_files(["--help"]) == [] and requirement_files(["--no-such-flag"]) == []
     assert (ROOT / "extensions" / "openai" / "requirements.txt").is_file()
+
+
+# --- an extension adds a loader --------------------------------------------------------------------------------------
+def test_an_extension_registers_a_loader_that_loads_and_generates(tmp_path: Path, starter_gguf: Path) -> None:
+    """The register_loaders hook: the loader an extension adds is picked by name (--loader, the Model tab, the API's
+    load route all go through the manager's registry) and serves generations like a built-in one."""
+    package = tmp_path / "extensions" / "my_loader"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text(textwrap.dedent("""
+        from loaders.base import LoaderEntry
+        from loaders.llama_cpp_loader import LlamaCppLoader
+        from modules.extensions import hookimpl
+
+        class RenamedLlama(LlamaCppLoader):
+            name = "renamed-llama"
+
+            @classmethod
+            def accepts(cls, path):
+                return False  # only when asked for by name
+
+        @hookimpl
+        def register_loaders(loaders):
+            loaders.register(LoaderEntry("renamed-llama", __name__, "RenamedLlama"))
+    """))
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / STARTER_GGUF).symlink_to(starter_gguf)
+    manager = ModelManager(tmp_path / "models", tmp_path / "loras")
+    assert "renamed-llama" not in manager.registry.names
+    services = Services(settings=Settings(extensions=["my_loader"]), manager=manager)
+    registry = start_extensions(services, serve=False, folders=[tmp_path / "extensions"])
+    assert registry.errors == {} and "renamed-llama" in manager.registry.names
+    result = manager.load(STARTER_GGUF, "renamed-llama", {"n_ctx": 512})
+    try:
+        assert result.info.loader == "llama.cpp" and type(manager.model).__name__ == "LlamaCppModel"
+        assert manager.complete("The capital of France is", GenerationParams(max_new_tokens=3, do_sample=False)).text
+    finally:
+        manager.unload()

@@ -74,7 +74,7 @@ def test_preset_round_trip_holds_only_changed_keys(tmp_path: Path):
 def test_bad_preset_yaml_and_bad_keys_are_named():
     with pytest.raises(ConfigError, match="not valid YAML"):
         parse_preset_text("temperature: [1, 2", "preset X.yaml")
-    with pytest.raises(ConfigError, match="unknown parameter 'temprature'"):
+    with pytest.raises(ConfigError, match="unknown key 'temprature'"):
         parse_preset_text("temprature: 0.5", "preset X.yaml")
     with pytest.raises(ConfigError, match="bad value for 'top_k'"):
         parse_preset_text("top_k: many", "preset X.yaml")

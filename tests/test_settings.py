@@ -22,9 +22,23 @@ def test_flags_override_the_file_which_overrides_defaults(tmp_path: Path):
                  .replace("n_ctx: 1\n", ""))
     settings = load_settings(["--settings", str(path), "--listen-port", "9000", "--n-ctx", "4096"])
     assert settings.listen_port == 9000  # flag
-    assert settings.api is True  # file
-    assert settings.api_port == 5000  # default
+    assert settings.extensions == ["openai"]  # file: `api: true` is the openai extension's own flag
     assert settings.loader_options == {"n_ctx": 4096, "dtype": "float32"}
+
+
+def test_extension_flags_set_the_extension_params(tmp_path: Path):
+    """--api and --api-port are declared by extensions/openai (the core names no extension); a flag, a top-level
+    key of settings.yaml and `extensions: {openai: {...}}` mean the same, and flags win."""
+    path = write(tmp_path, "extensions: {openai: {port: 5005, embedding_device: cpu}}\napi_key: from-file\n")
+    settings = load_settings(["--settings", str(path), "--api-port", "5001"])
+    assert settings.extensions == ["openai"]
+    assert settings.extension_params["openai"] == {"port": 5001, "embedding_device": "cpu", "api_key": "from-file"}
+    assert load_settings(["--settings", "/dev/null", "--api"]).extensions == ["openai"]
+    assert load_settings(["--settings", str(path), "--no-api"]).extensions == []
+    with pytest.raises(ConfigError, match="port"):
+        load_settings(["--settings", "/dev/null", "--api-port", "0"])
+    with pytest.raises(ConfigError, match="prot"):
+        load_settings(["--settings", str(write(tmp_path, "extensions: {openai: {prot: 1}}\n"))])
 
 
 def test_binds_loopback_unless_listen():

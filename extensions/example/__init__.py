@@ -1,4 +1,7 @@
-"""A documented template: every hook an extension can implement, each doing one small thing its params switch on.
+"""A documented template: the hooks an extension implements most, each doing one small thing its params switch on.
+Two more hooks are specified in modules/extensions.py: `start` (serve the app on a port, as extensions/openai does)
+and `register_loaders` (add a backend: `loaders.register(LoaderEntry("name", __name__, "MyLoader"))` with a
+loaders.base.Loader subclass).
 
 Copy this folder to `extensions/<your_name>/`, keep the hooks you need, and enable it with
 `--extensions <your_name>` (or in settings.yaml: `extensions: {<your_name>: {param: value}}`). Every hook may

@@ -12,9 +12,27 @@ from pydantic import BaseModel, Field
 from modules.extensions import hookimpl
 
 
-class Params(BaseModel):
-    """Settable in settings.yaml under `extensions: {openai: {...}}`."""
+#: `--api` (or `api: true` in settings.yaml) enables this extension.
+ENABLE_FLAG = "api"
 
+
+def _flag(name: str) -> dict[str, Any]:
+    return {"flag": name}
+
+
+class Params(BaseModel):
+    """Settable in settings.yaml under `extensions: {openai: {...}}`; the fields with a flag are also command-line
+    flags (`--api-port`) and top-level settings keys (`api_port: 5001`)."""
+
+    port: int = Field(5000, ge=1, le=65535, description="API port.", json_schema_extra=_flag("api_port"))
+    api_key: str | None = Field(None, description="Bearer key every API request must send.",
+                                json_schema_extra=_flag("api_key"))
+    admin_key: str | None = Field(None, description="Key for load/unload routes (default: --api-key).",
+                                  json_schema_extra=_flag("admin_key"))
+    cors_origins: list[str] = Field(default_factory=list, description="Origins allowed by CORS (off if empty).",
+                                    json_schema_extra=_flag("api_cors_origins"))
+    autoload: bool = Field(False, description="Load a model named in an API request if it is not loaded.",
+                           json_schema_extra=_flag("api_autoload"))
     embedding_model: str | None = Field(None, description="A sentence-transformers model folder for "
                                                           "/v1/embeddings; empty = all-MiniLM-L6-v2 (packaged).")
     embedding_device: str = Field("cpu", description="Device for the embedding model (cpu, cuda).")
@@ -28,3 +46,15 @@ def setup(app: Any, services: Any, params: Params) -> None:
     from extensions.openai.server import install
 
     install(app, services, params)
+
+
+@hookimpl
+def start(app: Any, services: Any, params: Params) -> Any:
+    """Serve the app (with every extension's routes) on --api-port, on the UI's bind address."""
+    import logging
+
+    from extensions.openai.server import serve_app
+
+    server = serve_app(app, services.settings.host, params.port)
+    logging.getLogger(__name__).info("API on http://%s:%d/v1", services.settings.host, server.port)
+    return server

@@ -119,7 +119,8 @@ def content_blocks(content: str | None, calls: list[dict[str, Any]]) -> list[dic
 @router.post("/v1/messages", response_model=MessagesResponse, responses=STREAMED)
 async def messages(body: MessagesRequest, request: Request) -> Any:
     services = api_state(request).services
-    model_name = await run_in_threadpool(check_model, services, body.model, autoload=services.settings.api_autoload)
+    autoload = api_state(request).params.autoload
+    model_name = await run_in_threadpool(check_model, services, body.model, autoload=autoload)
     chat_request = to_chat_request(body)
     try:
         plan = await run_in_threadpool(ChatPlan, services, chat_request)

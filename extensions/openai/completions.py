@@ -96,7 +96,8 @@ def stream_error(exc: BaseException) -> str:
 async def completions(body: CompletionRequest, request: Request) -> Any:
     state = api_state(request)
     services = state.services
-    model_name = await run_in_threadpool(check_model, services, body.model, autoload=services.settings.api_autoload)
+    autoload = api_state(request).params.autoload
+    model_name = await run_in_threadpool(check_model, services, body.model, autoload=autoload)
     prompt = body.prompt
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
         if len(prompt) != 1:
@@ -297,7 +298,8 @@ class ChatPlan:
              responses=STREAMED)
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
     services = api_state(request).services
-    model_name = await run_in_threadpool(check_model, services, body.model, autoload=services.settings.api_autoload)
+    autoload = api_state(request).params.autoload
+    model_name = await run_in_threadpool(check_model, services, body.model, autoload=autoload)
     try:
         plan = await run_in_threadpool(ChatPlan, services, body)
     except WorkbenchError as exc:

@@ -80,12 +80,11 @@ def install(app: FastAPI, services: Any, params: Any) -> None:
     """Add the API (routes, errors, security) to `app`."""
     from extensions.openai import anthropic, completions, internal
 
-    settings = services.settings
     app.state.api = ApiState(services=services, params=params)
     install_error_handlers(app)
-    app.add_middleware(AuthMiddleware, api_key=settings.api_key, admin_key=settings.admin_key)
-    if settings.api_cors_origins:  # added last = outermost, so preflight requests never need a key
-        app.add_middleware(CORSMiddleware, allow_origins=list(settings.api_cors_origins), allow_methods=["*"],
+    app.add_middleware(AuthMiddleware, api_key=params.api_key, admin_key=params.admin_key)
+    if params.cors_origins:  # added last = outermost, so preflight requests never need a key
+        app.add_middleware(CORSMiddleware, allow_origins=list(params.cors_origins), allow_methods=["*"],
                            allow_headers=["*"])
     for module in (completions, anthropic, internal):
         app.include_router(module.router)

@@ -1,6 +1,7 @@
 """Session tab: the settings in force, the light/dark switch, "Save UI defaults", and the extensions list."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -13,17 +14,21 @@ from modules.services import Services
 from modules.settings import DEFAULT_SETTINGS_FILE, Settings, save_settings
 from modules.ui.common import UiContext, user_errors
 
-#: Settings never shown in the page.
-_SECRETS = ("api_key", "admin_key", "gradio_auth")
+#: Settings never shown in the page, at any depth (extension params and loader options hold keys too).
+_SECRET = re.compile(r"(^|_)(key|password|token|auth|secret)$")
 TOGGLE_THEME_JS = "() => { document.body.classList.toggle('dark'); }"
 
 
 def settings_yaml(settings: Settings) -> str:
-    data = settings.model_dump(mode="json")
-    for key in _SECRETS:
-        if data.get(key):
-            data[key] = "(set)"
-    return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
+    return yaml.safe_dump(_masked(settings.model_dump(mode="json")), sort_keys=False, allow_unicode=True)
+
+
+def _masked(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {key: "(set)" if value[key] and _SECRET.search(str(key)) else _masked(value[key]) for key in value}
+    if isinstance(value, list):
+        return [_masked(item) for item in value]
+    return value
 
 
 def settings_file(settings: Settings) -> Path:
