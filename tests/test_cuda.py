@@ -2,7 +2,7 @@
 job (4-bit NF4 base, bf16 compute), a bf16 LoRA job killed and resumed, and fused LoRA layers in bf16 on the GPU.
 
 CI has no GPU, so there these tests are skipped; run them on a CUDA machine with bitsandbytes installed:
-`python -m pytest tests/test_cuda.py`. What they gave on an H100 is in the README ("GPU")."""
+`python -m pytest tests/test_cuda.py`. What they gave on an H100 is in docs/benchmarks.md."""
 from __future__ import annotations
 
 import json
