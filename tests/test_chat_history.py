@@ -1,15 +1,20 @@
 """Chat histories on disk: round trips with swipes, newest-first listing, rename, branch, export/import, damaged
-files kept aside, atomic writes that survive a crash, and names that never leave the root."""
+files kept aside, atomic writes that survive a crash, names that never leave the root, and two pages (or two
+servers) saving one chat: both pages' messages kept, or a typed refusal that overwrites nothing."""
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import subprocess
+import sys
+import threading
 from pathlib import Path
 
 import pytest
 
-from modules.chat.history import ChatHistory, HistoryStore
-from modules.errors import ConfigError, PathError
+from modules.chat.history import ChatHistory, ChatMessage, HistoryStore
+from modules.errors import ChatChangedError, ConfigError, PathError
 
 MESSAGES = [{"role": "assistant", "content": "Welcome aboard."},
             {"role": "user", "content": "Where   are we\nheaded?"},
@@ -178,7 +183,7 @@ def test_names_and_ids_cannot_escape(store: HistoryStore, tmp_path: Path, bad: s
     with pytest.raises(PathError):
         store.save(ChatHistory(id="fine", character=bad))
     written = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file())
-    assert written == [f"logs/chat/AI/{chat.id}.json"]
+    assert written == ["logs/chat/.lock", f"logs/chat/AI/{chat.id}.json"]
 
 
 def test_root_reached_through_a_symlink(tmp_path: Path) -> None:
@@ -188,3 +193,232 @@ def test_root_reached_through_a_symlink(tmp_path: Path) -> None:
     chat = store.new("AI", MESSAGES)
     assert store.load("AI", chat.id).prompt_messages() == MESSAGES
     assert (tmp_path / "real" / "AI" / f"{chat.id}.json").is_file()
+
+
+# --- two pages on one chat ------------------------------------------------------------------------------------------
+
+def user(text: str) -> ChatMessage:
+    return ChatMessage(role="user", content=text)
+
+
+def reply(text: str) -> ChatMessage:
+    return ChatMessage(role="assistant", content=text)
+
+
+def contents(history: ChatHistory) -> list[str]:
+    return [m.content for m in history.messages]
+
+
+@pytest.fixture
+def pages(store: HistoryStore) -> tuple[HistoryStore, HistoryStore, str]:
+    """Two stores on one folder (two pages, or two servers) and a chat both have open."""
+    chat = store.new("AI", MESSAGES)
+    return store, HistoryStore(store.root), chat.id
+
+
+def test_two_pages_that_each_add_a_turn_keep_both_in_the_order_they_were_saved(pages) -> None:
+    first_store, second_store, chat_id = pages
+    first, second = first_store.load("AI", chat_id), second_store.load("AI", chat_id)
+    first.messages.append(user("From the first page"))
+    first_store.save(first)
+    second.messages.append(user("From the second page"))
+    assert second_store.save(second) is second  # the page's open chat becomes the merged one
+    first.messages.append(reply("Reply to the first page"))
+    first_store.save(first)
+    second.messages.append(reply("Reply to the second page"))
+    second_store.save(second)
+    expected = [*contents(ChatHistory(id="x", character="AI", messages=MESSAGES)), "From the first page",
+                "From the second page", "Reply to the first page", "Reply to the second page"]
+    assert contents(first_store.load("AI", chat_id)) == expected
+    assert contents(second) == expected and contents(first) == expected[:-1]
+    first.messages.append(user("Once more"))  # the first page has not seen the last reply: it is kept anyway
+    first_store.save(first)
+    assert contents(second_store.load("AI", chat_id)) == [*expected, "Once more"]
+
+
+def test_a_rename_in_one_page_and_a_message_change_in_the_other_are_both_kept(pages) -> None:
+    first_store, second_store, chat_id = pages
+    open_in_second = second_store.load("AI", chat_id)
+    first_store.rename("AI", chat_id, "Trip planning")
+    open_in_second.messages.append(user("Still here"))
+    second_store.save(open_in_second)
+    saved = first_store.load("AI", chat_id)
+    assert saved.name == "Trip planning" and contents(saved)[-1] == "Still here"
+    assert open_in_second.title == "Trip planning"
+    renamed_here = first_store.load("AI", chat_id)
+    open_in_second.edit_message(2, "Vesta.")
+    second_store.save(open_in_second)
+    renamed_here.name = "Asteroids"
+    first_store.save(renamed_here)
+    saved = second_store.load("AI", chat_id)
+    assert (saved.name, saved.messages[2].content) == ("Asteroids", "Vesta.")
+
+
+def remove_last(history: ChatHistory) -> None:
+    history.messages.pop()
+
+
+def edit_last(history: ChatHistory) -> None:
+    history.edit_message(-1, "Vesta.")
+
+
+def swipe_last(history: ChatHistory) -> None:
+    history.add_swipe(2, "Pallas.")
+
+
+def rename(history: ChatHistory) -> None:
+    history.name = "Another name"
+
+
+def append(history: ChatHistory) -> None:
+    history.messages.append(user("A new question"))
+
+
+def swipe_other(history: ChatHistory) -> None:
+    history.add_swipe(2, "Juno.")
+
+
+def rename_other(history: ChatHistory) -> None:
+    history.name = "My name"
+
+
+@pytest.mark.parametrize("theirs, mine", [(t, m) for t in (remove_last, edit_last, swipe_last)
+                                          for m in (append, swipe_other)] + [(rename, rename_other)],
+                         ids=lambda f: f.__name__)
+def test_changes_that_cannot_be_merged_are_refused_and_overwrite_nothing(pages, theirs, mine) -> None:
+    first_store, second_store, chat_id = pages
+    first, second = first_store.load("AI", chat_id), second_store.load("AI", chat_id)
+    theirs(first)
+    first_store.save(first)
+    on_disk = first_store.path("AI", chat_id).read_bytes()
+    mine(second)
+    with pytest.raises(ChatChangedError, match="This chat changed in another page: reload it.") as refused:
+        second_store.save(second)
+    assert refused.value.chat_id == chat_id and refused.value.kept_id is None
+    assert first_store.path("AI", chat_id).read_bytes() == on_disk
+    assert len(first_store.list_chats("AI").items) == 1  # no copy unless asked for
+    reloaded = second_store.load("AI", chat_id)  # after a reload the page's change goes through
+    reloaded.messages.append(user("After reloading"))
+    second_store.save(reloaded)
+    assert contents(first_store.load("AI", chat_id)) == [*contents(first), "After reloading"]
+
+
+def test_a_refused_reply_can_be_kept_as_a_new_chat(pages) -> None:
+    first_store, second_store, chat_id = pages
+    first, second = first_store.load("AI", chat_id), second_store.load("AI", chat_id)
+    remove_last(first)
+    first_store.save(first)
+    second.add_swipe(2, "A reply that took a minute to write.")
+    with pytest.raises(ChatChangedError) as refused:
+        second_store.save(second, keep_copy_on_conflict=True)
+    kept = second_store.load("AI", refused.value.kept_id)
+    assert kept.id != chat_id and kept.title in str(refused.value) and kept.title.endswith("(kept copy)")
+    assert kept.messages[2].swipes == ["Ceres.", "A reply that took a minute to write."]
+    assert contents(first_store.load("AI", chat_id)) == contents(first)  # the other page's version stays
+    # A refused change that adds no text (a removal) leaves no copy behind.
+    again = second_store.load("AI", chat_id)
+    first.messages.append(user("More"))
+    first_store.save(first)
+    remove_last(again)
+    with pytest.raises(ChatChangedError) as refused:
+        second_store.save(again, keep_copy_on_conflict=True)
+    assert refused.value.kept_id is None and len(first_store.list_chats("AI").items) == 2
+
+
+def test_a_file_changed_by_another_program_is_not_overwritten(pages) -> None:
+    first_store, _, chat_id = pages
+    page = first_store.load("AI", chat_id)
+    path = first_store.path("AI", chat_id)
+    edited = json.loads(path.read_text())
+    edited["messages"][2]["content"] = "Edited by hand."
+    path.write_text(json.dumps(edited))  # no revision of ours: only its bytes changed
+    page.messages.append(user("Next"))
+    with pytest.raises(ChatChangedError):
+        first_store.save(page)
+    assert json.loads(path.read_text()) == edited
+
+
+def test_saves_that_change_nothing_write_nothing_and_a_deleted_chat_stays_deleted(pages) -> None:
+    first_store, second_store, chat_id = pages
+    page = first_store.load("AI", chat_id)
+    path = first_store.path("AI", chat_id)
+    before = (path.read_bytes(), path.stat().st_mtime_ns)
+    first_store.save(page)
+    first_store.save(page)
+    assert (path.read_bytes(), path.stat().st_mtime_ns) == before
+    untouched, changed = second_store.load("AI", chat_id), second_store.load("AI", chat_id)
+    first_store.delete("AI", chat_id)
+    second_store.save(untouched)
+    assert not path.exists()
+    changed.messages.append(user("Written after the delete"))  # a page's new text brings the chat back
+    second_store.save(changed)
+    assert contents(first_store.load("AI", chat_id))[-1] == "Written after the delete"
+
+
+def test_an_old_file_written_before_revisions_loads_and_saves(store: HistoryStore) -> None:
+    folder = store.root / "AI"
+    folder.mkdir(parents=True)
+    (folder / "old.json").write_text(json.dumps({"version": 1, "id": "old", "character": "AI",
+                                                 "messages": [{"role": "user", "content": "Hello"}]}))
+    page, other = store.load("AI", "old"), store.load("AI", "old")
+    page.messages.append(reply("Hi."))
+    store.save(page)
+    other.messages.append(user("Anyone?"))
+    store.save(other)
+    assert contents(store.load("AI", "old")) == ["Hello", "Hi.", "Anyone?"]
+
+
+def test_concurrent_saves_from_many_threads_lose_no_message(store: HistoryStore) -> None:
+    chat = store.new("AI", MESSAGES)
+    threads, rounds = 6, 8
+    start = threading.Barrier(threads)
+    failures: list[BaseException] = []
+
+    def page(number: int) -> None:
+        try:
+            mine = HistoryStore(store.root)  # each page its own store object, as two servers would have
+            history = mine.load("AI", chat.id)
+            start.wait()
+            for turn in range(rounds):
+                history.messages.append(user(f"page {number} turn {turn}"))
+                mine.save(history)
+        except BaseException as exc:  # reported below, in the test's thread
+            failures.append(exc)
+
+    workers = [threading.Thread(target=page, args=(n,)) for n in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    assert failures == []
+    saved = contents(store.load("AI", chat.id))[len(MESSAGES):]
+    assert sorted(saved) == sorted(f"page {n} turn {t}" for n in range(threads) for t in range(rounds))
+    for number in range(threads):  # each page's messages in the order it sent them
+        assert [m for m in saved if m.startswith(f"page {number} ")] == [f"page {number} turn {t}"
+                                                                         for t in range(rounds)]
+
+
+def test_a_save_waits_for_another_process_holding_the_lock(store: HistoryStore) -> None:
+    chat = store.new("AI", MESSAGES)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, sys\n"
+         "with open(sys.argv[1], 'a') as f:\n"
+         "    fcntl.flock(f, fcntl.LOCK_EX); print('locked', flush=True); sys.stdin.readline()",
+         str(store.root / ".lock")], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        page = store.load("AI", chat.id)
+        page.messages.append(user("Waiting"))
+        saver = threading.Thread(target=store.save, args=(page,))
+        saver.start()
+        saver.join(timeout=1)
+        assert saver.is_alive() and contents(store.load("AI", chat.id)) == contents(chat)  # held off
+        holder.stdin.write("\n")
+        holder.stdin.flush()
+        saver.join()
+        assert contents(store.load("AI", chat.id))[-1] == "Waiting"
+    finally:
+        holder.kill()
+        holder.wait()
+    with open(store.root / ".lock", "a") as handle:  # and the save let go of it
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -3,23 +3,36 @@
 The root is passed in (for example `user_data/logs/chat`, or a per-session folder when several people share a
 server); nothing here is global. Writes are atomic. A file that cannot be read is never overwritten or silently
 skipped: it is moved aside to `<id>.json.corrupt-<timestamp>` and reported.
+
+Several pages (threads of one server, or several servers on one folder) may have the same chat open. Each copy
+remembers the file it was read from (its bytes' hash and content); a save compares that with the file on disk
+under a lock (`<root>/.lock`, fcntl.flock), so a page never overwrites what another page wrote after it read the
+chat: both pages' new messages are merged (modules.chat.merge) or the save is refused with ChatChangedError.
 """
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import json
+import logging
 import os
 import re
 import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from modules.chat.files import file_in
-from modules.errors import ConfigError, PathError
+from modules.chat.merge import adds_text, merge_chats, same_content
+from modules.errors import ChatChangedError, ConfigError, PathError
 from modules.paths import atomic_write_text
+
+log = logging.getLogger(__name__)
 
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 _MAX_IMPORT_BYTES = 64 * 1024 * 1024
@@ -77,6 +90,8 @@ class ChatHistory(BaseModel):
     created: datetime = Field(default_factory=_now)
     updated: datetime = Field(default_factory=_now)
     messages: list[ChatMessage] = Field(default_factory=list)
+    #: The file this copy was read from or last written to, which a save checks is still on disk.
+    _on_disk: OnDisk | None = PrivateAttr(default=None)
 
     @field_validator("created", "updated")
     @classmethod
@@ -126,6 +141,16 @@ class ChatHistory(BaseModel):
         if role is not None and message.role != role:
             raise ConfigError(f"Message {index} is a {message.role} message, not an {role} message.")
         return message
+
+
+@dataclass(frozen=True)
+class OnDisk:
+    """A chat file as one page read or wrote it: where it lies, the hash of its bytes and what it held."""
+
+    character: str
+    chat_id: str
+    digest: str
+    content: ChatHistory
 
 
 @dataclass
@@ -202,6 +227,10 @@ class HistoryStore:
             raw = path.read_bytes()
         except OSError as exc:
             raise ConfigError(f"The chat {path.stem!r} of {character!r} cannot be read: {exc}") from None
+        return self._parse(path, character, raw)
+
+    def _parse(self, path: Path, character: str, raw: bytes) -> ChatHistory:
+        """The chat in `raw` (the bytes of `path`), remembering them as the file it came from."""
         try:
             history = ChatHistory.model_validate(json.loads(raw.decode("utf-8")))
         except (UnicodeDecodeError, json.JSONDecodeError, ValidationError) as exc:
@@ -211,7 +240,9 @@ class HistoryStore:
             raise ConfigError(f"The chat {path.stem!r} of {character!r} is damaged ({reason}). It was moved aside, "
                               f"untouched, to {aside.name}.") from None
         # The file's place is authoritative: a copied or renamed file belongs where it lies.
-        return history.model_copy(update={"id": path.stem, "character": character})
+        history = history.model_copy(update={"id": path.stem, "character": character})
+        history._on_disk = OnDisk(character, path.stem, _digest(raw), history.model_copy(deep=True))
+        return history
 
     def export(self, character: str, chat_id: str) -> bytes:
         return self.load(character, chat_id).model_dump_json(indent=2).encode("utf-8")
@@ -229,16 +260,71 @@ class HistoryStore:
             raise ConfigError(f"The new chat is invalid: {_describe(exc)}") from None
         return self.save(history)
 
-    def save(self, history: ChatHistory) -> ChatHistory:
-        """Write the chat atomically, stamping `updated`; returns the saved copy."""
-        saved = history.model_copy(update={"updated": _now()})
-        text = saved.model_dump_json(indent=2)
-        try:  # assignments to lists skip validation: check the whole chat once more before it reaches disk
-            ChatHistory.model_validate_json(text)
-        except ValidationError as exc:
-            raise ConfigError(f"The chat {history.id!r} is invalid and was not saved: {_describe(exc)}") from None
-        atomic_write_text(self.path(saved.character, saved.id), text)
-        return saved
+    def save(self, history: ChatHistory, *, keep_copy_on_conflict: bool = False) -> ChatHistory:
+        """Write the chat atomically (stamping `updated`) unless its file changed since `history` was read.
+
+        When another page wrote the file meanwhile, both pages' changes are merged where that is sound (see
+        modules.chat.merge); otherwise ChatChangedError is raised and the file stays as the other page wrote it.
+        With `keep_copy_on_conflict`, a refused copy holding text the file lacks (a generated reply, say) is first
+        saved as a new chat, named in the error. A save that changes nothing writes nothing. On success `history`
+        itself becomes the chat as it now is on disk (merged, stamped) and is returned."""
+        path = self.path(history.character, history.id)
+        mine = _validated(history, f"The chat {history.id!r} is invalid and was not saved")
+        base = history._on_disk
+        if base is not None and (base.character, base.chat_id) != (history.character, history.id):
+            base = None  # a copy under a new id (a branch): a new chat
+        with self._locked():
+            theirs = self._current(path, history.character)
+            if theirs is None:  # a new chat, or one deleted meanwhile: this page's copy is all there is
+                if base is not None and same_content(mine, base.content):
+                    return history  # deleted elsewhere and nothing new here: it stays deleted
+                result = mine
+            elif base is not None and theirs._on_disk.digest == base.digest:
+                result = mine
+            else:
+                result = merge_chats(base.content if base is not None else None, mine, theirs)
+            if result is not None:
+                unchanged = theirs is not None and same_content(result, theirs)
+                _adopt(history, theirs if unchanged else self._write(path, result))
+                return history
+        raise self._conflict(history, mine, theirs, keep_copy=keep_copy_on_conflict)
+
+    def _write(self, path: Path, history: ChatHistory) -> ChatHistory:
+        text = history.model_copy(update={"updated": _now()}).model_dump_json(indent=2)
+        atomic_write_text(path, text)
+        return self._parse(path, history.character, text.encode("utf-8"))
+
+    def _conflict(self, history: ChatHistory, mine: ChatHistory, theirs: ChatHistory, *,
+                  keep_copy: bool) -> ChatChangedError:
+        kept = None
+        if keep_copy and adds_text(mine, theirs):
+            kept = self.save(mine.model_copy(update={"id": self._new_id(history.character), "created": _now(),
+                                                     "name": f"{history.title} (kept copy)"}))
+        message = "This chat changed in another page: reload it."
+        if kept is not None:
+            message += f" This page's version was kept as the chat {kept.title!r}."
+        return ChatChangedError(message, chat_id=history.id, kept_id=kept.id if kept is not None else None)
+
+    def _current(self, path: Path, character: str) -> ChatHistory | None:
+        """The chat now in `path` (read under the lock), or None when there is none: a damaged one is moved aside
+        (and logged), which leaves none."""
+        if not path.exists():
+            return None
+        try:
+            return self._read(path, character)
+        except ConfigError as exc:
+            if path.exists():
+                raise
+            log.warning("%s", exc)
+            return None
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        """Hold the store's lock file: one writer at a time, across the threads and processes that share it."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / ".lock", "a") as handle:  # each call opens its own handle, so threads exclude too
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            yield  # closing the handle releases the lock
 
     def rename(self, character: str, chat_id: str, name: str) -> ChatHistory:
         history = self.load(character, chat_id)
@@ -246,9 +332,10 @@ class HistoryStore:
 
     def delete(self, character: str, chat_id: str) -> None:
         path = self.path(character, chat_id)
-        if not path.is_file():
-            raise ConfigError(f"No chat {chat_id!r} for {character!r}.")
-        path.unlink()
+        with self._locked():
+            if not path.is_file():
+                raise ConfigError(f"No chat {chat_id!r} for {character!r}.")
+            path.unlink()
 
     def branch(self, character: str, chat_id: str, upto: int) -> ChatHistory:
         """A new chat holding messages 0..upto (inclusive) of this one."""
@@ -302,6 +389,27 @@ def _import_fields(parsed: Any) -> dict[str, Any]:
                 messages.append({"role": "assistant", "content": row[1]})
         return {"messages": messages}
     return {key: value for key, value in parsed.items() if key not in ("id", "character", "version")}
+
+
+def _digest(raw: bytes) -> str:
+    return hashlib.sha256(raw).hexdigest()
+
+
+def _adopt(history: ChatHistory, saved: ChatHistory) -> None:
+    """Make `history` the chat as saved: a page keeps one object for its open chat."""
+    fresh = saved.model_copy(deep=True)
+    for name in ChatHistory.model_fields:
+        setattr(history, name, getattr(fresh, name))
+    history._on_disk = saved._on_disk
+
+
+def _validated(history: ChatHistory, failure: str) -> ChatHistory:
+    """The chat as it would read back from disk. Assignments to lists skip validation, so the whole chat is checked
+    once more before it reaches the disk."""
+    try:
+        return ChatHistory.model_validate_json(history.model_dump_json())
+    except ValidationError as exc:
+        raise ConfigError(f"{failure}: {_describe(exc)}") from None
 
 
 def _describe(exc: Exception) -> str:
