@@ -8,19 +8,20 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
 from loaders.base import Capability, LoadedModel, Loader, LoaderOptions, ModelInfo, gguf_files
-from loaders.transformers_support import (IncrementalDetokenizer, LogprobRecorder, QueueStreamer,
+from loaders.transformers_support import (IncrementalDetokenizer, LogprobRecorder, TokenStreamer,
                                           check_memory, decode_loop, pick_dtype, weight_files)
 from modules.cuda_attention import avoid_cudnn_attention
 from modules.errors import GenerationError, ModelLoadError, WorkbenchError
-from modules.memory import release_memory
 from modules.generation_params import GenerationParams, TokenEvent
+from modules.memory import release_memory
+from modules.thread_pump import Ended, pump
 
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 
@@ -273,45 +274,29 @@ class TransformersModel(LoadedModel):
                 stop = cancel.is_set() or finished.is_set()
                 return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
 
-        streamer = QueueStreamer(skip_prompt=True)
+        inbox: queue.SimpleQueue[int | Ended] = queue.SimpleQueue()
         streaming = params.num_beams == 1  # beam search picks its sequence only at the end
         kwargs.update(stopping_criteria=StoppingCriteriaList([_Cancelled()]),
-                      streamer=streamer if streaming else None)
-        failure: list[BaseException] = []
+                      streamer=TokenStreamer(inbox.put) if streaming else None)
 
-        def work() -> None:
-            try:
-                with torch.inference_mode():
-                    output = self.model.generate(**kwargs)
-                if not streaming:
-                    for token in output[0, prompt_length:].tolist():
-                        streamer.queue.put(int(token))
-            except BaseException as exc:  # surfaced to the consumer below
-                failure.append(exc)
-            finally:
-                streamer.end()
+        def work(put: Callable[[int], None]) -> None:
+            with torch.inference_mode():
+                output = self.model.generate(**kwargs)
+            if not streaming:
+                for token in output[0, prompt_length:].tolist():
+                    put(int(token))
 
-        worker = threading.Thread(target=work, name="transformers-generate", daemon=True)
-        worker.start()
+        worker = pump(work, inbox.put, name="transformers-generate")
         try:
-            while True:
-                try:
-                    token = streamer.queue.get(timeout=0.1)
-                except queue.Empty:
-                    if not worker.is_alive() and streamer.queue.empty():
-                        break
-                    continue
-                if token is None:
-                    break
-                yield token
+            while not isinstance(item := inbox.get(), Ended):
+                yield item
         finally:
             finished.set()
             worker.join()
-        if failure:
-            exc = failure[0]
-            if isinstance(exc, (ModelLoadError, GenerationError)):
-                raise exc
-            raise GenerationError(f"Generation failed: {type(exc).__name__}: {exc}") from exc
+        if item.error is not None:
+            if isinstance(item.error, (ModelLoadError, GenerationError)):
+                raise item.error
+            raise GenerationError(f"Generation failed: {type(item.error).__name__}: {item.error}") from item.error
 
     # --- LoRA --------------------------------------------------------------------------------------------------
     def apply_loras(self, paths: list[Path], scales: list[float] | None = None) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import queue
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -54,22 +54,23 @@ def check_memory(weights: list[Path], options: Any, cuda: bool) -> None:
                              "cpu_memory with disk_offload.")
 
 
-class QueueStreamer:
-    """A generate() streamer that hands token ids to the consuming thread."""
+class TokenStreamer:
+    """A generate() streamer that hands each generated token id to `deliver` (the prompt, which generate() puts
+    first, is skipped)."""
 
-    def __init__(self, *, skip_prompt: bool = True):
-        self.queue: queue.Queue[int | None] = queue.Queue()
-        self._skip = skip_prompt
+    def __init__(self, deliver: Callable[[int], None]):
+        self._deliver = deliver
+        self._skip = True
 
     def put(self, value: Any) -> None:
         if self._skip:  # the first call carries the prompt
             self._skip = False
             return
         for token in value.reshape(-1).tolist():
-            self.queue.put(int(token))
+            self._deliver(int(token))
 
     def end(self) -> None:
-        self.queue.put(None)
+        """Nothing to do: the thread pump delivers the end."""
 
 
 class IncrementalDetokenizer:

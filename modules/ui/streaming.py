@@ -12,6 +12,7 @@ from collections.abc import Iterator
 
 from modules.model_manager import Generation
 from modules.stopping import StreamChunk
+from modules.thread_pump import Ended, pump_items
 
 #: Seconds between updates sent to the browser (each one re-renders the reply there, and costs the server
 #: CPU time the model could use).
@@ -21,11 +22,6 @@ DEFAULT_INTERVAL_S = 0.1
 #: for the CPU (on 2 cores it delayed the first token by about 60 ms). A slow prompt still shows the message
 #: this soon.
 FIRST_UPDATE_WAIT_S = 0.3
-
-
-class _Done:
-    def __init__(self, error: BaseException | None = None):
-        self.error = error
 
 
 def stream_batches(generation: Generation, *, interval_s: float = DEFAULT_INTERVAL_S,
@@ -40,34 +36,29 @@ def stream_batches(generation: Generation, *, interval_s: float = DEFAULT_INTERV
     update. The consumer wakes for the first chunk of a list and then only at the list's deadline or at the end,
     not for every token. Errors of the generation are raised from the iterator. Closing the iterator early (the
     page went away) cancels the generation; a caller that never iterates it must cancel the generation itself."""
-    inbox: queue.SimpleQueue[StreamChunk | _Done] = queue.SimpleQueue()
+    inbox: queue.SimpleQueue[StreamChunk | Ended] = queue.SimpleQueue()
     ended = threading.Event()
 
-    def work() -> None:
-        try:
-            for chunk in generation:
-                inbox.put(chunk)
-        except BaseException as exc:  # handed to the consumer, which raises it
-            inbox.put(_Done(exc))
-        else:
-            inbox.put(_Done())
-        ended.set()
+    def deliver(item: StreamChunk | Ended) -> None:
+        inbox.put(item)
+        if isinstance(item, Ended):
+            ended.set()
 
-    threading.Thread(target=work, name="generation-stream", daemon=True).start()
+    pump_items(generation, deliver, name="generation-stream")
     return _batches(generation, inbox, ended, interval_s, first_wait_s)
 
 
-def _batches(generation: Generation, inbox: queue.SimpleQueue[StreamChunk | _Done], ended: threading.Event,
+def _batches(generation: Generation, inbox: queue.SimpleQueue[StreamChunk | Ended], ended: threading.Event,
              interval_s: float, first_wait_s: float) -> Iterator[list[StreamChunk]]:
     last_yield = 0.0
-    done: _Done | None = None
+    done: Ended | None = None
     try:
         try:
             items = [inbox.get(timeout=first_wait_s)]
         except queue.Empty:
             items = []
         while True:
-            if items and not isinstance(items[0], _Done):
+            if items and not isinstance(items[0], Ended):
                 ended.wait(timeout=max(0.0, last_yield + interval_s - time.monotonic()))
             while True:
                 try:
@@ -76,7 +67,7 @@ def _batches(generation: Generation, inbox: queue.SimpleQueue[StreamChunk | _Don
                     break
             batch: list[StreamChunk] = []
             for item in items:
-                if isinstance(item, _Done):
+                if isinstance(item, Ended):
                     done = item
                     break
                 batch.append(item)
