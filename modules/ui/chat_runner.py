@@ -65,7 +65,12 @@ def build_turn_prompt(services: Services, chat: ChatSettings, params: Generation
 def run_turn(services: Services, session: UiSession, chat: ChatSettings, params: GenerationParams,
              action: Action, text: str = "") -> Iterator[TurnUpdate]:
     """Stream one turn. The chat is saved when the user's message is added and again when the reply ends
-    (also when it is stopped: a cut reply is kept). Extensions' hooks apply (modules.extensions)."""
+    (also when it is stopped: a cut reply is kept). Extensions' hooks apply (modules.extensions).
+
+    Another page may have the same chat open: each save merges what it added meanwhile, or raises
+    ChatChangedError. Until a save succeeds `session.history` keeps the chat as it was, so a refused message is
+    nowhere but in the caller's input box (which it clears only once the turn starts), and a refused reply is
+    kept as a new chat named in the error (a reply has no box to wait in, and writing it again takes time)."""
     if session.busy:
         raise ConfigError("A reply is still being written on this page: wait for it or press Stop.")
     services.manager.require_model()
@@ -120,7 +125,7 @@ def run_turn(services: Services, session: UiSession, chat: ChatSettings, params:
         session.generation = None
         if history is not None and not impersonate:
             set_reply(base + reply, hooks.output(base + reply, tokens))
-            session.history = session.store.save(history)
+            session.history = session.store.save(history, keep_copy_on_conflict=True)
     stats = generation.stats
     ending = {"cancelled": " · stopped", "length": " · hit max_new_tokens", "error": " · failed"}.get(
         stats.finish_reason, "")
@@ -132,9 +137,9 @@ def run_turn(services: Services, session: UiSession, chat: ChatSettings, params:
 
 def _prepare(services: Services, session: UiSession, chat: ChatSettings, action: Action, text: str,
              hooks: RequestHooks) -> ChatHistory | None:
-    """The chat the reply goes into, after adding the user's message (send) or checking there is something to
-    regenerate or continue."""
-    history = session.history
+    """The chat the reply goes into (a copy of the page's open chat), after adding and saving the user's message
+    (send) or checking there is something to regenerate or continue."""
+    history = session.history.model_copy(deep=True) if session.history is not None else None
     messages = history.messages if history is not None else greeting_messages(services, chat)
     if action == "send":
         if not text.strip():
@@ -146,13 +151,13 @@ def _prepare(services: Services, session: UiSession, chat: ChatSettings, action:
         else:
             history.messages.append(user)
             history = session.store.save(history)
+        session.history = history.model_copy(deep=True)  # the reply streams into `history` alone
     elif action == "regenerate":
         if history is None or not any(m.role == "user" for m in messages):
             raise ConfigError("There is no message to regenerate a reply for.")
     elif action == "continue":
         if history is None or not messages or messages[-1].role != "assistant":
             raise ConfigError("There is no reply at the end of the chat to continue.")
-    session.history = history
     return history
 
 

@@ -8,12 +8,12 @@ from typing import Any
 import gradio as gr
 
 from modules.chat.history import ChatMessage
-from modules.errors import ConfigError
+from modules.errors import ChatChangedError, ConfigError
 from modules.settings import ChatSettings
 from modules.ui.character_panel import build_character_panel
 from modules.ui.chat_histories_panel import build_chat_histories_panel
 from modules.ui.chat_runner import Action, run_turn, shown_messages
-from modules.ui.chat_view import ChatView, show
+from modules.ui.chat_view import ChatView, refused, show
 from modules.ui.common import UiContext, session_of, stream_locked, user_errors, warn
 from modules.ui.session_state import UiSession
 
@@ -23,7 +23,10 @@ def build_chat_tab(ctx: UiContext) -> ChatView:
         with gr.Column(scale=5):
             chatbot = gr.Chatbot(elem_id="chatbot", height=560, buttons=["copy"], label="Chat",
                                  feedback_options=None, placeholder="Send a message to start.")
-            status = gr.Markdown(elem_id="chat-status")
+            with gr.Row(equal_height=True):
+                status = gr.Markdown(elem_id="chat-status")
+                reload = gr.Button("Reload chat", size="sm", scale=0, min_width=120, visible=False,
+                                   elem_id="chat-reload")
             with gr.Row(equal_height=True):
                 message = gr.Textbox(show_label=False, placeholder="Send a message (Enter; Shift+Enter: new line)",
                                      lines=2, max_lines=12, scale=8, elem_id="chat-input")
@@ -47,10 +50,11 @@ def build_chat_tab(ctx: UiContext) -> ChatView:
             with gr.Accordion("You and the instructions", open=False):
                 ctx.chat.render(["user_name", "user_bio", "system_message", "chat_instruct_command"])
             chats = build_chat_histories_panel(ctx, chatbot)
-            view = ChatView(chatbot, chats, status, message)
+            view = ChatView(chatbot, chats, status, message, reload)
             build_character_panel(ctx, view)
     _wire_turns(ctx, view, send, regenerate, continue_, impersonate, stop)
     _wire_edits(ctx, view, remove_last, replace_last, copy_last, dummy_message, dummy_reply, new_chat, branch)
+    _wire_reload(ctx, view)
     ctx.session_listeners.append((lambda data: _on_start(ctx, data), {ctx.session, *ctx.chat.inputs},
                                   [chatbot, chats, status]))
     return view
@@ -70,24 +74,28 @@ def _on_start(ctx: UiContext, data: dict[Any, Any]) -> tuple[Any, Any, str]:
 def _wire_turns(ctx: UiContext, view: ChatView, send: gr.Button, regenerate: gr.Button, continue_: gr.Button,
                 impersonate: gr.Button, stop: gr.Button) -> None:
     inputs = {*ctx.generation_inputs, view.message}
-    outputs = [view.chatbot, view.message, view.status, view.chats]
+    outputs = [view.chatbot, view.message, view.status, view.chats, view.reload]
 
     def turn(action: Action):
         @user_errors
-        def handler(data: dict[Any, Any]) -> Iterator[tuple[Any, Any, str, Any]]:
+        def handler(data: dict[Any, Any]) -> Iterator[tuple[Any, Any, str, Any, Any]]:
             session = session_of(data[ctx.session])
             chat, params = ctx.read_chat(data), ctx.read_params(data)
             text = data[view.message]
             first = True
-            for update in run_turn(ctx.services, session, chat, params, action, text):
-                warn(update.warnings)
-                if update.impersonation is not None:
-                    box = update.impersonation
-                else:
-                    box = "" if first and action == "send" else gr.skip()
-                chats = show(ctx, session, chat)[1] if update.done else gr.skip()
-                first = False
-                yield update.messages, box, update.status, chats
+            try:
+                for update in run_turn(ctx.services, session, chat, params, action, text):
+                    warn(update.warnings)
+                    if update.impersonation is not None:
+                        box = update.impersonation
+                    else:
+                        box = "" if first and action == "send" else gr.skip()
+                    chats = show(ctx, session, chat)[1] if update.done else gr.skip()
+                    reload = gr.update(visible=False) if first else gr.skip()
+                    first = False
+                    yield update.messages, box, update.status, chats, reload
+            except ChatChangedError as exc:  # the typed message stays in the box; a reply was kept as a copy
+                yield gr.skip(), gr.skip(), *refused(ctx, session, chat, exc)
         handler.__name__ = f"chat_{action}"
         return handler
 
@@ -102,20 +110,26 @@ def _wire_edits(ctx: UiContext, view: ChatView, remove_last: gr.Button, replace_
                 copy_last: gr.Button, dummy_message: gr.Button, dummy_reply: gr.Button, new_chat: gr.Button,
                 branch: gr.Button) -> None:
     inputs = {ctx.session, view.message, *ctx.chat.inputs}
-    store_outputs = [view.chatbot, view.chats, view.message]
+    store_outputs = [view.chatbot, view.chats, view.message, view.status, view.reload]
 
     def edit(change):
         @user_errors
-        def handler(data: dict[Any, Any]) -> tuple[Any, Any, Any]:
+        def handler(data: dict[Any, Any]) -> tuple[Any, Any, Any, Any, Any]:
             session = session_of(data[ctx.session])
             if session.busy:
                 raise ConfigError("A reply is still being written: wait for it or press Stop.")
             chat = ctx.read_chat(data)
-            box = change(session, chat, data[view.message])
-            if session.history is not None:
-                session.history = session.store.save(session.history)
+            before = session.history.model_copy(deep=True) if session.history is not None else None
+            try:
+                box = change(session, chat, data[view.message])
+                if session.history is not None:
+                    session.history = session.store.save(session.history)
+            except ChatChangedError as exc:  # the page keeps its chat as it was; typed text stays in the box
+                session.history = before
+                status, chats, reload = refused(ctx, session, chat, exc)
+                return gr.skip(), chats, gr.skip(), status, reload
             messages, chats = show(ctx, session, chat)
-            return messages, chats, box
+            return messages, chats, box, gr.skip(), gr.skip()
         handler.__name__ = change.__name__
         return handler
 
@@ -184,6 +198,28 @@ def _wire_edits(ctx: UiContext, view: ChatView, remove_last: gr.Button, replace_
     ctx.chat.components["mode"].input(
         user_errors(lambda data: show(ctx, session_of(data[ctx.session]), ctx.read_chat(data))[0]),
         {ctx.session, *ctx.chat.inputs}, view.chatbot)
+
+
+def _wire_reload(ctx: UiContext, view: ChatView) -> None:
+    """The Reload chat button: show the open chat as it is on disk now (after another page changed it)."""
+
+    @user_errors
+    def reload_chat(data: dict[Any, Any]) -> tuple[Any, Any, str, Any]:
+        session = session_of(data[ctx.session])
+        if session.busy:
+            raise ConfigError("A reply is still being written: wait for it or press Stop.")
+        if session.history is not None:
+            try:
+                session.history = session.store.load(session.character, session.history.id)
+            except ConfigError as exc:  # deleted (or damaged) in the meantime
+                warn([str(exc)])
+                warn(session.open_latest())
+        session.selected = None
+        messages, chats = show(ctx, session, ctx.read_chat(data))
+        return messages, chats, "Reloaded: this is the chat as saved.", gr.update(visible=False)
+
+    view.reload.click(reload_chat, {ctx.session, *ctx.chat.inputs},
+                      [view.chatbot, view.chats, view.status, view.reload])
 
 
 def _history(session: UiSession):

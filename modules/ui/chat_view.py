@@ -6,9 +6,10 @@ from typing import Any
 
 import gradio as gr
 
+from modules.errors import ChatChangedError
 from modules.settings import ChatSettings
 from modules.ui.chat_runner import chatbot_messages, shown_messages
-from modules.ui.common import UiContext, warn
+from modules.ui.common import UiContext, error_text, warn
 from modules.ui.session_state import UiSession
 
 
@@ -20,6 +21,7 @@ class ChatView:
     chats: gr.Dropdown
     status: gr.Markdown
     message: gr.Textbox
+    reload: gr.Button  # shown when another page changed the open chat and a save of this page was refused
 
     @property
     def outputs(self) -> list[Any]:
@@ -39,3 +41,10 @@ def show(ctx: UiContext, session: UiSession, chat: ChatSettings) -> tuple[list[d
     current = session.history.id if session.history is not None else None
     return (chatbot_messages(shown_messages(ctx.services, session, chat)),
             gr.update(choices=choices, value=current))
+
+
+def refused(ctx: UiContext, session: UiSession, chat: ChatSettings, exc: ChatChangedError) -> tuple[str, Any, Any]:
+    """(status line, chats dropdown update, reload button update) after another page's change refused a save:
+    the message as a notice and in the status line, a kept copy in the list, the Reload button shown."""
+    gr.Warning(error_text(exc))
+    return error_text(exc), show(ctx, session, chat)[1], gr.update(visible=True)
