@@ -54,6 +54,13 @@ class BusyError(WorkbenchError):
     status_code = 409
 
 
+class AccessDenied(WorkbenchError):
+    """The signed-in user (or a page without one) may not do this: an operator's action in --multi-user mode."""
+
+    error_type = "permission_error"
+    status_code = 403
+
+
 def validation_problems(exc: Any, *, limit: int = 5) -> list[str]:
     """One phrase per problem of a pydantic ValidationError ("unknown key 'x'", "bad value for 'a.b': why"), for
     every caller that turns one into a message for a person (settings, presets, loader options, extension params,

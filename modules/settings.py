@@ -70,10 +70,10 @@ class Settings(BaseModel):
     gradio_auth_path: Path | None = Field(None, description="File of user:password lines protecting the UI.")
     multi_user: bool = Field(False, description="Each browser session keeps its own chats and state.")
     dark_theme: bool = Field(False, description="Start the UI in dark mode.")
-    admin_users: list[str] = Field(default_factory=list, description="Signed-in users (--gradio-auth) who may "
-                                                                     "switch extensions with --multi-user.")
-    admin_ui: bool = Field(False, description="With --multi-user, show the operator's controls (extensions) to "
-                                              "every page (a single-operator setup).")
+    admin_users: list[str] = Field(default_factory=list, description="Signed-in users (--gradio-auth) who get "
+                                   "the operator's controls with --multi-user (extensions, Save UI defaults).")
+    admin_ui: bool = Field(False, description="With --multi-user, give every page the operator's controls "
+                                              "(a single-operator setup).")
     # --- extensions (the API is one: `--api` and its flags are declared by extensions/openai) ------------------
     extensions: list[str] = Field(default_factory=list, description="Extensions to enable (names in extensions/).")
     extension_params: dict[str, dict[str, Any]] = Field(default_factory=dict,

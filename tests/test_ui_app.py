@@ -269,6 +269,11 @@ def test_save_ui_defaults_writes_the_settings_file(page: Page, workspace: Worksp
     assert saved["preset"] == "Deterministic"
     assert saved["generation"] == {"max_new_tokens": 33}
     assert saved["chat"]["mode"] == "chat-instruct"
+    # Pages opened from now on start with them; save the start-up ones again for the tests that follow.
+    use_preset(page, "Default")
+    page.locator("#chat-mode").get_by_text("instruct", exact=True).click()
+    tab(page, "Session")
+    run_event(page, lambda: page.click("#save-defaults"), "#save-defaults-status")
     workspace.settings.write_text("")  # the next start of this module's server uses the defaults again
 
 

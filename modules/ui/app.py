@@ -1,5 +1,6 @@
-"""Builds the Gradio app from the services and launches it: one tab per file in modules/ui/, a per-browser
-session state, password protection and the bind address from the settings."""
+"""Builds the Gradio app from the services and launches it: one tab per file in modules/ui/, a per-page session
+state (bound to the signed-in user with --gradio-auth), password protection with slowed-down wrong passwords, and
+the bind address from the settings."""
 from __future__ import annotations
 
 import secrets
@@ -8,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import gradio as gr
+from starlette.middleware import Middleware
 
 from modules.chat.characters import list_characters
 from modules.chat.prompt import MODES
@@ -18,10 +20,13 @@ from modules.paths import atomic_write_text
 from modules.presets import list_presets
 from modules.services import Services
 from modules.settings import ChatSettings, Settings
+from modules.ui.access import SessionOwners
 from modules.ui.chat_tab import build_chat_tab
 from modules.ui.common import UiContext
 from modules.ui.completion_tab import build_default_tab, build_notebook_tab
+from modules.ui.login_throttle import LoginThrottleMiddleware
 from modules.ui.model_tab import build_model_tab
+from modules.ui.page_defaults import NewPageDefaults
 from modules.ui.parameters_tab import build_parameters_tab
 from modules.ui.session_state import UiSession, new_session_id, valid_session_id
 from modules.ui.session_tab import build_session_tab
@@ -34,17 +39,22 @@ _CSS = """
 footer { display: none !important; }
 """
 _DARK_JS = "() => { document.body.classList.add('dark'); }"
+AUTH_MESSAGE = ("LLM workbench: sign in. After several wrong passwords sign-in pauses for a while; if the button "
+                "seems to do nothing, wait a minute and try again.")
 
 
 def build_app(services: Services) -> gr.Blocks:
     settings = services.settings
+    defaults = NewPageDefaults.from_services(services)
+    first = defaults.get()
     with gr.Blocks(title=TITLE, analytics_enabled=False, fill_width=True) as app:
         session = gr.State(None, delete_callback=lambda value: value.stop() if value is not None else None)
         browser_id = gr.BrowserState(None, storage_key="workbench-session", secret=_browser_secret(settings))
-        ctx = UiContext(services=services, session=session, params=_params_panel(services),
-                        preset=gr.Dropdown(choices=list_presets(settings.preset_dir), value=settings.preset,
+        ctx = UiContext(services=services, session=session,
+                        params=FieldPanel(GenerationParams, first.params, elem_prefix="param-"),
+                        preset=gr.Dropdown(choices=list_presets(settings.preset_dir), value=first.preset,
                                            label="Preset", scale=3, render=False, elem_id="preset-select"),
-                        chat=_chat_panel(settings))
+                        chat=_chat_panel(settings, first.chat), defaults=defaults)
         with gr.Tabs(elem_id="tabs"):
             with gr.Tab("Chat", id="chat", elem_id="tab-chat"):
                 chat_view = build_chat_tab(ctx)
@@ -71,11 +81,21 @@ def build_app(services: Services) -> gr.Blocks:
                         "chatbot": chat_view.chatbot, "chat_input": chat_view.message, "preset": ctx.preset,
                         "session": session})
 
-        def start_session(stored: Any) -> tuple[UiSession, str]:
-            session_id = (valid_session_id(stored) if settings.multi_user else None) or new_session_id()
-            return UiSession.start(services, session_id), session_id
+        def start_session(stored: Any, request: gr.Request) -> list[Any]:
+            """A new page: its session (the signed-in user's chats, or the browser's with --multi-user alone),
+            and the UI defaults in force for new pages."""
+            user, page = request.username, ctx.defaults.get()
+            if settings.multi_user and user is not None:
+                session_id, stored_id = new_session_id(), gr.skip()  # the chats follow the user, not the browser
+            else:
+                session_id = (valid_session_id(stored) if settings.multi_user else None) or new_session_id()
+                stored_id = session_id
+            page_session = UiSession.start(services, session_id, user=user, character=page.chat.character)
+            return [page_session, stored_id, page.preset, *ctx.params.updates_for(page.params),
+                    *ctx.chat.updates_for(page.chat)]
 
-        started = app.load(start_session, browser_id, [session, browser_id])
+        started = app.load(start_session, browser_id,
+                           [session, browser_id, ctx.preset, *ctx.params.inputs, *ctx.chat.inputs])
         for fn, inputs, outputs in ctx.session_listeners:
             started.then(fn, inputs, outputs)
         for fn, outputs in ctx.model_listeners:
@@ -85,13 +105,8 @@ def build_app(services: Services) -> gr.Blocks:
     return app
 
 
-def _params_panel(services: Services) -> FieldPanel:
-    return FieldPanel(GenerationParams, services.default_params(), elem_prefix="param-")
-
-
-def _chat_panel(settings: Settings) -> FieldPanel:
+def _chat_panel(settings: Settings, chat: ChatSettings) -> FieldPanel:
     """ChatSettings widgets; the fields naming files get dropdowns of what the folders hold."""
-    chat = settings.chat
     fields = ChatSettings.model_fields
     templates = [("The model's own", "")] + [(name, name) for name in list_templates(settings.template_dir)]
     overrides = {
@@ -158,8 +173,11 @@ def launch(services: Services) -> int:
         return 2
     app = build_app(services)
     app.queue(default_concurrency_limit=8)
+    # With passwords: wrong ones are slowed down, and a page's session answers only the user who opened it.
+    middleware = [Middleware(LoginThrottleMiddleware), Middleware(SessionOwners)] if auth else []
     app.launch(server_name=settings.host, server_port=settings.listen_port, share=settings.share,
-               auth=auth or None, auth_message="LLM workbench: sign in." if auth else None,
+               auth=auth or None, auth_message=AUTH_MESSAGE if auth else None,
+               app_kwargs={"middleware": middleware},
                prevent_thread_lock=True, quiet=True, ssr_mode=False, show_error=False,
                allowed_paths=[str(settings.character_dir)], css=_CSS,
                js=_DARK_JS if settings.dark_theme else None)

@@ -1,9 +1,11 @@
 """Past chats (in the Chat tab): switch, rename, delete (after a confirmation), export and upload chats of the
-current character, through modules.chat.history.HistoryStore."""
+current character, through modules.chat.history.HistoryStore.
+
+An exported chat goes to the browser in the page's own event answer and is saved from there as a download: no
+copy is written where Gradio serves files, so no URL exists that another user (or nobody signed in) could fetch.
+"""
 from __future__ import annotations
 
-import tempfile
-from pathlib import Path
 from typing import Any
 
 import gradio as gr
@@ -11,6 +13,17 @@ import gradio as gr
 from modules.ui.chat_view import show
 from modules.ui.common import Confirm, UiContext, session_of, user_errors
 from modules.errors import ConfigError
+
+#: Saves {name, text} as a file through the browser's own download.
+DOWNLOAD_JS = """(file) => {
+  if (!file || !file.text) return;
+  const url = URL.createObjectURL(new Blob([file.text], {type: "application/json"}));
+  const link = Object.assign(document.createElement("a"), {href: url, download: file.name});
+  document.body.appendChild(link);
+  link.click();
+  link.remove();
+  setTimeout(() => URL.revokeObjectURL(url), 60000);
+}"""
 
 
 def build_chat_histories_panel(ctx: UiContext, chatbot: gr.Chatbot) -> gr.Dropdown:
@@ -25,8 +38,7 @@ def build_chat_histories_panel(ctx: UiContext, chatbot: gr.Chatbot) -> gr.Dropdo
             export = gr.Button("Export", size="sm", elem_id="chat-export")
             upload = gr.UploadButton("Upload", size="sm", file_types=[".json"], type="binary",
                                      elem_id="chat-upload")
-        exported = gr.File(label="Exported chat", visible=False, interactive=False, elem_id="chat-exported")
-    exports = Path(tempfile.mkdtemp(prefix="workbench-exports-"))
+        exported = gr.JSON(visible=False, elem_id="chat-exported")  # {name, text} for the browser to save
     inputs = {ctx.session, chats, new_name, *ctx.chat.inputs}
     outputs = [chatbot, chats]
 
@@ -61,11 +73,10 @@ def build_chat_histories_panel(ctx: UiContext, chatbot: gr.Chatbot) -> gr.Dropdo
         return show(ctx, session, ctx.read_chat(data))
 
     @user_errors
-    def on_export(data: dict[Any, Any]) -> Any:
+    def on_export(data: dict[Any, Any]) -> dict[str, str]:
         session, chat_id = current(data)
-        path = exports / f"{session.character}-{chat_id}.json"
-        path.write_bytes(session.store.export(session.character, chat_id))
-        return gr.update(value=str(path), visible=True)
+        text = session.store.export(session.character, chat_id).decode("utf-8")
+        return {"name": f"{session.character}-{chat_id}.json", "text": text}
 
     @user_errors
     def on_upload(data: dict[Any, Any]) -> tuple[Any, Any]:
@@ -77,6 +88,6 @@ def build_chat_histories_panel(ctx: UiContext, chatbot: gr.Chatbot) -> gr.Dropdo
     chats.input(on_pick, inputs, outputs)
     rename.click(on_rename, inputs, [*outputs, new_name])
     delete.yes.click(on_delete, inputs, outputs)
-    export.click(on_export, inputs, exported)
+    export.click(on_export, inputs, exported, api_name="export_chat").success(None, exported, None, js=DOWNLOAD_JS)
     upload.upload(on_upload, {*inputs, upload}, outputs)
     return chats

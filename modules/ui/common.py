@@ -17,6 +17,7 @@ from modules.generation_params import GenerationParams
 from modules.presets import params_from_mapping
 from modules.services import Services
 from modules.settings import ChatSettings, describe_validation_error
+from modules.ui.page_defaults import NewPageDefaults
 from modules.ui.session_state import UiSession
 from modules.ui.widgets import FieldPanel
 
@@ -33,6 +34,7 @@ class UiContext:
     params: FieldPanel  # GenerationParams widgets, placed in the Parameters tab
     preset: gr.Dropdown
     chat: FieldPanel  # ChatSettings widgets, placed in the Chat and Parameters tabs
+    defaults: NewPageDefaults  # what a page opened from now on starts with ("Save UI defaults" replaces it)
     #: Events that change the loaded model (Model tab) and what to refresh after them, as (fn, outputs):
     #: app.py chains every listener after every such event, and runs them on page load.
     model_events: list[Any] = field(default_factory=list)

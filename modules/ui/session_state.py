@@ -1,10 +1,13 @@
 """What one browser session of the UI holds: its chats folder, the open chat, and the generation it runs.
 
-With --multi-user every browser gets its own chats folder, keyed by a random id the browser keeps in its local
-storage; otherwise all pages share `user_data/logs/chat`. Nothing here imports Gradio.
+With --multi-user and --gradio-auth the chats belong to the signed-in user (`user_data/users/<key>/logs/chat`,
+whatever browser they use); with --multi-user alone every browser gets its own chats folder, keyed by a random id
+the browser keeps in its local storage; otherwise all pages share `user_data/logs/chat`. Nothing here imports
+Gradio.
 """
 from __future__ import annotations
 
+import hashlib
 import re
 import secrets
 from dataclasses import dataclass, field
@@ -26,9 +29,21 @@ def valid_session_id(value: object) -> str | None:
     return value if isinstance(value, str) and _SESSION_ID.match(value) else None
 
 
-def chats_root(services: Services, session_id: str) -> Path:
-    if services.settings.multi_user:
-        return services.settings.user_data_dir / "sessions" / session_id / "logs" / "chat"
+def user_key(user: str) -> str:
+    """A folder name for a signed-in user. A user name is not a safe path component ('..', '/', case-folding
+    file systems), so the name is reduced to a readable slug and made unique by a hash of the exact name."""
+    slug = re.sub(r"[^a-z0-9]+", "-", user.lower()).strip("-")[:32] or "user"
+    return f"{slug}-{hashlib.sha256(user.encode('utf-8')).hexdigest()[:20]}"
+
+
+def chats_root(services: Services, session_id: str, user: str | None = None) -> Path:
+    """The chats folder of a page: the signed-in user's (--multi-user with a user), the browser's (--multi-user
+    without one), or the shared one."""
+    settings = services.settings
+    if settings.multi_user and user is not None:
+        return settings.user_data_dir / "users" / user_key(user) / "logs" / "chat"
+    if settings.multi_user:
+        return settings.user_data_dir / "sessions" / session_id / "logs" / "chat"
     return services.chat_root
 
 
@@ -37,15 +52,19 @@ class UiSession:
     session_id: str
     store: HistoryStore
     character: str
+    user: str | None = None  # the signed-in user (--gradio-auth), whose chats this page reads and writes
     history: ChatHistory | None = None  # None: a new chat, saved when its first message is added
     selected: int | None = None  # the chat message picked in the chatbot (for "Branch here")
     generation: Generation | None = None  # the generation this page runs, for Stop
     notebook_undo: list[str] = field(default_factory=list)
 
     @classmethod
-    def start(cls, services: Services, session_id: str) -> "UiSession":
-        store = HistoryStore(chats_root(services, session_id))
-        return cls(session_id=session_id, store=store, character=services.settings.chat.character)
+    def start(cls, services: Services, session_id: str, *, user: str | None = None,
+              character: str | None = None) -> "UiSession":
+        """A page's session; `character` is the one the page starts with (default: the settings' one)."""
+        store = HistoryStore(chats_root(services, session_id, user))
+        return cls(session_id=session_id, store=store, user=user,
+                   character=character if character is not None else services.settings.chat.character)
 
     @property
     def busy(self) -> bool:

@@ -1,4 +1,5 @@
-"""Session tab: the settings in force, the light/dark switch, "Save UI defaults", and the extensions list."""
+"""Session tab: the settings in force, the light/dark switch, "Save UI defaults" (for pages opened afterwards), and
+the extensions list. With --multi-user the last two are the operator's: shown and answered only for an admin."""
 from __future__ import annotations
 
 import re
@@ -8,11 +9,14 @@ from typing import Any
 import gradio as gr
 import yaml
 
+from modules.errors import AccessDenied
 from modules.generation_params import GenerationParams
 from modules.presets import load_preset
 from modules.services import Services
 from modules.settings import DEFAULT_SETTINGS_FILE, Settings, save_settings
+from modules.ui.access import may_administer
 from modules.ui.common import UiContext, user_errors
+from modules.ui.page_defaults import PageDefaults
 
 #: Settings never shown in the page, at any depth (extension params and loader options hold keys too).
 _SECRET = re.compile(r"(^|_)(key|password|token|auth|secret)$")
@@ -47,30 +51,45 @@ def ui_defaults(settings: Settings, preset: str, params: GenerationParams, chat:
 
 def build_session_tab(ctx: UiContext) -> None:
     services = ctx.services
+    settings = services.settings
     with gr.Row():
         with gr.Column(scale=1):
             theme = gr.Button("Toggle light / dark theme", elem_id="theme-toggle")
-            save = gr.Button("Save UI defaults", variant="primary", elem_id="save-defaults")
-            saved = gr.Markdown(f"Writes the current parameters, preset and chat settings to "
-                                f"`{settings_file(services.settings)}`, read at the next start.",
-                                elem_id="save-defaults-status")
-            with gr.Accordion("Extensions", open=True):
-                build_extensions_panel(services)
+            # The operator's controls: hidden from a page that may not use them until its user is known.
+            with gr.Column(visible=may_administer(settings, None), elem_id="operator-controls") as operator:
+                save = gr.Button("Save UI defaults", variant="primary", elem_id="save-defaults")
+                saved = gr.Markdown(f"Writes the current parameters, preset and chat settings to "
+                                    f"`{settings_file(settings)}`. Pages opened from now on start with them; pages "
+                                    f"already open keep theirs, and the API reads them at the next start.",
+                                    elem_id="save-defaults-status")
+                with gr.Accordion("Extensions", open=True):
+                    build_extensions_panel(services)
         with gr.Column(scale=2):
-            shown = gr.Code(settings_yaml(services.settings), language="yaml", label="Settings in force",
-                            interactive=False, elem_id="settings-in-force")
+            gr.Code(settings_yaml(settings), language="yaml", label="Settings in force", interactive=False,
+                    elem_id="settings-in-force")
 
     @user_errors
-    def on_save(data: dict[Any, Any]) -> tuple[str, str]:
-        updated = ui_defaults(services.settings, data[ctx.preset], ctx.read_params(data), ctx.read_chat(data))
-        path = settings_file(updated)
-        save_settings(updated, path, only={"preset", "generation", "chat"})
-        services.settings = updated  # what this server now runs with, as "Settings in force" shows
+    def on_save(data: dict[Any, Any], request: gr.Request) -> str:
+        refuse_unless_admin(settings, request, "Saving the UI defaults")
+        preset, params, chat = data[ctx.preset], ctx.read_params(data), ctx.read_chat(data)
+        path = settings_file(settings)
+        save_settings(ui_defaults(settings, preset, params, chat), path, only={"preset", "generation", "chat"})
+        ctx.defaults.replace(PageDefaults(preset=preset, params=params, chat=chat))
         gr.Info(f"Saved UI defaults to {path}.")
-        return f"Saved to `{path}`.", settings_yaml(updated)
+        return f"Saved to `{path}`: pages opened from now on start with them (open pages and the API keep theirs)."
 
     theme.click(None, None, None, js=TOGGLE_THEME_JS)
-    save.click(on_save, {ctx.preset, *ctx.params.inputs, *ctx.chat.inputs}, [saved, shown])
+    save.click(on_save, {ctx.preset, *ctx.params.inputs, *ctx.chat.inputs}, saved, api_name="save_ui_defaults")
+    ctx.session_listeners.append((lambda data: gr.update(visible=may_administer(settings, data[ctx.session].user)),
+                                  {ctx.session}, [operator]))
+
+
+def refuse_unless_admin(settings: Settings, request: gr.Request, action: str) -> None:
+    """Raise AccessDenied unless the caller may use the operator's controls. Checked in the handler itself, since
+    Gradio events can be called over its HTTP API without the page that hides the button."""
+    if not may_administer(settings, request.username):
+        raise AccessDenied(f"{action} is for the operator: start the server with --admin-users NAME (signed-in "
+                           f"users) or --admin-ui.")
 
 
 def build_extensions_panel(services: Services) -> None:
@@ -86,7 +105,9 @@ def build_extensions_panel(services: Services) -> None:
     apply = gr.Button("Apply", size="sm", elem_id="extensions-apply")
     notes = gr.Markdown("\n\n".join(registry.messages()), elem_id="extensions-notes")
 
-    def on_apply(chosen: list[str]) -> tuple[Any, str]:
+    @user_errors
+    def on_apply(chosen: list[str], request: gr.Request) -> tuple[Any, str]:
+        refuse_unless_admin(services.settings, request, "Switching extensions")
         for name in registry.enabled:
             if name not in chosen:
                 registry.disable(name)
@@ -95,4 +116,4 @@ def build_extensions_panel(services: Services) -> None:
         enabled = ", ".join(registry.enabled) or "none"
         return gr.update(value=registry.enabled), "\n\n".join([f"Enabled: {enabled}.", *registry.messages()])
 
-    apply.click(on_apply, names, [names, notes])
+    apply.click(on_apply, names, [names, notes], api_name="apply_extensions")
