@@ -34,7 +34,7 @@ from modules.starter import STARTER_HF_DIR  # noqa: E402
 from modules.training.config import Folders, TrainingConfig  # noqa: E402
 from modules.training.jobs import JobManager  # noqa: E402
 
-DATA = ROOT.parent / "shared" / "data" / "instruction-data.json"
+DATA = ROOT / "data" / "instruction-data.json"
 
 
 def job_config(args: argparse.Namespace, name: str, **train: object) -> TrainingConfig:

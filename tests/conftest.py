@@ -12,7 +12,7 @@ from modules.starter import STARTER_GGUF, STARTER_HF_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL_DIR = ROOT / "models"
-DATA_DIR = ROOT.parent / "shared" / "data"
+DATA_DIR = ROOT / "data"
 FRANCE = "What is the capital of France? Answer in one short sentence."
 
 
@@ -50,7 +50,7 @@ def starter_hf() -> Path:
 
 @pytest.fixture(scope="session")
 def instruction_data() -> list[dict]:
-    return json.loads(_require(DATA_DIR / "instruction-data.json", "the shared data folder is missing").read_text())
+    return json.loads(_require(DATA_DIR / "instruction-data.json", "data/ ships with the repository; restore it from git").read_text())
 
 
 def save_tiny_llama(folder: Path, tokenizer_source: Path, *, initializer_range: float = 0.02) -> Path:
