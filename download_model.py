@@ -15,7 +15,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from modules.errors import WorkbenchError
+from modules.cli import ArgumentParser, report
+from modules.errors import ConfigError, WorkbenchError
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -30,7 +31,7 @@ class DownloadPlan:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("repo", help="Hub repository id ORG/NAME (optionally ORG/NAME:BRANCH), or 'starter'.")
     parser.add_argument("--revision", help="Branch, tag or commit.")
     parser.add_argument("--include", nargs="+", default=[], metavar="PATTERN",
@@ -77,9 +78,20 @@ def download(request: DownloadPlan) -> Path:
     return request.target
 
 
+def make_model_dir(model_dir: Path) -> None:
+    """Create the model folder now, so a bad --model-dir is reported before any download starts."""
+    if model_dir.exists() and not model_dir.is_dir():
+        raise ConfigError(f"Cannot use {model_dir} as the model folder: it is a file.")
+    try:
+        model_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"Cannot use {model_dir} as the model folder: {exc.strerror}.") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
+        make_model_dir(args.model_dir)
         if args.repo == "starter":
             from modules.starter import ensure_starter
 
@@ -90,8 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"downloaded to {target}")
         return 0
     except WorkbenchError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return report(exc)
 
 
 if __name__ == "__main__":

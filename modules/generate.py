@@ -11,11 +11,12 @@ import logging
 import sys
 from pathlib import Path
 
-from modules.errors import WorkbenchError
+from modules.cli import ArgumentParser, report
+from modules.errors import ConfigError, WorkbenchError
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m modules.generate", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="python -m modules.generate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="Model name in --model-dir (a .gguf file or a folder).")
     parser.add_argument("--loader", help="Force a loader (llama.cpp, transformers).")
     parser.add_argument("--model-dir", default="models", help="Folder of models.")
@@ -41,7 +42,7 @@ def _loader_options(pairs: list[str]) -> dict[str, object]:
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep:
-            raise WorkbenchError(f"--option {pair!r} is not KEY=VALUE.")
+            raise ConfigError(f"--option {pair!r} is not KEY=VALUE.")
         try:
             options[key] = json.loads(value)
         except json.JSONDecodeError:
@@ -54,7 +55,7 @@ def run(argv: list[str] | None = None) -> int:
     from modules.chat.templates import choose_template, render_chat
     from modules.generation_params import GenerationParams
     from modules.model_manager import ModelManager
-    from modules.presets import load_preset
+    from modules.presets import load_preset, params_from_mapping
 
     params = load_preset(Path(args.preset_dir), args.preset) if args.preset else GenerationParams()
     updates: dict[str, object] = {}
@@ -69,14 +70,14 @@ def run(argv: list[str] | None = None) -> int:
     if args.json_schema:
         try:
             updates["json_schema"] = json.loads(args.json_schema.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise WorkbenchError(f"Cannot read the JSON schema {args.json_schema}: {exc}") from None
+        except (OSError, ValueError) as exc:  # ValueError: not JSON, or not UTF-8 text
+            raise ConfigError(f"Cannot read the JSON schema {args.json_schema}: {exc}") from None
     if args.grammar:
         try:
             updates["grammar_string"] = args.grammar.read_text()
-        except OSError as exc:
-            raise WorkbenchError(f"Cannot read the grammar {args.grammar}: {exc.strerror}") from None
-    params = GenerationParams(**{**params.model_dump(), **updates})
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"Cannot read the grammar {args.grammar}: {exc}") from None
+    params = params_from_mapping({**params.model_dump(), **updates}, "command line")
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
 
     manager = ModelManager(Path(args.model_dir), Path("loras"))
@@ -106,8 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return run(argv)
     except WorkbenchError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return report(exc)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

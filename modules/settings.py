@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from loaders.base import BUILTIN_LOADERS, LoaderOptions
+from modules.cli import ArgumentParser
 from modules.errors import ConfigError, describe_validation_error
 from modules.extensions import apply_extension_flags, extension_flags
 from modules.generation_params import GenerationParams
@@ -137,10 +138,18 @@ class Settings(BaseModel):
     @field_validator("loader_options")
     @classmethod
     def _valid_loader_options(cls, value: dict[str, Any]) -> dict[str, Any]:
+        """Names and values: each loader checks the options it declares now, so `--n-ctx -5` stops the start with
+        the key named instead of failing the first load."""
         known = all_loader_option_fields()
         unknown = [key for key in value if key not in known]
         if unknown:
             raise ValueError(f"unknown loader option(s) {unknown}; known: {sorted(known)}")
+        for name, options in loader_option_types().items():
+            declared = {key: item for key, item in value.items() if key in options.model_fields}
+            try:
+                options(**declared)
+            except ValidationError as exc:
+                raise ValueError(describe_validation_error(exc, f"{name} loader")) from None
         return value
 
     @property
@@ -183,7 +192,7 @@ _SKIP_FLAGS = {"loader_options", "generation", "chat", "extension_params"}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="webui.py", description="A local LLM workbench: load a model, chat, tune sampling, train LoRAs, and "
                                      "serve an OpenAI-compatible API.",
         argument_default=argparse.SUPPRESS)

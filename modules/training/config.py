@@ -8,7 +8,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from modules.errors import ConfigError
+from modules.errors import ConfigError, describe_validation_error
 from modules.paths import resolve_inside
 
 #: Short names the form offers, and the module names they stand for in Llama-style models.
@@ -179,8 +179,6 @@ class TrainingConfig(_Strict):
 
 def parse_config(data: Any, source: str) -> TrainingConfig:
     """Validate a mapping; errors name the bad key and where it came from."""
-    from modules.settings import describe_validation_error
-
     if not isinstance(data, dict):
         raise ConfigError(f"{source} must hold a mapping of option: value, not {type(data).__name__}.")
     try:
@@ -194,6 +192,8 @@ def load_config(path: Path) -> TrainingConfig:
         data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
     except OSError as exc:
         raise ConfigError(f"Cannot read the training config {path}: {exc.strerror}.") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"The training config {path} is not UTF-8 text.") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path} is not valid YAML: {exc}") from None
     return parse_config(data, str(path))

@@ -9,7 +9,6 @@ Exit status: 0 finished or stopped, 2 a problem with the configuration or data (
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -22,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from modules.cuda_attention import avoid_cudnn_attention
+from modules.cli import ArgumentParser, report
 from modules.errors import ConfigError, WorkbenchError
 from modules.paths import atomic_write_text
 from modules.training.allocator import keep_freed_memory
@@ -340,7 +340,7 @@ def _world_size() -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m modules.training.run", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="python -m modules.training.run", description=__doc__.splitlines()[0])
     parser.add_argument("config", type=Path, help="The job's config.yaml (its folder is the run folder).")
     parser.add_argument("--resume", action="store_true", help="Continue from the newest complete checkpoint.")
     args = parser.parse_args(argv)
@@ -350,10 +350,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_config(args.config)
     except WorkbenchError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        if is_main and run_dir.is_dir():
+        if is_main and args.config.is_file():  # a run folder: the Training tab reads why from its status
             write_status(run_dir, state="failed", message=str(exc), pid=None)
-        return 2
+        return report(exc)
     from modules.training.trainer import StopRequest
 
     stop = StopRequest(run_dir)
@@ -372,8 +371,7 @@ def main(argv: list[str] | None = None) -> int:
     except WorkbenchError as exc:
         job.status(state="failed", message=str(exc))
         job.event("failed", message=str(exc))
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return report(exc)
     except BaseException as exc:  # noqa: BLE001 - every failure must reach the status file
         traceback.print_exc()
         message = f"{type(exc).__name__}: {exc}"
