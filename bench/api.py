@@ -26,6 +26,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from modules.cli import ArgumentParser  # noqa: E402
+from needs import need_packages  # noqa: E402
+
+need_packages("fastapi", "uvicorn", "httpx", "llama_cpp", requirements="requirements.txt")
+
 QUESTION = "Write a short story about a lighthouse keeper who finds a message in a bottle."
 N_CTX = 2048
 
@@ -99,7 +104,7 @@ def stream_raw(llama, ids: list[int], tokens: int) -> tuple[float, float, int, b
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--streams", type=int, default=8)

@@ -8,7 +8,6 @@ EOS banned so both produce exactly --tokens tokens; medians are reported. The la
 """
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
@@ -18,6 +17,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from modules.cli import ArgumentParser  # noqa: E402
+from needs import need_packages  # noqa: E402
+
+need_packages("torch", "transformers", "llama_cpp", requirements="requirements.txt")
 
 from modules.chat.templates import choose_template, render_chat  # noqa: E402
 from modules.generation_params import GenerationParams  # noqa: E402
@@ -112,7 +116,7 @@ def measure(name: str, manager: ModelManager, raw, tokens: int, rounds: int) -> 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--loaders", nargs="+", default=["llama_cpp", "transformers"])

@@ -10,7 +10,6 @@ thread. The last line is one JSON object: {"fresh_tok_s", "after_main_thread_tok
 """
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
@@ -20,6 +19,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from modules.cli import ArgumentParser  # noqa: E402
+from needs import need_packages  # noqa: E402
+
+need_packages("torch", "transformers", requirements="requirements.txt")
 
 from modules.generation_params import GenerationParams  # noqa: E402
 from modules.model_manager import ModelManager  # noqa: E402
@@ -45,7 +49,7 @@ def in_fresh_thread(manager: ModelManager, tokens: int) -> float:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--model", default=STARTER_HF_DIR)

@@ -25,10 +25,15 @@ import tempfile
 import time
 from pathlib import Path
 
-import yaml
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from modules.cli import ArgumentParser  # noqa: E402
+from needs import need_packages  # noqa: E402
+
+need_packages("yaml", "torch", "transformers", "peft", requirements="requirements.txt")
+
+import yaml  # noqa: E402
 
 from modules.starter import STARTER_HF_DIR  # noqa: E402
 from modules.training.config import Folders, TrainingConfig  # noqa: E402
@@ -109,7 +114,7 @@ def run_baseline(args: argparse.Namespace, work: Path) -> dict:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=STARTER_HF_DIR, help="A Transformers folder in models/.")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch", type=int, default=8, help="Examples per step (micro-batch, no accumulation).")

@@ -13,7 +13,6 @@ line is one JSON object: {"ready_s", "browser_tok_s", "core_tok_s", "ratio"} (ra
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -29,6 +28,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from modules.cli import ArgumentParser  # noqa: E402
+from needs import need_packages, need_program  # noqa: E402
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking"]
+need_packages("gradio", "llama_cpp", requirements="requirements.txt")
+need_packages("playwright", requirements="requirements-test.txt")
+need_program(CHROMIUM, "apt-get install chromium")
+
 from playwright.sync_api import Page, sync_playwright  # noqa: E402
 
 from modules.chat.history import ChatMessage  # noqa: E402
@@ -38,8 +46,6 @@ from modules.settings import load_settings  # noqa: E402
 from modules.starter import STARTER_GGUF  # noqa: E402
 from modules.ui.chat_runner import build_turn_prompt  # noqa: E402
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking"]
 QUESTION = "Write a long story about a dragon who learns to cook."
 
 _WATCH_REPLY = """() => {
@@ -130,7 +136,7 @@ def core_round(services, tokens: int) -> float:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()

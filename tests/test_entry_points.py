@@ -174,3 +174,19 @@ def test_training_job_refuses_bad_files(tmp_path: Path, starter_hf: Path):
     assert_bad_input(run("-m", "modules.training.run", str(config)), "no-such-model")
     config = training_config(tmp_path, train_file="no-such-data.json")
     assert_bad_input(run("-m", "modules.training.run", str(config)), "no-such-data.json")
+
+
+# --- bench/*.py ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(("script", "package", "requirements"), [
+    ("ui.py", "playwright", "requirements-test.txt"),
+    ("api.py", "httpx", "requirements.txt"),
+    ("generation.py", "llama_cpp", "requirements.txt"),
+    ("openmp_threads.py", "transformers", "requirements.txt"),
+    ("training.py", "peft", "requirements.txt"),
+])
+def test_a_bench_names_the_requirements_file_of_a_missing_package(script: str, package: str, requirements: str):
+    """Run as `python bench/SCRIPT` is, with `package` made unimportable (as where it was never installed)."""
+    path = f"bench/{script}"
+    hidden = (f"import runpy, sys; sys.modules[{package!r}] = None; sys.path.insert(0, 'bench'); "
+              f"sys.argv = [{path!r}]; runpy.run_path({path!r}, run_name='__main__')")
+    assert_bad_input(run("-c", hidden), path, package, f"pip install -r {requirements}")
