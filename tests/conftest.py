@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,16 @@ def _require(path: Path, how: str) -> Path:
     if not path.exists():
         pytest.fail(f"{path} is missing: {how}", pytrace=False)
     return path
+
+
+def wait_until(condition: Callable[[], Any], what: str, *, timeout_s: float = 120.0) -> None:
+    """Poll `condition` until it holds; fail naming `what` when it still does not after `timeout_s`. The
+    deadline only bounds a hang: passing never depends on how fast the machine is."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what}: not after {timeout_s:.0f} s", pytrace=False)
+        time.sleep(0.01)
 
 
 def instruction_prompts(template: str, records: list[dict]) -> list[str]:

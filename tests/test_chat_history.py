@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import wait_until
 from modules.chat.history import ChatHistory, ChatMessage, HistoryStore
 from modules.errors import ChatChangedError, ConfigError, PathError
 
@@ -398,6 +399,13 @@ def test_concurrent_saves_from_many_threads_lose_no_message(store: HistoryStore)
                                                                          for t in range(rounds)]
 
 
+def waits_for_lock(path: Path) -> bool:
+    """Whether this process is blocked on a lock of `path`: Linux lists each waiter in /proc/locks after '->'."""
+    inode, pid = f":{path.stat().st_ino} ", f" {os.getpid()} "
+    return any("->" in line and inode in line and pid in line
+               for line in Path("/proc/locks").read_text().splitlines())
+
+
 def test_a_save_waits_for_another_process_holding_the_lock(store: HistoryStore) -> None:
     chat = store.new("AI", MESSAGES)
     holder = subprocess.Popen(
@@ -411,7 +419,7 @@ def test_a_save_waits_for_another_process_holding_the_lock(store: HistoryStore) 
         page.messages.append(user("Waiting"))
         saver = threading.Thread(target=store.save, args=(page,))
         saver.start()
-        saver.join(timeout=1)
+        wait_until(lambda: waits_for_lock(store.root / ".lock"), "the save waits for the other process's lock")
         assert saver.is_alive() and contents(store.load("AI", chat.id)) == contents(chat)  # held off
         holder.stdin.write("\n")
         holder.stdin.flush()

@@ -143,12 +143,13 @@ def llama_server(starter_gguf: Path) -> str:
                                 "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "2048", "--verbose", "False"],
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ})
     errors: list[bytes] = []
-    threading.Thread(target=lambda: errors.append(process.stderr.read()), daemon=True).start()
+    reader = threading.Thread(target=lambda: errors.append(process.stderr.read()), daemon=True)
+    reader.start()
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            time.sleep(0.5)
+            reader.join(timeout=30)  # its stderr, read to the end
             pytest.fail(f"llama_cpp.server exited: {b''.join(errors).decode(errors='replace')[-2000:]}")
         try:
             if httpx.get(url + "/v1/models", timeout=2).status_code == 200:
