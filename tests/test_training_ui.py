@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import Browser, Page
 
-from conftest import save_tiny_llama
+from conftest import save_tiny_llama, wait_until
 from ui_helpers import Server, Workspace, choose, open_app, set_text, tab
 
 pytestmark = pytest.mark.browser
@@ -78,8 +78,8 @@ def test_start_watch_reload_stop_and_apply(browser: Browser, server: Server, wor
     wait_progress(page, f"step >= {first_step + 3}")
     _, later_step, _ = progress(page)
     assert later_step > first_step
-    page.wait_for_timeout(1500)  # the plot redraws after the data arrives
-    assert plot.screenshot() != first_plot  # new points on the curve
+    wait_until(lambda: plot.screenshot() != first_plot, "new points on the loss curve",  # the plot redraws
+               timeout_s=WAIT_MS / 1000)
     assert float(page.locator("#training-progress-box progress").get_attribute("value")) >= later_step
 
     page.reload()  # the job lives on in its own process; the page finds it again

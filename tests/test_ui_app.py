@@ -21,7 +21,7 @@ from playwright.sync_api import Browser, Page
 from conftest import FRANCE
 from modules.generation_params import GenerationParams
 from modules.ui.parameters_tab import group_elem_id, grouped
-from ui_helpers import (Server, Workspace, chat_event, chat_messages, choose, last_reply, new_chat,
+from ui_helpers import (Server, Workspace, answered, chat_event, chat_messages, choose, last_reply, new_chat,
                         open_app, run_event, screenshot, send, set_text, tab)
 
 pytestmark = pytest.mark.browser
@@ -55,13 +55,14 @@ def page(browser: Browser, server: Server) -> Iterator[Page]:
 def use_preset(page: Page, name: str, **changes: str | bool) -> None:
     """Pick a preset in the Parameters tab, then change single knobs (by field name), and come back to Chat."""
     tab(page, "Parameters")
-    choose(page, "#preset-select", name)
-    page.wait_for_timeout(800)  # the preset's values arrive
+    if page.locator("#preset-select input").first.input_value() != name:  # else no event: nothing changes
+        run_event(page, lambda: choose(page, "#preset-select", name), "#param-max-new-tokens")  # its values
     for knob, value in changes.items():
         selector = f"#param-{knob.replace('_', '-')}"
         if not page.locator(selector).count():  # its group is folded: unfold it
             title = next(t for t, names in grouped(list(GenerationParams.model_fields)).items() if knob in names)
             page.locator(f"#{group_elem_id(title)} .label-wrap").click()
+            page.locator(selector).wait_for()
         if isinstance(value, bool):
             page.locator(f"{selector} input[type=checkbox]").set_checked(value)
         else:
@@ -119,8 +120,10 @@ def test_stop_cuts_a_long_reply(page: Page) -> None:
     assert "stopped" in status
     assert 0 < reply_tokens(status) < 3000
     cut = last_reply(page)
-    page.wait_for_timeout(1000)
-    assert last_reply(page) == cut  # nothing arrives after Stop
+    # Nothing arrives after Stop: the reply is unchanged once a later event (Copy last reply) has come back.
+    run_event(page, lambda: page.click("#chat-copy-last"), "#chatbot")
+    assert last_reply(page) == cut
+    assert page.locator("#chat-input textarea").input_value().strip()  # the kept reply, back in the box
 
 
 def test_regenerate_with_a_sampling_preset_and_another_seed_gives_another_reply(page: Page) -> None:
@@ -152,8 +155,7 @@ def test_continue_extends_the_last_reply(page: Page) -> None:
 
 def test_a_preset_with_max_new_tokens_5_gives_a_short_reply(page: Page) -> None:
     tab(page, "Parameters")
-    page.click("#preset-refresh")  # Five-Tokens.yaml was added after the page loaded
-    page.wait_for_timeout(500)
+    answered(page, lambda: page.click("#preset-refresh"))  # Five-Tokens.yaml was added after the page loaded
     tab(page, "Chat")
     use_preset(page, "Five-Tokens")
     new_chat(page)
@@ -165,8 +167,7 @@ def test_a_preset_with_max_new_tokens_5_gives_a_short_reply(page: Page) -> None:
 
 def test_a_preset_with_a_bad_key_is_refused_naming_the_key(page: Page) -> None:
     tab(page, "Parameters")
-    page.click("#preset-refresh")
-    page.wait_for_timeout(500)
+    answered(page, lambda: page.click("#preset-refresh"))
     choose(page, "#preset-select", "Misspelt")
     toast = page.locator(".toast-body").filter(has_text="temprature")
     toast.first.wait_for(timeout=30_000)
@@ -196,8 +197,7 @@ def test_editing_actions_and_past_chats(page: Page) -> None:
     run_event(page, lambda: page.click("#chat-copy-last"), "#chatbot")
     assert page.locator("#chat-input textarea").input_value() == "Better answer"
     add_dummy(page, "#chat-dummy-message", "Second question")
-    page.locator("#chatbot .message-row").first.click()  # pick the first message, then branch there
-    page.wait_for_timeout(300)
+    answered(page, lambda: page.locator("#chatbot .message-row").first.click())  # pick it, then branch there
     run_event(page, lambda: page.click("#chat-branch"), "#chatbot")
     assert chat_messages(page) == [("user", "First question")]
     assert "(branch)" in page.locator("#chat-history-select input").first.input_value()

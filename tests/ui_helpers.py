@@ -12,7 +12,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from playwright.sync_api import Browser, Page, Playwright
+from playwright.sync_api import Browser, Page, Playwright, expect
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = "/usr/bin/chromium"
@@ -138,18 +138,35 @@ def wait_ready(page: Page) -> None:
     """The app has rendered and its start-up events (the session, the open chat) have finished."""
     page.wait_for_selector("#chat-input textarea", timeout=EVENT_TIMEOUT_MS)
     page.wait_for_function("() => { const s = document.querySelector('#chat-status');"
-                           " const w = s && s.querySelector('.wrap');"
+                           " const w = s && s.querySelector('[data-testid=status-tracker]');"
                            " return w && w.classList.contains('hide') && s.innerText.trim().length > 0; }",
                            timeout=EVENT_TIMEOUT_MS)
-    page.wait_for_timeout(300)
+    wait_idle(page)
+
+
+_IDLE = ("() => [...document.querySelectorAll('[data-testid=status-tracker]')]"
+         ".every(tracker => tracker.classList.contains('hide'))")
+
+
+def wait_idle(page: Page) -> None:
+    """No event is showing progress on any component the page has drawn (Gradio's status trackers are hidden)."""
+    page.wait_for_function(_IDLE, timeout=EVENT_TIMEOUT_MS)
+
+
+def answered(page: Page, action) -> None:
+    """Do `action()` and wait for the server's answer to the unqueued event (queue=False) it fires, such as a
+    selection the server only records, or a refreshed list of choices."""
+    with page.expect_response(lambda response: response.url.endswith("/gradio_api/run/predict"),
+                              timeout=EVENT_TIMEOUT_MS):
+        action()
 
 
 _WATCH = """([selector, lock]) => {
   window.__eventStarted = false;
   const busy = () => {
     if (lock) { const button = document.querySelector(lock); return !!(button && button.disabled); }
-    const wrap = document.querySelector(selector).querySelector('.wrap');
-    return !!(wrap && !wrap.classList.contains('hide'));
+    const tracker = document.querySelector(selector).querySelector('[data-testid=status-tracker]');
+    return !!(tracker && !tracker.classList.contains('hide'));
   };
   if (window.__eventWatch) window.__eventWatch.disconnect();
   window.__eventWatch = new MutationObserver(() => { if (busy()) window.__eventStarted = true; });
@@ -175,20 +192,20 @@ def chat_event(page: Page, action) -> str:
 
 
 def tab(page: Page, name: str) -> None:
-    page.get_by_role("tab", name=name, exact=True).click()
-    page.wait_for_timeout(300)
+    """Open a tab and wait until it is the selected one."""
+    button = page.get_by_role("tab", name=name, exact=True)
+    button.click()
+    expect(button).to_have_attribute("aria-selected", "true")
 
 
 def set_text(page: Page, selector: str, value: str) -> None:
-    """Type into a Gradio textbox or number box and commit it (Gradio reads the value on blur/input)."""
+    """Type into a Gradio textbox or number box and commit it (Gradio reads the value on blur/input). Typing
+    waits until no event is in flight: one that lands afterwards could redraw the box with its old value."""
     box = page.locator(f"{selector} textarea, {selector} input").first
-    for _ in range(3):  # a box in an accordion that is still opening may be redrawn with its old value
-        box.fill(value)
-        box.blur()
-        page.wait_for_timeout(150)
-        if box.input_value() == value:
-            return
-    raise AssertionError(f"{selector} did not keep {value!r} (it shows {box.input_value()!r})")
+    wait_idle(page)
+    box.fill(value)
+    box.blur()
+    expect(box).to_have_value(value)
 
 
 def choose(page: Page, selector: str, option: str) -> None:
@@ -198,10 +215,11 @@ def choose(page: Page, selector: str, option: str) -> None:
     for _ in range(3):
         box.click()
         page.get_by_role("option", name=option, exact=True).click()
-        page.wait_for_timeout(200)
-        if box.input_value() == option:
+        try:
+            expect(box).to_have_value(option, timeout=10_000)
             return
-        page.keyboard.press("Escape")
+        except AssertionError:
+            page.keyboard.press("Escape")
     raise AssertionError(f"{selector} did not take the option {option!r} (it shows {box.input_value()!r})")
 
 
@@ -228,8 +246,7 @@ def send(page: Page, text: str) -> str:
 
 
 def new_chat(page: Page) -> None:
-    page.click("#chat-new")
-    page.wait_for_timeout(500)
+    run_event(page, lambda: page.click("#chat-new"), "#chatbot")
 
 
 def screenshot(page: Page, name: str) -> None:
