@@ -191,8 +191,8 @@ def test_saved_ui_defaults_reach_pages_opened_afterwards_only(browser: Browser, 
     bob = SignedIn(browser, server.url, "bob")  # open before the save
     alice = SignedIn(browser, server.url, "alice")
     tab(alice.page, "Parameters")
-    choose(alice.page, "#preset-select", "Deterministic")
-    alice.page.wait_for_timeout(800)  # the preset's values arrive
+    run_event(alice.page, lambda: choose(alice.page, "#preset-select", "Deterministic"),
+              "#param-max-new-tokens")  # the preset's values arrive
     set_text(alice.page, "#param-max-new-tokens", "33")
     tab(alice.page, "Chat")
     alice.page.locator("#chat-mode").get_by_text("chat-instruct", exact=True).click()
