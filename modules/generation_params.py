@@ -39,6 +39,9 @@ SAMPLER_NAMES: tuple[str, ...] = (
 )
 
 DEFAULT_DRY_BREAKERS: tuple[str, ...] = ("\n", ":", '"', "*")
+#: text-generation-webui samplers the workbench does not have; an order that names them (SillyTavern sends
+#: text-generation-webui's whole list) is accepted, and their place in it changes nothing here.
+OTHER_SAMPLER_NAMES: frozenset[str] = frozenset({"adaptive_p"})
 
 
 class GenerationParams(BaseModel):
@@ -112,9 +115,17 @@ class GenerationParams(BaseModel):
     # --- what to report ----------------------------------------------------------------------------------------
     logprobs: int = Field(0, ge=0, le=20, description="Also report this many top alternatives per token.")
 
+    @field_validator("sampler_priority", mode="before")
+    @classmethod
+    def _sampler_list(cls, value: Any) -> Any:
+        if isinstance(value, str):  # text-generation-webui's presets: one sampler per line (or comma-separated)
+            return [part.strip() for part in value.replace(",", "\n").splitlines() if part.strip()]
+        return value
+
     @field_validator("sampler_priority")
     @classmethod
     def _known_samplers(cls, value: list[str]) -> list[str]:
+        value = [name for name in value if name not in OTHER_SAMPLER_NAMES]
         unknown = [name for name in value if name not in SAMPLER_NAMES]
         if unknown:
             raise ValueError(f"unknown sampler(s) {unknown}; known: {list(SAMPLER_NAMES)}")
@@ -124,8 +135,28 @@ class GenerationParams(BaseModel):
     @field_validator("custom_token_bans", mode="before")
     @classmethod
     def _token_list(cls, value: Any) -> Any:
-        if isinstance(value, str):  # text-generation-webui sends "1, 2, 3"
-            return [int(part) for part in value.replace(" ", "").split(",") if part]
+        if isinstance(value, str):  # text-generation-webui and SillyTavern send "1, 2, 3"
+            try:
+                return [int(part) for part in value.split(",") if part.strip()]
+            except ValueError:
+                raise ValueError(f"write token ids separated by commas, such as \"1, 2, 3\" (got {value!r})") \
+                    from None
+        return value
+
+    @field_validator("dry_sequence_breakers", mode="before")
+    @classmethod
+    def _breakers_from_text(cls, value: Any) -> Any:
+        # text-generation-webui's form is JSON strings without the brackets ('"\\n", ":"'); SillyTavern sends a
+        # JSON list as a string ('["\\n", ":"]')
+        if isinstance(value, str):
+            text = value.strip()
+            if not text:
+                return []
+            try:
+                return json.loads(text if text.startswith("[") else f"[{text}]")
+            except json.JSONDecodeError:
+                raise ValueError(f"write the breakers as JSON strings, such as [\"\\n\", \":\"] or \"\\n\", \":\" "
+                                 f"(got {value!r})") from None
         return value
 
     @field_validator("stop", "banned_strings", mode="before")
@@ -144,10 +175,11 @@ class GenerationParams(BaseModel):
             if not value.strip():
                 return None
             try:
-                return json.loads(value)
+                value = json.loads(value)
             except json.JSONDecodeError as exc:
                 raise ValueError(f"json_schema is not valid JSON: {exc}") from exc
-        return value
+        # an empty schema means none (SillyTavern's setting is {} until the user writes one)
+        return None if value == {} else value
 
     @model_validator(mode="after")
     def _one_constraint(self) -> "GenerationParams":

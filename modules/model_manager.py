@@ -16,7 +16,7 @@ from typing import Any
 
 from loaders.base import Capability, LoadedModel, LoaderRegistry, ModelInfo
 from modules.cpu_threads import in_short_lived_thread
-from modules.errors import GenerationError, ModelLoadError, NoModelLoaded, WorkbenchError
+from modules.errors import GenerationError, ModelLoadError, NoModelLoaded, UnsupportedParameter, WorkbenchError
 from modules.generation_params import GenerationParams, GenerationStats, check_supported
 from modules.memory import release_memory, weights_in_mmap
 from modules.paths import resolve_inside
@@ -73,6 +73,15 @@ class LoadResult:
     info: ModelInfo
     seconds: float
     warnings: list[str]
+
+
+def encode_prompt(model: LoadedModel, prompt: str, params: GenerationParams, add_bos: bool | None = None) -> list[int]:
+    """The token ids a text prompt is generated from: BOS as `add_bos` says (None: as params.add_bos_token says),
+    never a second one when the prompt already starts with it."""
+    add = params.add_bos_token if add_bos is None else add_bos
+    if add and model.bos_token and prompt.startswith(model.bos_token):
+        add = False  # the template already wrote it; never send two
+    return model.encode(prompt, add_bos=add)
 
 
 class Generation:
@@ -169,10 +178,7 @@ class Generation:
             self.stats.prompt_tokens = 0
             return self.prompt if isinstance(self.prompt, str) else model.decode(self.prompt)
         if isinstance(self.prompt, str):
-            add_bos = params.add_bos_token if self._add_bos is None else self._add_bos
-            if add_bos and model.bos_token and self.prompt.startswith(model.bos_token):
-                add_bos = False  # the template already wrote it; never send two
-            ids = model.encode(self.prompt, add_bos=add_bos)
+            ids = encode_prompt(model, self.prompt, params, self._add_bos)
         else:
             ids = list(self.prompt)
         budget = model.context_length - params.max_new_tokens
@@ -364,6 +370,14 @@ class ModelManager:
 
     def token_count(self, text: str) -> int:
         return len(self.encode(text))
+
+    def prompt_token_count(self, prompt: str, params: GenerationParams, *, add_bos: bool | None = None) -> int:
+        """How many tokens a generation of `prompt` with `params` reads (its usage's prompt tokens, before any
+        cut to fit the context)."""
+        model = self.require_model()
+        if Capability.TOKENIZE not in model.capabilities:
+            raise UnsupportedParameter(f"The {model.loader_name} loader cannot count tokens.")
+        return len(encode_prompt(model, prompt, params, add_bos))
 
 
 def _looks_like_model(folder: Path) -> bool:

@@ -1,5 +1,5 @@
-"""POST /v1/messages: Anthropic's Messages API (text, system prompt, streaming events, tool use), mapped onto the
-same chat path as /v1/chat/completions."""
+"""POST /v1/messages: Anthropic's Messages API (text, system prompt, streaming events, tool use, a prefilled
+reply to continue) and POST /v1/messages/count_tokens, mapped onto the same chat path as /v1/chat/completions."""
 from __future__ import annotations
 
 import json
@@ -16,9 +16,9 @@ from extensions.openai.completions import (ERRORS, STREAMED, ChatPlan, api_state
                                            warnings_header)
 from extensions.openai.errors import ApiError, api_error_from
 from extensions.openai.mapping import check_model
-from extensions.openai.protocol import (AnthropicBlock, AnthropicUsage, ChatCompletionRequest, MessagesRequest,
-                                        MessagesResponse)
-from extensions.openai.streaming import GenerationRun, HeldBackText, guarded, sse
+from extensions.openai.protocol import (AnthropicBlock, AnthropicUsage, ChatCompletionRequest, MessagesCountRequest,
+                                        MessagesRequest, MessagesResponse, MessagesTokenCount)
+from extensions.openai.streaming import CallStart, GenerationRun, ReplyEvent, TextPiece, guarded, sse
 from modules.errors import WorkbenchError
 
 router = APIRouter(responses=ERRORS)
@@ -70,9 +70,17 @@ def to_openai_messages(body: MessagesRequest) -> list[dict[str, Any]]:
     return messages
 
 
+def prefills(body: MessagesRequest) -> bool:
+    """Whether the conversation ends with the assistant's words, which the reply continues (Anthropic's prefill)."""
+    last = body.messages[-1]
+    if last.role != "assistant":
+        return False
+    return isinstance(last.content, str) or all(block.type == "text" for block in last.content)
+
+
 def to_chat_request(body: MessagesRequest) -> ChatCompletionRequest:
     data: dict[str, Any] = {"messages": to_openai_messages(body), "max_tokens": body.max_tokens,
-                            "stop": body.stop_sequences or None}
+                            "stop": body.stop_sequences or None, "continue_": prefills(body)}
     for name in ("temperature", "top_p"):
         if getattr(body, name) is not None:
             data[name] = getattr(body, name)
@@ -111,9 +119,14 @@ def stop_reason(run: GenerationRun, calls: list[Any], stop_sequences: list[str] 
 def content_blocks(content: str | None, calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
     blocks: list[dict[str, Any]] = [{"type": "text", "text": content}] if content else []
     for call in calls:
-        blocks.append({"type": "tool_use", "id": "toolu_" + call["id"].removeprefix("call_"),
-                       "name": call["function"]["name"], "input": json.loads(call["function"]["arguments"])})
+        blocks.append({"type": "tool_use", "id": tool_use_id(call["id"]), "name": call["function"]["name"],
+                       "input": json.loads(call["function"]["arguments"])})
     return blocks
+
+
+def tool_use_id(call_id: str) -> str:
+    """Anthropic's id for a tool call (toolu_...) from its OpenAI one (call_...)."""
+    return "toolu_" + call_id.removeprefix("call_")
 
 
 @router.post("/v1/messages", response_model=MessagesResponse, responses=STREAMED)
@@ -147,6 +160,27 @@ async def messages(body: MessagesRequest, request: Request) -> Any:
     return JSONResponse(response.model_dump(), headers=warnings_header(warnings))
 
 
+@router.post("/v1/messages/count_tokens", response_model=MessagesTokenCount)
+async def count_tokens(body: MessagesCountRequest, request: Request) -> Any:
+    """Anthropic's token count: the tokens of the prompt /v1/messages would build for the same body (system,
+    messages and tools), as its usage.input_tokens counts them."""
+    services = api_state(request).services
+    autoload = api_state(request).params.autoload
+    await run_in_threadpool(check_model, services, body.model, autoload=autoload)
+    # a reply of one token: the whole conversation is counted, as far as the context holds it
+    chat_request = to_chat_request(body.model_copy(update={"max_tokens": body.max_tokens or 1}))
+
+    def count() -> tuple[int, list[str]]:
+        plan = ChatPlan(services, chat_request)
+        return services.manager.prompt_token_count(plan.prompt, plan.params, add_bos=plan.add_bos), plan.warnings
+
+    try:
+        tokens, warnings = await run_in_threadpool(count)
+    except WorkbenchError as exc:
+        raise api_error_from(exc, "messages") from None
+    return JSONResponse(MessagesTokenCount(input_tokens=tokens).model_dump(), headers=warnings_header(warnings))
+
+
 async def _stream(plan: ChatPlan, run: GenerationRun, first: Any, ident: str, model: str,
                   stop_sequences: list[str] | None) -> AsyncIterator[str]:
     stats = run.generation.stats
@@ -155,39 +189,18 @@ async def _stream(plan: ChatPlan, run: GenerationRun, first: Any, ident: str, mo
                "usage": {"input_tokens": stats.prompt_tokens, "output_tokens": 0}}
     yield sse({"type": "message_start", "message": message}, "message_start")
     yield sse({"type": "ping"}, "ping")
-    index, text_open = 0, False
-
-    def text_delta(text: str) -> list[str]:
-        nonlocal text_open
-        events = []
-        if not text_open:
-            events.append(sse({"type": "content_block_start", "index": index,
-                               "content_block": {"type": "text", "text": ""}}, "content_block_start"))
-            text_open = True
-        events.append(sse({"type": "content_block_delta", "index": index,
-                           "delta": {"type": "text_delta", "text": text}}, "content_block_delta"))
-        return events
-
+    blocks = _BlockEvents()
     try:
-        stream = HeldBackText(run, first, plan.holds_back)
-        async for text, _ in stream.pieces():
-            for event in text_delta(text):
-                yield event
-        content, calls = plan.result(run.generation.text)
-        if rest := stream.rest(content, calls):
-            for event in text_delta(rest):
-                yield event
-        if text_open:
-            yield sse({"type": "content_block_stop", "index": index}, "content_block_stop")
-            index += 1
-        for block in content_blocks(None, calls):
-            yield sse({"type": "content_block_start", "index": index,
-                       "content_block": {**block, "input": {}}}, "content_block_start")
-            yield sse({"type": "content_block_delta", "index": index,
-                       "delta": {"type": "input_json_delta", "partial_json": json.dumps(block["input"])}},
-                      "content_block_delta")
-            yield sse({"type": "content_block_stop", "index": index}, "content_block_stop")
-            index += 1
+        stream = plan.reply_stream(run, first)
+        async for event in stream.events():
+            for text in blocks.of(event):
+                yield text
+        rest, calls = stream.finish()
+        for event in rest:
+            for text in blocks.of(event):
+                yield text
+        for text in blocks.close():
+            yield text
         reason, sequence = stop_reason(run, calls, stop_sequences)
         yield sse({"type": "message_delta", "delta": {"stop_reason": reason, "stop_sequence": sequence},
                    "usage": {"output_tokens": stats.completion_tokens}}, "message_delta")
@@ -195,3 +208,36 @@ async def _stream(plan: ChatPlan, run: GenerationRun, first: Any, ident: str, mo
     except Exception as exc:
         message_text = str(exc) if isinstance(exc, (ApiError, WorkbenchError)) else f"{type(exc).__name__}: {exc}"
         yield sse({"type": "error", "error": {"type": "api_error", "message": message_text}}, "error")
+
+
+class _BlockEvents:
+    """A streamed reply as Anthropic's content block events: a text block, then one tool_use block per call whose
+    input arrives as input_json_delta pieces. One block is open at a time."""
+
+    def __init__(self) -> None:
+        self.index = -1
+        self.open: str | None = None  # the open block's type
+
+    def of(self, event: ReplyEvent) -> list[str]:
+        if isinstance(event, TextPiece):
+            events = [] if self.open == "text" else self._start({"type": "text", "text": ""})
+            return events + [self._delta({"type": "text_delta", "text": event.text})]
+        if isinstance(event, CallStart):
+            return self._start({"type": "tool_use", "id": tool_use_id(event.id), "name": event.name, "input": {}})
+        return [self._delta({"type": "input_json_delta", "partial_json": event.text})]
+
+    def close(self) -> list[str]:
+        if self.open is None:
+            return []
+        self.open = None
+        return [sse({"type": "content_block_stop", "index": self.index}, "content_block_stop")]
+
+    def _start(self, block: dict[str, Any]) -> list[str]:
+        events = self.close()
+        self.index += 1
+        self.open = block["type"]
+        return events + [sse({"type": "content_block_start", "index": self.index, "content_block": block},
+                             "content_block_start")]
+
+    def _delta(self, delta: dict[str, Any]) -> str:
+        return sse({"type": "content_block_delta", "index": self.index, "delta": delta}, "content_block_delta")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -18,7 +18,9 @@ from extensions.openai.protocol import (ChatChoice, ChatCompletionChunk, ChatCom
                                         ChoiceLogprobs, ChunkChoice, CompletionChoice, CompletionLogprobs,
                                         CompletionRequest, CompletionResponse, Delta, DeltaFunction, DeltaToolCall,
                                         ErrorResponse, LogprobItem, ResponseMessage, ToolCall, TopLogprob, Usage)
-from extensions.openai.streaming import ClientGone, GenerationRun, HeldBackText, guarded, sse
+from extensions.openai.streaming import (CallStart, ClientGone, GenerationRun, HeldBackText, ReplyEvent, TextPiece,
+                                        guarded, sse)
+from extensions.openai.tool_calls import parse_tool_calls
 from modules.errors import WorkbenchError
 from modules.generation_params import GenerationParams, TokenEvent
 
@@ -280,17 +282,19 @@ class ChatPlan:
         self.top_logprobs = top if body.logprobs else None
 
     @property
-    def holds_back(self) -> Callable[[str], bool] | None:
-        """For a request with tools: whether a reply beginning so may still be a tool call (hold it back)."""
-        if not self.tools:
-            return None
-        return lambda text: self.forced_tool or tooling.may_start_tool_call(text)
+    def tool_names(self) -> set[str] | None:
+        """The functions a reply may call (None: the request offers no tools)."""
+        return {t["function"]["name"] for t in self.tools} if self.tools else None
+
+    def reply_stream(self, run: GenerationRun, first: Any) -> HeldBackText:
+        """The run's reply as a stream of content and tool calls."""
+        return HeldBackText(run, first, self.tool_names, forced=self.forced_tool)
 
     def result(self, text: str) -> tuple[str | None, list[dict[str, Any]]]:
         """(content, tool calls) of a finished reply."""
         if not self.tools:
             return text, []
-        content, calls = tooling.parse_tool_calls(text, {t["function"]["name"] for t in self.tools})
+        content, calls = parse_tool_calls(text, self.tool_names or set())
         return (content or None) if calls else text, calls
 
 
@@ -349,22 +353,33 @@ async def _stream_chat(services: Any, request: Request, body: ChatCompletionRequ
                 runs.append(run)
                 first = await run.next_chunk()
             yield chunk(index, Delta(role="assistant", content=""))
-            stream = HeldBackText(run, first, plan.holds_back)
-            async for text, piece in stream.pieces():
-                yield chunk(index, Delta(content=text), logprobs=chat_logprobs(piece.tokens, plan.top_logprobs))
-            content, calls = plan.result(run.generation.text)
-            if rest := stream.rest(content, calls):
-                yield chunk(index, Delta(content=rest))
-            if calls:
-                yield chunk(index, Delta(tool_calls=[
-                    DeltaToolCall(index=i, id=c["id"], type="function", function=DeltaFunction(**c["function"]))
-                    for i, c in enumerate(calls)]))
+            stream = plan.reply_stream(run, first)
+            async for event in stream.events():
+                yield chunk(index, reply_delta(event), logprobs=event_logprobs(event, plan.top_logprobs))
+            rest, calls = stream.finish()
+            for event in rest:
+                yield chunk(index, reply_delta(event), logprobs=event_logprobs(event, plan.top_logprobs))
             yield chunk(index, Delta(), "tool_calls" if calls else finish_reason(run))
         if body.stream_options and body.stream_options.include_usage:
             yield sse(ChatCompletionChunk(id=ident, created=created, model=model, choices=[], usage=usage_of(runs)))
     except Exception as exc:
         yield stream_error(exc)
     yield "data: [DONE]\n\n"
+
+
+def reply_delta(event: ReplyEvent) -> Delta:
+    """OpenAI's delta for a piece of a streamed reply: content, a tool call's start (id, type, name and empty
+    arguments), or more of its arguments."""
+    if isinstance(event, TextPiece):
+        return Delta(content=event.text)
+    if isinstance(event, CallStart):
+        return Delta(tool_calls=[DeltaToolCall(index=event.index, id=event.id, type="function",
+                                               function=DeltaFunction(name=event.name, arguments=""))])
+    return Delta(tool_calls=[DeltaToolCall(index=event.index, function=DeltaFunction(arguments=event.text))])
+
+
+def event_logprobs(event: ReplyEvent, top: int | None) -> ChoiceLogprobs | None:
+    return chat_logprobs(event.tokens, top) if isinstance(event, TextPiece) else None
 
 
 def chat_logprobs(tokens: list[TokenEvent], top: int | None) -> ChoiceLogprobs | None:

@@ -98,8 +98,6 @@ def build_params(services: Any, request: BaseModel, *, max_tokens: int | None = 
         if name in _OPENAI_FIELDS or name in ("stop", "logit_bias", "logprobs"):
             continue
         value = _set(request, name)
-        if name == "sampler_priority" and isinstance(value, str):
-            value = [part.strip() for part in value.replace(",", "\n").splitlines() if part.strip()]
         if value is not None:
             values[name] = value
     for name in _OPENAI_FIELDS:

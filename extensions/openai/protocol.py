@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, create_model
+from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 
+from extensions.openai import client_fields
 from modules.generation_params import GenerationParams
 
 MAX_N = 8  # most choices one request may ask for (each is a full generation on the one model)
@@ -20,8 +21,9 @@ _OPENAI_NAMED = {"temperature", "top_p", "seed", "presence_penalty", "frequency_
                  "stop"}
 
 
-#: text-generation-webui (and SillyTavern) send these as one string: "1, 2, 3" or one sampler per line.
-_TEXT_TOO = {"custom_token_bans", "sampler_priority", "json_schema"}
+#: text-generation-webui (and SillyTavern) send these as one string: "1, 2, 3", one sampler per line, JSON text;
+#: GenerationParams' validators read that form.
+_TEXT_TOO = {"custom_token_bans", "sampler_priority", "json_schema", "dry_sequence_breakers"}
 
 
 def _knob_fields() -> dict[str, Any]:
@@ -44,6 +46,13 @@ class _Extras(BaseModel):
 
     preset: str | None = Field(None, description="A preset from presets/ to start from.")
     stopping_strings: list[str] | None = Field(None, description="text-generation-webui's name for extra stops.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _other_backends(cls, data: Any) -> Any:
+        """Other backends' names for our knobs (SillyTavern sends `rep_pen`, `typical`, `n_predict`, ...)."""
+        return client_fields.normalise(data)
+
 
 
 #: Every GenerationParams knob as an optional field (None = from the preset).
@@ -374,6 +383,16 @@ class MessagesRequest(GenerationKnobs):  # type: ignore[misc, valid-type]
     tools: list[AnthropicTool] | None = None
     tool_choice: AnthropicToolChoice | None = None
     metadata: dict[str, Any] | None = None
+
+
+class MessagesCountRequest(MessagesRequest):
+    """POST /v1/messages/count_tokens: a Messages request without max_tokens."""
+
+    max_tokens: int | None = Field(None, ge=1)  # type: ignore[assignment]
+
+
+class MessagesTokenCount(BaseModel):
+    input_tokens: int
 
 
 class AnthropicUsage(BaseModel):

@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import Request
 from pydantic import BaseModel
 
+from extensions.openai.tool_calls import new_call_id, scan_reply
 from modules.model_manager import Generation
 from modules.stopping import StreamChunk
 
@@ -91,37 +93,127 @@ class GenerationRun:
         return [token for chunk in self.chunks for token in chunk.tokens]
 
 
+@dataclass
+class TextPiece:
+    """Content text, with the tokens generated since the last piece (for logprobs)."""
+
+    text: str
+    tokens: list[Any]
+
+
+@dataclass
+class CallStart:
+    """A tool call begins: its place among the reply's calls, its id and the function's name."""
+
+    index: int
+    id: str
+    name: str
+
+
+@dataclass
+class CallArguments:
+    """More of a tool call's arguments (JSON text; the pieces of one call concatenate to its arguments)."""
+
+    index: int
+    text: str
+
+
+ReplyEvent = TextPiece | CallStart | CallArguments
+
+
+@dataclass
+class _SentCall:
+    id: str
+    name: str
+    shown: int = 0  # characters of its raw arguments sent
+
+
 class HeldBackText:
-    """A run's text as it streams, except a reply that may still turn out to be a tool call: that is held back
-    until it cannot be one, so a client never sees the raw markup of a call."""
+    """A chat run's reply as it streams: its content, and its tool calls with their arguments passed on as the
+    model writes them. What may still be a call's markup is held back, so a client never sees it as text; with
+    a forced call (`forced`) nothing is shown as text until the end. `names` are the functions the request
+    offers (None: no tools, all is text)."""
 
-    def __init__(self, run: GenerationRun, first: StreamChunk | None, hold: Callable[[str], bool] | None):
-        self.run, self._first, self._hold = run, first, hold
-        self.holding = hold is not None
-        self.held = ""
+    def __init__(self, run: GenerationRun, first: StreamChunk | None, names: set[str] | None, *,
+                 forced: bool = False):
+        self.run, self._first, self.names, self.forced = run, first, names, forced
+        self.text = ""
+        self._shown = 0  # characters of text sent as content
+        self._tokens: list[Any] = []  # tokens not yet sent with a piece of content
+        self._sent: list[_SentCall] = []
 
-    async def pieces(self) -> AsyncIterator[tuple[str, StreamChunk]]:
-        """(text to show now, the chunk that released it), to the end of the run."""
+    async def events(self) -> AsyncIterator[ReplyEvent]:
+        """What to send now, to the end of the run; then `finish()` gives the rest."""
         piece = self._first
         while piece is not None:
-            if self.holding:
-                self.held += piece.text
-                if self._hold is not None and self._hold(self.held):
-                    piece = await self.run.next_chunk(watch_disconnect=False)
-                    continue
-                self.holding, text = False, self.held
-            else:
-                text = piece.text
-            if text:
-                yield text, piece
+            self.text += piece.text
+            self._tokens += piece.tokens
+            for event in self._advance():
+                yield event
             piece = await self.run.next_chunk(watch_disconnect=False)
 
-    def rest(self, content: str | None, calls: list[Any]) -> str:
-        """What was held to the end and must still be shown: the text before the calls, or the whole reply when it
-        held no call after all."""
-        if not self.holding:
-            return ""
-        return (content or "") if calls else self.held
+    def finish(self) -> tuple[list[ReplyEvent], list[dict[str, Any]]]:
+        """(the events still to send, the reply's finished tool calls under the ids they were sent with), once
+        the run has ended. Calls cut off before their end were sent as far as written and are not among them."""
+        if self.names is None:
+            return self._content(len(self.text)), []
+        scan = scan_reply(self.text, self.names, final=True)
+        events: list[ReplyEvent] = []
+        if not self._sent:
+            events += self._content(scan.content_end)
+        calls: list[dict[str, Any]] = []
+        for index, draft in enumerate(scan.calls):
+            sent = self._sent_for(index, draft.name, events)
+            if sent is None or draft.call is None:
+                break
+            if sent.shown:
+                rest = draft.arguments[sent.shown:]
+            else:
+                rest = draft.call["function"]["arguments"]
+            if rest:
+                events.append(CallArguments(index, rest))
+            calls.append({**draft.call, "id": sent.id})
+        return events, calls
+
+    def _advance(self) -> list[ReplyEvent]:
+        if self.names is None:
+            return self._content(len(self.text))
+        scan = scan_reply(self.text, self.names, start=self._shown)
+        events: list[ReplyEvent] = []
+        if not self._sent and not self.forced:
+            events += self._content(scan.content_end)
+        for index, draft in enumerate(scan.calls):
+            if draft.name is None:
+                break
+            sent = self._sent_for(index, draft.name, events)
+            if sent is None:
+                break
+            if draft.streams and len(draft.arguments) > sent.shown:
+                events.append(CallArguments(index, draft.arguments[sent.shown:]))
+                sent.shown = len(draft.arguments)
+            if not draft.complete:
+                break
+        return events
+
+    def _content(self, end: int) -> list[ReplyEvent]:
+        if end <= self._shown:
+            return []
+        piece = TextPiece(self.text[self._shown:end], self._tokens)
+        self._shown, self._tokens = end, []
+        return [piece]
+
+    def _sent_for(self, index: int, name: str | None, events: list[ReplyEvent]) -> _SentCall | None:
+        """The call sent at `index`, starting it (an event) when it is the next one; None when the reply now
+        names another function there than the one sent (what was sent stands)."""
+        if index < len(self._sent):
+            sent = self._sent[index]
+            return sent if sent.name == name else None
+        if name is None or index > len(self._sent):
+            return None
+        sent = _SentCall(new_call_id(), name)
+        self._sent.append(sent)
+        events.append(CallStart(index, sent.id, name))
+        return sent
 
 
 def sse(data: BaseModel | dict[str, Any] | str, event: str | None = None) -> str:

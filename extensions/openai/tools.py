@@ -1,18 +1,13 @@
 """Function calling: tools go into the prompt through the model's own chat template (or, for a template that
-ignores them, a Hermes-style system message), tool calls are parsed out of the formats models write, and a
-tool_choice that names a function (or "required") constrains the output with a JSON schema."""
+ignores them, a Hermes-style system message), and a tool_choice that names a function (or "required") constrains
+the output with a JSON schema. Reading the calls back out of a reply is tool_calls.py's."""
 from __future__ import annotations
 
 import json
-import re
-import uuid
 from typing import Any
 
 from modules.chat.templates import render_chat
 from modules.errors import ConfigError
-
-#: How replies that are tool calls begin, in the formats of common templates.
-OPENERS = ("<tool_call>", "[TOOL_CALLS]", "<|python_tag|>", "<function=", "<functioncall>", "```", "{", "[")
 
 _FALLBACK_SYSTEM = """\
 You can call functions. Their signatures, as JSON schemas, are inside <tools></tools>:
@@ -97,89 +92,6 @@ def constraint_schema(tools: list[dict[str, Any]], choice: Any) -> dict[str, Any
                                 "arguments": t["function"].get("parameters") or {"type": "object"}},
                  "required": ["name", "arguments"], "additionalProperties": False} for t in chosen]
     return variants[0] if len(variants) == 1 else {"anyOf": variants}
-
-
-def _call(name: Any, arguments: Any, names: set[str]) -> dict[str, Any] | None:
-    if not isinstance(name, str) or name not in names:
-        return None
-    if isinstance(arguments, str):
-        try:
-            arguments = json.loads(arguments)
-        except json.JSONDecodeError:
-            return None
-    if arguments is None:
-        arguments = {}
-    if not isinstance(arguments, dict):
-        return None
-    return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
-            "function": {"name": name, "arguments": json.dumps(arguments, ensure_ascii=False)}}
-
-
-def _from_json(value: Any, names: set[str]) -> list[dict[str, Any]]:
-    items = value if isinstance(value, list) else [value]
-    calls = []
-    for item in items:
-        if not isinstance(item, dict):
-            return []
-        if isinstance(item.get("function"), dict):  # {"type": "function", "function": {...}}
-            item = item["function"]
-        call = _call(item.get("name"), item.get("arguments", item.get("parameters")), names)
-        if call is None:
-            return []
-        calls.append(call)
-    return calls
-
-
-def _json_values(text: str) -> list[Any]:
-    """Every JSON value that starts at a '{' or '[' in `text` (decoded greedily, left to right)."""
-    decoder = json.JSONDecoder()
-    values, index = [], 0
-    while True:
-        starts = [i for i in (text.find("{", index), text.find("[", index)) if i != -1]
-        if not starts:
-            return values
-        start = min(starts)
-        try:
-            value, end = decoder.raw_decode(text, start)
-        except json.JSONDecodeError:
-            index = start + 1
-            continue
-        values.append(value)
-        index = end
-
-
-def parse_tool_calls(text: str, names: set[str]) -> tuple[str, list[dict[str, Any]]]:
-    """(the content left over, the tool calls) from a reply. Recognises Hermes/Qwen `<tool_call>` blocks, Mistral
-    `[TOOL_CALLS]`, Llama 3 `<|python_tag|>` and `<function=name>{...}</function>`, fenced or bare JSON objects
-    with `name` and `arguments` (or `parameters`). Only functions in `names` count."""
-    blocks = re.findall(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", text, flags=re.S)
-    if blocks:
-        calls = [c for block in blocks for value in _json_values(block)[:1] for c in _from_json(value, names)]
-        if calls:
-            return text[:text.find("<tool_call>")].strip(), calls
-    for match in re.finditer(r"<function=([\w.-]+)>\s*(\{.*?\})\s*</function>", text, flags=re.S):
-        call = _call(match.group(1), match.group(2), names)
-        if call is not None:
-            return text[:text.find("<function=")].strip(), [call]
-    for marker in ("[TOOL_CALLS]", "<|python_tag|>", "<functioncall>"):
-        if marker in text:
-            head, _, tail = text.partition(marker)
-            for value in _json_values(tail)[:1]:
-                calls = _from_json(value, names)
-                if calls:
-                    return head.strip(), calls
-    for value in _json_values(text):
-        calls = _from_json(value, names)
-        if calls:
-            start = text.find("```") if "```" in text else min(i for i in (text.find("{"), text.find("[")) if i >= 0)
-            return text[:start].strip(), calls
-    return text, []
-
-
-def may_start_tool_call(text: str) -> bool:
-    """Whether a reply beginning with `text` could still turn out to be a tool call (hold it back)."""
-    stripped = text.lstrip()
-    return any(opener.startswith(stripped) or stripped.startswith(opener) for opener in OPENERS)
 
 
 def tool_dicts(tools: list[Any] | None) -> list[dict[str, Any]]:
