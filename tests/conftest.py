@@ -65,6 +65,13 @@ def instruction_data() -> list[dict]:
     return json.loads(_require(DATA_DIR / "instruction-data.json", "data/ ships with the repository; restore it from git").read_text())
 
 
+@pytest.fixture(scope="session")
+def verdict_text() -> str:
+    """A short story as raw text (data/the-verdict.txt): real prose with dashes, quotes and paragraphs."""
+    return _require(DATA_DIR / "the-verdict.txt", "data/ ships with the repository; restore it from git"
+                    ).read_text(encoding="utf-8")
+
+
 def save_tiny_llama(folder: Path, tokenizer_source: Path, *, initializer_range: float = 0.02) -> Path:
     """A 2-layer random Llama (seed 0) with the tokenizer of `tokenizer_source`, saved as safetensors in `folder`."""
     import torch

@@ -138,6 +138,27 @@ def test_raw_text_chunks_with_overlap_and_blank_lines(tmp_path, tokenizer):
     assert all(e.text.rstrip().endswith("x5") for e in at_breaks.train)
 
 
+def test_a_short_story_is_trained_once_token_by_token(tmp_path, tokenizer, verdict_text):
+    """Raw text from a real book file: windows trained once each in order, or chunks ending at blank lines that
+    still cover the whole story."""
+    folder = tmp_path / "datasets"
+    folder.mkdir()
+    (folder / "verdict.txt").write_text(verdict_text, encoding="utf-8")
+
+    def trained(data) -> list[int]:
+        return [t for e in data.train for t, label in zip(e.input_ids, e.labels) if label != IGNORE_INDEX]
+
+    windows = prepare_dataset(DatasetOptions(train_file="verdict.txt", cutoff_len=256, overlap_len=32), folder,
+                              tokenizer, seed=0)
+    assert trained(windows) == tokenizer.encode(verdict_text, add_special_tokens=False)
+    assert all(len(e.input_ids) <= 256 for e in windows.train)
+    paragraphs = prepare_dataset(DatasetOptions(train_file="verdict.txt", cutoff_len=256, split_at_blank_lines=True),
+                                 folder, tokenizer, seed=0)
+    assert tokenizer.decode(trained(paragraphs)) == verdict_text
+    for example in paragraphs.train[:-1]:  # a chunk ends at a paragraph break, unless one paragraph filled it
+        assert example.text.endswith("\n\n") or len(example.input_ids) == 256, example.text[-80:]
+
+
 def test_eval_split_by_fraction_or_file_and_dropped_for_length(datasets, tokenizer, instruction_data):
     (datasets / "many.json").write_text(json.dumps(instruction_data[:40]))
     options = DatasetOptions(train_file="many.json", eval_fraction=0.25, cutoff_len=64)
