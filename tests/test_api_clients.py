@@ -230,7 +230,8 @@ def test_other_backends_fields_are_reported_when_they_would_matter(api: str) -> 
 @pytest.mark.parametrize(("field", "value", "param"), [
     ("top_k", "40", "top_k"), ("rep_pen", "1.2", "repetition_penalty"), ("typical", True, "typical_p"),
     ("dry_sequence_breakers", "\\n, :", "dry_sequence_breakers"),
-    ("dry_sequence_breakers", "[1, 2]", "dry_sequence_breakers"), ("custom_token_bans", "7, eight", "custom_token_bans"),
+    ("dry_sequence_breakers", "[1, 2]", "dry_sequence_breakers"),
+    ("custom_token_bans", "7, eight", "custom_token_bans"),
     ("sampler_priority", "top_k\nbogus", "sampler_priority"),
 ])
 def test_bad_values_are_clear_400s(api: str, field: str, value: Any, param: str) -> None:
@@ -269,6 +270,21 @@ def test_text_generation_webui_documented_requests(api: str) -> None:
         "top_k": 20, "max_tokens": 30, **preset_forms})
     assert chat.status_code == 200 and "x-workbench-warnings" not in chat.headers, chat.text
     assert chat.json()["choices"][0]["message"]["content"]
+
+
+def test_a_text_generation_webui_preset_file_loads(tmp_path: Path) -> None:
+    """A preset as text-generation-webui writes it (its text forms) loads: GenerationParams' validators read
+    them, for presets and the API alike."""
+    from modules.presets import load_preset
+
+    (tmp_path / "Ooba.yaml").write_text(
+        'temperature: 0.7\nmin_p: 0.05\ndry_multiplier: 0.8\ndry_sequence_breakers: \'"\\n", ":", "\\"", "*"\'\n'
+        "sampler_priority: |-\n  dry\n  min_p\n  adaptive_p\n  temperature\ncustom_token_bans: '13, 42'\n")
+    params = load_preset(tmp_path, "Ooba")
+    assert params.dry_sequence_breakers == ["\n", ":", '"', "*"]
+    assert params.sampler_priority[:3] == ["dry", "min_p", "temperature"]
+    assert "adaptive_p" not in params.sampler_priority
+    assert params.custom_token_bans == [13, 42]
 
 
 # --- Anthropic: prefill and count_tokens ---------------------------------------------------------------------------
@@ -323,7 +339,8 @@ def test_openai_stream_passes_tool_arguments_as_they_are_written(client: openai.
                  if e.type == "chunk" and e.chunk.choices and e.chunk.choices[0].delta.tool_calls)
     assert first.id and first.type == "function" and first.function.name == "get_weather"
     assert first.function.arguments == ""
-    pieces = [e.arguments_delta for e in events if e.type == "tool_calls.function.arguments.delta" and e.arguments_delta]
+    pieces = [e.arguments_delta for e in events
+              if e.type == "tool_calls.function.arguments.delta" and e.arguments_delta]
     assert len(pieces) > 1
     assert json.loads("".join(pieces)) == json.loads(whole.function.arguments)
     assert final.finish_reason == "tool_calls" and final.message.tool_calls[0].id == first.id
