@@ -67,6 +67,9 @@ class LoadedModel(ABC):
     eos_token: str | None
     #: Width of the logits (token ids must be below it); None when the backend does not say.
     vocab_size: int | None = None
+    #: The most UTF-8 bytes one token stands for (a bound to refuse a text too long for the context without
+    #: tokenizing it); None when the backend does not say.
+    max_token_bytes: int | None = None
 
     @abstractmethod
     def stream(self, prompt: list[int] | str, params: GenerationParams,

@@ -21,7 +21,33 @@ class ConfigError(WorkbenchError):
 
 
 class PathError(WorkbenchError):
-    """A user-supplied name would leave its folder, or names nothing."""
+    """A user-supplied name would leave its folder, is too long for the file system, or names nothing."""
+
+
+class NotFound(PathError, ConfigError):
+    """A name (model, LoRA, preset, character, instruction template, ...) that names nothing in its folder. Also a
+    ConfigError: such a name often comes from settings, and callers that catch bad settings catch it too."""
+
+    status_code = 404
+
+
+class InvalidInput(WorkbenchError):
+    """A request's own value cannot be used as given (an empty prompt, a token id outside the vocabulary)."""
+
+
+class ContextLengthExceeded(InvalidInput):
+    """The prompt and the tokens asked for do not fit the model's context. The numbers are kept for callers that
+    show them their own way; `prompt_tokens` is a lower bound when `exact` is False (counted without tokenizing)."""
+
+    def __init__(self, *, context: int, prompt_tokens: int, max_new_tokens: int, exact: bool = True,
+                 what: str = "the prompt"):
+        has = "has" if exact else "has at least"
+        super().__init__(f"This model's context is {context} tokens; {what} {has} {prompt_tokens} tokens and "
+                         f"max_tokens asks {max_new_tokens}. Shorten the prompt or lower max_tokens.")
+        self.context = context
+        self.prompt_tokens = prompt_tokens
+        self.max_new_tokens = max_new_tokens
+        self.exact = exact
 
 
 class ModelLoadError(WorkbenchError):
@@ -29,13 +55,20 @@ class ModelLoadError(WorkbenchError):
 
 
 class NoModelLoaded(WorkbenchError):
+    """No model is loaded, so nothing can generate or tokenize."""
+
     error_type = "server_error"
     status_code = 503
 
 
-class ModelNotFound(WorkbenchError):
-    error_type = "invalid_request_error"
-    status_code = 404
+class ModelLoading(NoModelLoaded):
+    """A model is being loaded: asking again shortly will work. `name` and `since` (time.time()) say which and
+    since when."""
+
+    def __init__(self, message: str, *, name: str, since: float):
+        super().__init__(message)
+        self.name = name
+        self.since = since
 
 
 class UnsupportedParameter(WorkbenchError):

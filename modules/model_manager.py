@@ -16,7 +16,8 @@ from typing import Any
 
 from loaders.base import Capability, LoadedModel, LoaderRegistry, ModelInfo
 from modules.cpu_threads import in_short_lived_thread
-from modules.errors import GenerationError, ModelLoadError, NoModelLoaded, UnsupportedParameter, WorkbenchError
+from modules.errors import (ContextLengthExceeded, GenerationError, InvalidInput, ModelLoadError, ModelLoading,
+                            NoModelLoaded, UnsupportedParameter, WorkbenchError)
 from modules.generation_params import GenerationParams, GenerationStats, check_supported
 from modules.memory import release_memory, weights_in_mmap
 from modules.paths import resolve_inside
@@ -68,6 +69,14 @@ class FairQueue:
             return len(self._waiting)
 
 
+@dataclass(frozen=True)
+class Loading:
+    """A load in progress: which model, and since when (time.time())."""
+
+    name: str
+    since: float
+
+
 @dataclass
 class LoadResult:
     info: ModelInfo
@@ -89,7 +98,7 @@ class Generation:
     and `text` hold the outcome. `cancel()` may be called from any thread; closing the iterator cancels too."""
 
     def __init__(self, manager: "ModelManager", prompt: str | list[int], params: GenerationParams,
-                 *, add_bos: bool | None, strict: bool):
+                 *, add_bos: bool | None, strict: bool, cut_to_fit: bool = True):
         self._manager = manager
         self.prompt = prompt
         self.params = params if params.seed >= 0 else params.model_copy(update={"seed": random.randrange(2**31)})
@@ -100,9 +109,12 @@ class Generation:
         self.text = ""
         self.warnings: list[str] = []
         self.prompt_ids: list[int] | None = None
+        self._cut_to_fit = cut_to_fit
+        self._prepared_for: LoadedModel | None = None  # the model prompt_ids were made with
         model = manager.model
-        if model is not None:  # fail fast on knobs the current model cannot honour
+        if model is not None:  # fail fast on knobs the current model cannot honour, and on a prompt too long
             self.warnings = check_supported(self.params, model.supported_params, model.loader_name, strict=strict)
+            self._prepare_prompt(model)
 
     def cancel(self) -> None:
         self.cancel_event.set()
@@ -122,9 +134,10 @@ class Generation:
     def _run(self) -> Iterator[StreamChunk]:
         model = self._manager.model
         if model is None:
-            raise NoModelLoaded("No model is loaded. Load one in the Model tab or with --model.")
+            raise self._manager.missing_model()
         params = self.params
-        self.warnings = check_supported(params, model.supported_params, model.loader_name, strict=self._strict)
+        if self._prepared_for is not model:  # made before this model was loaded
+            self.warnings = check_supported(params, model.supported_params, model.loader_name, strict=self._strict)
         prompt = self._prepare_prompt(model)
         stops = StopStringFilter(params.stop)
         started = time.perf_counter()
@@ -173,25 +186,48 @@ class Generation:
             self.text = "".join(pieces)
 
     def _prepare_prompt(self, model: LoadedModel) -> list[int] | str:
+        """The prompt as the model reads it. Token ids are made once, when the Generation is made (in the caller's
+        thread, before it queues), and again only if another model was loaded meanwhile. A prompt longer than the
+        context minus max_new_tokens loses its oldest tokens (with a warning), or is refused with
+        ContextLengthExceeded when the Generation was made with cut_to_fit=False."""
         params = self.params
         if Capability.TOKENIZE not in model.capabilities:
             self.stats.prompt_tokens = 0
             return self.prompt if isinstance(self.prompt, str) else model.decode(self.prompt)
+        if self._prepared_for is model and self.prompt_ids is not None:
+            return self.prompt_ids
+        budget = model.context_length - params.max_new_tokens
         if isinstance(self.prompt, str):
+            if not self._cut_to_fit:  # a text that cannot fit whatever its tokens: refused before tokenizing
+                check_text_fits(model, self.prompt, params.max_new_tokens)
             ids = encode_prompt(model, self.prompt, params, self._add_bos)
         else:
             ids = list(self.prompt)
-        budget = model.context_length - params.max_new_tokens
-        if budget <= 0:
-            raise GenerationError(f"max_new_tokens ({params.max_new_tokens}) leaves no room for the prompt in a "
-                                  f"context of {model.context_length} tokens.")
+        if budget <= 0 or (len(ids) > budget and not self._cut_to_fit):
+            raise ContextLengthExceeded(context=model.context_length, prompt_tokens=len(ids),
+                                        max_new_tokens=params.max_new_tokens)
         if len(ids) > budget:
             self.warnings.append(f"The prompt had {len(ids)} tokens; its oldest {len(ids) - budget} were cut to "
                                  f"fit the context of {model.context_length} minus max_new_tokens.")
             ids = ids[-budget:]
         self.prompt_ids = ids
+        self._prepared_for = model
         self.stats.prompt_tokens = len(ids)
         return ids
+
+
+def check_text_fits(model: LoadedModel, text: str | int, max_new_tokens: int, *, what: str = "the prompt") -> None:
+    """Refuse, without tokenizing, a text (or a size in UTF-8 bytes) that no tokenization could fit in the context
+    minus max_new_tokens: each token covers at most `model.max_token_bytes` bytes. Models that do not tell that
+    bound pass; their prompts are counted exactly instead."""
+    per_token = model.max_token_bytes
+    if not per_token:
+        return
+    size = text if isinstance(text, int) else len(text.encode("utf-8", errors="surrogatepass"))
+    at_least = -(-size // per_token)
+    if at_least > model.context_length - max_new_tokens:
+        raise ContextLengthExceeded(context=model.context_length, prompt_tokens=at_least,
+                                    max_new_tokens=max_new_tokens, exact=False, what=what)
 
 
 class ModelManager:
@@ -206,6 +242,7 @@ class ModelManager:
         self._queue = FairQueue()
         self._model: LoadedModel | None = None
         self._running: Generation | None = None
+        self._loading: Loading | None = None
         self._listeners: list[Callable[[str, ModelInfo | None], None]] = []
 
     # --- queries -----------------------------------------------------------------------------------------------
@@ -216,10 +253,25 @@ class ModelManager:
     def info(self) -> ModelInfo | None:
         return self._model.info() if self._model is not None else None
 
+    @property
+    def loading(self) -> Loading | None:
+        """The load in progress (start-up, Model tab, API), or None."""
+        return self._loading
+
     def require_model(self) -> LoadedModel:
-        if self._model is None:
-            raise NoModelLoaded("No model is loaded. Load one in the Model tab or with --model.")
-        return self._model
+        model = self._model
+        if model is None:
+            raise self.missing_model()
+        return model
+
+    def missing_model(self) -> NoModelLoaded:
+        """The error for "no model to use": ModelLoading while a load is in progress (asking again shortly works),
+        else NoModelLoaded."""
+        loading = self._loading
+        if loading is not None:
+            return ModelLoading(f"The model {loading.name} is loading ({time.time() - loading.since:.0f} s so far); "
+                                "ask again shortly.", name=loading.name, since=loading.since)
+        return NoModelLoaded("No model is loaded. Load one in the Model tab or with --model.")
 
     def list_models(self) -> list[str]:
         """GGUF files and model folders in the model folder, the loaded one first."""
@@ -256,7 +308,17 @@ class ModelManager:
     def load(self, name: str, loader: str | None = None, options: dict[str, Any] | None = None, *,
              cancel_running: bool = False, loras: list[str] | None = None) -> LoadResult:
         """Load `name` from the model folder, replacing the current model. Waits for the running generation
-        (or cancels it, and everything queued, when `cancel_running`)."""
+        (or cancels it, and everything queued, when `cancel_running`). `loading` names it meanwhile."""
+        loading = Loading(name, time.time())
+        self._loading = loading
+        try:
+            return self._load(name, loader, options, cancel_running=cancel_running, loras=loras)
+        finally:
+            if self._loading is loading:
+                self._loading = None
+
+    def _load(self, name: str, loader: str | None, options: dict[str, Any] | None, *, cancel_running: bool,
+              loras: list[str] | None) -> LoadResult:
         loader_cls = self.registry.get(loader) if loader else None
         if loader_cls is not None and not loader_cls.local_files:  # a remote engine: the name is the server's
             path = Path(name)
@@ -331,11 +393,13 @@ class ModelManager:
 
     # --- generation ----------------------------------------------------------------------------------------------
     def generate(self, prompt: str | list[int], params: GenerationParams, *, add_bos: bool | None = None,
-                 strict: bool = False) -> Generation:
-        """A Generation to iterate. Knobs the model cannot honour raise (strict) or become warnings."""
-        if isinstance(prompt, str) and not prompt:
-            raise GenerationError("The prompt is empty.")
-        return Generation(self, prompt, params, add_bos=add_bos, strict=strict)
+                 strict: bool = False, cut_to_fit: bool = True) -> Generation:
+        """A Generation to iterate. Knobs the model cannot honour raise (strict) or become warnings. The prompt is
+        tokenized here, in the caller's thread: a prompt longer than the context minus max_new_tokens loses its
+        oldest tokens, or raises ContextLengthExceeded when `cut_to_fit` is False (the API's choice)."""
+        if not prompt:
+            raise InvalidInput("The prompt is empty.")
+        return Generation(self, prompt, params, add_bos=add_bos, strict=strict, cut_to_fit=cut_to_fit)
 
     def complete(self, prompt: str | list[int], params: GenerationParams, **kwargs: Any) -> Generation:
         """Run a generation to the end; the returned Generation holds text and stats."""

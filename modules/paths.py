@@ -6,9 +6,13 @@ import re
 import tempfile
 from pathlib import Path
 
-from modules.errors import PathError
+from modules.errors import NotFound, PathError
 
 _DRIVE = re.compile(r"^[A-Za-z]:")
+#: The longest file name (one path component) and path, in bytes, that POSIX file systems accept; a longer name
+#: makes the OS raise ENAMETOOLONG, so it is refused here as bad input instead.
+NAME_MAX = 255
+PATH_MAX = 4096
 
 
 def resolve_inside(base: str | os.PathLike[str], name: str, *, what: str = "file", must_exist: bool = False) -> Path:
@@ -21,20 +25,34 @@ def resolve_inside(base: str | os.PathLike[str], name: str, *, what: str = "file
     if not isinstance(name, str) or not name.strip():
         raise PathError(f"The {what} name is empty.")
     if "\x00" in name:
-        raise PathError(f"The {what} name {name!r} contains a NUL byte.")
+        raise PathError(f"The {what} name {_shown(name)} contains a NUL byte.")
+    try:
+        encoded = name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise PathError(f"The {what} name {_shown(name)} is not valid Unicode (it holds a lone surrogate).") from None
+    if len(encoded) >= PATH_MAX or any(len(part.encode("utf-8")) > NAME_MAX for part in name.split("/")):
+        raise PathError(f"The {what} name {_shown(name)} is too long ({len(encoded)} bytes; a file name may have "
+                        f"at most {NAME_MAX}).")
     if "\\" in name or _DRIVE.match(name) or name.startswith(("/", "~")):
-        raise PathError(f"The {what} name {name!r} is not a plain name inside {base}: absolute paths, '~' and "
+        raise PathError(f"The {what} name {_shown(name)} is not a plain name inside {base}: absolute paths, '~' and "
                         "backslashes are refused.")
     parts = Path(name).parts
     if any(part == ".." for part in parts):
-        raise PathError(f"The {what} name {name!r} climbs out of its folder with '..'; it is refused.")
+        raise PathError(f"The {what} name {_shown(name)} climbs out of its folder with '..'; it is refused.")
     root = Path(os.path.abspath(base))
     target = Path(os.path.normpath(root / name))
     if target == root or root not in target.parents:
-        raise PathError(f"The {what} name {name!r} names no {what} inside {root}.")
+        raise PathError(f"The {what} name {_shown(name)} names no {what} inside {root}.")
+    if len(os.fsencode(target)) >= PATH_MAX:
+        raise PathError(f"The {what} name {_shown(name)} makes a path longer than the file system accepts.")
     if must_exist and not target.exists():
-        raise PathError(f"No {what} named {name!r} in {root}.")
+        raise NotFound(f"No {what} named {_shown(name)} in {root}.")
     return target
+
+
+def _shown(name: str, limit: int = 80) -> str:
+    """A name as messages quote it: repr, cut short so a huge name never floods a log line or an answer."""
+    return repr(name) if len(name) <= limit else repr(name[:limit]) + f"... ({len(name)} characters)"
 
 
 def atomic_write_text(path: str | os.PathLike[str], text: str, *, encoding: str = "utf-8") -> None:

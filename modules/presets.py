@@ -7,7 +7,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from modules.errors import ConfigError, PathError, describe_validation_error
+from modules.errors import ConfigError, NotFound, PathError, describe_validation_error
 from modules.generation_params import GenerationParams
 from modules.paths import atomic_write_text, resolve_inside
 
@@ -47,7 +47,7 @@ def parse_preset_text(text: str, source: str) -> GenerationParams:
 def load_preset(folder: Path, name: str) -> GenerationParams:
     path = preset_path(folder, name)
     if not path.is_file():
-        raise PathError(f"No preset named {name!r} in {folder}.")
+        raise NotFound(f"No preset named {name!r} in {folder}.")
     return parse_preset_text(path.read_text(encoding="utf-8"), f"preset {path.name}")
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, wait_until
-from modules.errors import ModelLoadError, NoModelLoaded, PathError, WorkbenchError
+from modules.errors import ContextLengthExceeded, ModelLoadError, NoModelLoaded, PathError, WorkbenchError
 from modules.generation_params import GenerationParams
 from modules.model_manager import ModelManager
 from modules.starter import STARTER_GGUF
@@ -271,3 +271,21 @@ def test_ui_stream_batches_closed_early_cancel_the_generation(manager: ModelMana
     batches.close()  # the page went away
     wait_until(lambda: not manager.busy, "the queue is free once the page went away")
     assert generation.stats.finish_reason == "cancelled" and generation.stats.completion_tokens < 400
+
+
+def test_a_prompt_longer_than_the_context_is_cut_or_refused_before_it_queues(manager: ModelManager):
+    context = manager.model.context_length
+    params = GenerationParams(do_sample=False, max_new_tokens=4)
+    ids = manager.encode(" hello") * context
+    with manager.exclusive():  # the queue is held: making a generation still tokenizes and checks it at once
+        cut = manager.generate(ids, params)
+        assert len(cut.prompt_ids) == context - 4 and "were cut" in cut.warnings[-1]
+        with pytest.raises(ContextLengthExceeded) as refused:
+            manager.generate(ids, params, cut_to_fit=False)
+        assert (refused.value.context, refused.value.prompt_tokens, refused.value.max_new_tokens) == (context, context, 4)
+        assert f"context is {context} tokens; the prompt has {context} tokens and max_tokens asks 4" in str(refused.value)
+        with pytest.raises(ContextLengthExceeded, match="has at least") as by_size:  # too long whatever its tokens
+            manager.generate("word " * context * 100, params, cut_to_fit=False)
+        assert not by_size.value.exact and by_size.value.prompt_tokens > context
+        fits = manager.generate("Hello", params, cut_to_fit=False)
+        assert fits.prompt_ids == manager.encode("Hello", add_bos=True) and not fits.warnings

@@ -19,7 +19,7 @@ import yaml
 from PIL import Image, UnidentifiedImageError
 
 from modules.chat.files import dump_yaml, file_in
-from modules.errors import ConfigError
+from modules.errors import ConfigError, NotFound
 from modules.paths import atomic_write_bytes, atomic_write_text
 
 DEFAULT_CHARACTERS_DIR = Path(__file__).resolve().parents[2] / "characters"
@@ -75,7 +75,7 @@ def _data_path(name: str, folder: str | os.PathLike[str]) -> Path | None:
 def load_character(name: str, *, characters_dir: str | os.PathLike[str] = DEFAULT_CHARACTERS_DIR) -> Character:
     path = _data_path(name, characters_dir)
     if path is None:
-        raise ConfigError(f"No character named {name!r} in {characters_dir}.")
+        raise NotFound(f"No character named {name!r} in {characters_dir}.")
     try:
         text = path.read_text(encoding="utf-8")
         data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
@@ -138,7 +138,7 @@ def save_character(name: str, character: Character, *, picture: bytes | None = N
 
 def delete_character(name: str, *, characters_dir: str | os.PathLike[str] = DEFAULT_CHARACTERS_DIR) -> None:
     if _data_path(name, characters_dir) is None:
-        raise ConfigError(f"No character named {name!r} in {characters_dir}.")
+        raise NotFound(f"No character named {name!r} in {characters_dir}.")
     try:
         picture = load_character(name, characters_dir=characters_dir).picture
     except ConfigError:  # a broken file can still be deleted

@@ -2,7 +2,8 @@
 
 It picks the template (the user's, the model's, or the stated default), loads the character for the chat modes,
 fills PromptOptions from the settings and the model's special tokens, and fits the conversation to the context
-(the model's, or a shorter truncation_length) minus max_new_tokens.
+(the model's, or a shorter truncation_length) minus max_new_tokens: by dropping the oldest turns (the Chat tab), or
+not at all (the API, which refuses a prompt too long, as OpenAI does).
 """
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from loaders.base import Capability, LoadedModel
 from modules.chat.characters import Character, load_character
 from modules.chat.prompt import DEFAULT_CHAT_INSTRUCT_COMMAND, PromptOptions, PromptResult, build_prompt
 from modules.chat.templates import choose_template
+from modules.errors import ContextLengthExceeded
+from modules.model_manager import check_text_fits
 from modules.settings import ChatSettings
 
 
@@ -37,10 +40,16 @@ def build_model_prompt(model: LoadedModel, chat: ChatSettings, messages: list[di
                        max_new_tokens: int, template_dir: Path, characters_dir: Path,
                        template_override: str | None = None, tools: list[dict[str, Any]] | None = None,
                        continue_last: bool = False, impersonate: bool = False,
-                       impersonate_prefix: str = "") -> ModelPrompt:
+                       impersonate_prefix: str = "", drop_old_messages: bool = True) -> ModelPrompt:
     """`messages` is the whole conversation with the new user message appended. `template_override` is a Jinja
     template given inline (the API's instruction_template_str); otherwise chat.instruction_template names one
-    in `template_dir`, and an empty name means the model's own."""
+    in `template_dir`, and an empty name means the model's own.
+
+    `drop_old_messages` False keeps every message: the prompt is rendered once, uncounted (the generation counts
+    it and refuses it when too long), after refusing at once, with ContextLengthExceeded, a conversation whose
+    message count or texts' size alone exceed what the context can hold."""
+    if not drop_old_messages:
+        _check_conversation_fits(model, messages, max_new_tokens)
     warnings: list[str] = []
     if template_override:
         template = template_override
@@ -57,9 +66,29 @@ def build_model_prompt(model: LoadedModel, chat: ChatSettings, messages: list[di
     context = model.context_length
     if chat.truncation_length:
         context = min(context, chat.truncation_length)
-    can_count = Capability.TOKENIZE in model.capabilities
+    can_count = Capability.TOKENIZE in model.capabilities and drop_old_messages
     result = build_prompt(messages, options, continue_last=continue_last, impersonate=impersonate,
                           impersonate_prefix=impersonate_prefix,
                           count_tokens=model.token_count if can_count else None,
                           token_budget=context - max_new_tokens if can_count else None)
     return ModelPrompt(result, context, warnings + result.warnings)
+
+
+def _check_conversation_fits(model: LoadedModel, messages: list[dict[str, Any]], max_new_tokens: int) -> None:
+    """Refuse, before any template renders it, a conversation that cannot fit the context: more messages than
+    tokens of room (a template writes at least one token per message), or texts whose size in bytes alone needs
+    more tokens than that (see check_text_fits)."""
+    room = model.context_length - max_new_tokens
+    if len(messages) > room:
+        raise ContextLengthExceeded(context=model.context_length, prompt_tokens=len(messages),
+                                    max_new_tokens=max_new_tokens, exact=False,
+                                    what=f"the conversation of {len(messages)} messages")
+    size = 0
+    for message in messages:
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, str):
+            size += len(content.encode("utf-8", errors="surrogatepass"))
+        elif isinstance(content, list):
+            size += sum(len(part["text"].encode("utf-8", errors="surrogatepass")) for part in content
+                        if isinstance(part, dict) and isinstance(part.get("text"), str))
+    check_text_fits(model, size, max_new_tokens, what="the conversation")

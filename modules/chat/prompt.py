@@ -207,38 +207,42 @@ def _stop_strings(options: PromptOptions) -> list[str]:
 def _fit(render: Callable[[list[dict[str, Any]]], str], body: list[dict[str, Any]],
          count_tokens: Callable[[str], int], budget: int, result: PromptResult, truncate_last_message: bool,
          continue_last: bool) -> list[dict[str, Any]]:
-    """Drop whole turns from the oldest on (found by bisection: the prompt shrinks as more turns go), and fill
-    `result` with the prompt, its token count, the number of dropped messages and warnings."""
+    """Drop whole turns from the oldest on, the fewest that make the prompt fit, and fill `result` with the prompt,
+    its token count, the number of dropped messages and warnings.
+
+    Near-linear in the conversation: each message's own text is counted from the newest back, only as far as such
+    texts could still fit (a turn's prompt holds at least its messages' texts), which bounds the turns that can be
+    kept; then only prompts of about the budget's size are rendered and counted whole, each guess guided by how the
+    last count compared with its estimate. Counting the whole conversation, and bisecting over it, re-rendered and
+    re-tokenized thousands of messages several times."""
     if budget <= 0:
         raise PromptTooLong(f"No room for a prompt: the token budget is {budget}. Lower max_new_tokens or load the "
                             "model with a longer context.")
     last_user = max((i for i, m in enumerate(body) if m["role"] == "user"), default=None)
     pinned_from = last_user if last_user is not None else (len(body) - 1 if continue_last else len(body))
     starts = [i for i in range(1, pinned_from) if body[i]["role"] == "user"]  # a turn starts at a user message
-    cuts = [0] + starts + [pinned_from]  # dropping k turns keeps body[cuts[k]:]
-    cuts = list(dict.fromkeys(cuts))
+    cuts = list(dict.fromkeys([0] + starts + [pinned_from]))  # dropping k turns keeps body[cuts[k]:]
+    last = len(cuts) - 1
+    counted: dict[int, tuple[str, int]] = {}
 
     def attempt(k: int) -> tuple[str, int]:
-        prompt = render(body[cuts[k]:])
-        return prompt, count_tokens(prompt)
+        if k not in counted:
+            prompt = render(body[cuts[k]:])
+            counted[k] = (prompt, count_tokens(prompt))
+        return counted[k]
 
-    prompt, used = attempt(0)
-    k = 0
-    if used > budget:
-        low, high = 1, len(cuts) - 1  # find the fewest dropped turns that fit
-        best = None
-        while low <= high:
-            mid = (low + high) // 2
-            p, n = attempt(mid)
-            if n <= budget:
-                best, high = (mid, p, n), mid - 1
-            else:
-                low = mid + 1
-        if best is None:
-            k = len(cuts) - 1
-            prompt, used = attempt(k)
-        else:
-            k, prompt, used = best
+    pinned = attempt(last)[1]
+    texts = [0] * (last + 1)  # texts[k]: tokens of the messages' own texts in the turns kept after k dropped
+    k = last
+    if pinned <= budget:
+        while k > 0 and pinned + texts[k] <= budget:
+            k -= 1
+            texts[k] = texts[k + 1] + sum(count_tokens(_text_of(m)) for m in body[cuts[k]:cuts[k + 1]])
+        lowest = k if pinned + texts[k] <= budget else k + 1  # dropping fewer turns cannot fit
+        k = _fewest_dropped(attempt, texts, pinned, budget, lowest, last)
+        if k == lowest and k > 0 and attempt(k - 1)[1] <= budget:  # the estimate was no bound after all
+            k = _fewest_dropped(attempt, texts, pinned, budget, 0, k - 1)
+    prompt, used = attempt(k)
     kept = body[cuts[k]:]
     if k:
         result.dropped_messages = cuts[k]
@@ -249,6 +253,35 @@ def _fit(render: Callable[[list[dict[str, Any]]], str], body: list[dict[str, Any
                                                  used)
     result.prompt, result.prompt_tokens = prompt, used
     return kept
+
+
+def _fewest_dropped(attempt: Callable[[int], tuple[str, int]], texts: list[int], pinned: int, budget: int,
+                    low: int, high: int) -> int:
+    """The smallest k in [low, high] whose prompt fits (`high` when none does), for prompts that shrink as k grows.
+    Guesses from the estimate pinned + ratio * texts[k], the ratio learnt from each count; bisects once guesses
+    stop narrowing the range fast."""
+    ratio, guided = 1.0, 0
+    while low < high:
+        if guided < 4:
+            guess = next((j for j in range(low, high) if pinned + ratio * texts[j] <= budget), high - 1)
+            guided += 1
+        else:
+            guess = (low + high) // 2
+        used = attempt(guess)[1]
+        if texts[guess]:
+            ratio = max(1.0, (used - pinned) / texts[guess])
+        if used <= budget:
+            high = guess
+        else:
+            low = guess + 1
+    return high
+
+
+def _text_of(message: dict[str, Any]) -> str:
+    content = message.get("content")
+    if isinstance(content, str):
+        return content
+    return "".join(part.get("text") or "" for part in content or [] if isinstance(part, dict))
 
 
 def _truncate_last_user(render: Callable[[list[dict[str, Any]]], str], kept: list[dict[str, Any]],

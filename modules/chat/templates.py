@@ -17,7 +17,7 @@ import yaml
 from transformers.utils.chat_template_utils import render_jinja_template
 
 from modules.chat.files import dump_yaml, file_in
-from modules.errors import ConfigError, PathError
+from modules.errors import ConfigError, NotFound, PathError
 from modules.paths import atomic_write_text
 
 #: The folder of the shipped templates (the caller may pass another one everywhere a folder is taken).
@@ -188,7 +188,7 @@ def _template_path(name: str, folder: str | os.PathLike[str]) -> Path:
         path = file_in(folder, name, suffix, what="instruction template")
         if path.is_file():
             return path
-    raise ConfigError(f"No instruction template named {name!r} in {folder}; known: "
+    raise NotFound(f"No instruction template named {name!r} in {folder}; known: "
                       f"{', '.join(list_templates(folder)) or 'none'}.")
 
 
