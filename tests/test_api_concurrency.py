@@ -1,8 +1,11 @@
-"""Concurrency through the API: 8 streaming clients at once all get complete answers, and a client that disconnects
-(mid-stream, or while still queued) cancels its generation and frees the model for the next request."""
+"""Concurrency through the API: 8 streaming clients at once all get complete answers; a client that disconnects
+(mid-stream, while still queued, or while its prompt is evaluated) cancels its generation and frees the model for
+the next request; a prompt that fills the whole context starves no one (a small request is answered soon after it,
+/v1/models and health at once throughout); a prompt too long for the context is refused, never cut."""
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -126,3 +129,115 @@ def test_a_queued_client_that_leaves_never_runs(served) -> None:
     after = httpx.post(url + "/v1/completions", json={"prompt": "Hello", "max_tokens": 3}, timeout=600)
     assert after.status_code == 200
     assert queued.stats.finish_reason == "cancelled" and queued.stats.completion_tokens == 0
+
+
+# --- a prompt that fills the whole context --------------------------------------------------------------------------
+SMALL_CONTEXT = 512
+LIVENESS_S = 30  # a generous bound on "answered", never a speed claim
+
+
+@pytest.fixture(scope="module")
+def small_context(tmp_path_factory: pytest.TempPathFactory, starter_gguf: Path):
+    """(base URL, manager, Generations handed out) of a server whose model holds SMALL_CONTEXT tokens."""
+    from extensions.openai.server import create_app, serve_app
+
+    folder = tmp_path_factory.mktemp("full")
+    settings = Settings(model_dir=starter_gguf.parent, lora_dir=folder / "loras", user_data_dir=folder,
+                        preset_dir=ROOT / "presets", template_dir=ROOT / "instruction-templates")
+    manager = ModelManager(starter_gguf.parent, folder / "loras")
+    manager.load(STARTER_GGUF, options={"n_ctx": SMALL_CONTEXT})
+    generations = []
+    generate = manager.generate
+
+    def recording(*args, **kwargs):
+        generation = generate(*args, **kwargs)
+        generations.append(generation)
+        return generation
+
+    manager.generate = recording  # type: ignore[method-assign]
+    server = serve_app(create_app(Services(settings=settings, manager=manager)), "127.0.0.1", 0)
+    yield server.url, manager, generations
+    server.stop()
+    manager.unload()
+
+
+def filling_prompt(manager: ModelManager, max_tokens: int) -> list[int]:
+    """Token ids that leave exactly max_tokens of the context free."""
+    words = " ".join(f"word{n}" for n in range(SMALL_CONTEXT * 2))
+    return manager.encode(words)[:SMALL_CONTEXT - max_tokens]
+
+
+def kv_tokens(manager: ModelManager) -> int:
+    """Tokens in the llama.cpp context's KV cache: how far the last prompt evaluation got."""
+    return manager.model._llama.n_tokens
+
+
+def test_a_prompt_filling_the_context_does_not_starve_the_others(small_context) -> None:
+    url, manager, generations = small_context
+    ids = filling_prompt(manager, 4)
+    results: dict[str, tuple[int, float]] = {}
+
+    def post(name: str, path: str, body: dict) -> None:
+        response = httpx.post(url + path, json=body, timeout=600)
+        results[name] = (response.status_code, time.monotonic())
+
+    wait_idle(manager)
+    big = threading.Thread(target=post, args=("big", "/v1/completions", {"prompt": ids, "max_tokens": 4}))
+    big.start()
+    deadline = time.monotonic() + LIVENESS_S
+    while not manager.busy:  # the big prompt holds the model: it is being evaluated
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    small = threading.Thread(target=post, args=("small", "/v1/chat/completions", {
+        "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3}))
+    small.start()
+    answered_during = 0
+    while big.is_alive():
+        for path in ("/v1/internal/health", "/v1/models"):
+            response = httpx.get(url + path, timeout=LIVENESS_S)  # a timeout here fails the test
+            assert response.status_code == 200
+        answered_during += "big" not in results
+    big.join()
+    small.join(600)
+    assert results["big"][0] == 200 and results["small"][0] == 200
+    assert answered_during >= 1  # /v1/models and health answered while the big prompt was evaluated
+    assert results["small"][1] - results["big"][1] < LIVENESS_S  # answered soon after the big one's end
+    assert generations[-2].stats.prompt_tokens == len(ids)  # the big one really filled the context
+
+
+def test_a_client_that_leaves_during_prompt_evaluation_cancels_it(small_context) -> None:
+    url, manager, generations = small_context
+    ids = filling_prompt(manager, 4)
+    wait_idle(manager)
+    httpx.post(url + "/v1/completions", json={"prompt": [ids[-1]], "max_tokens": 1}, timeout=600)  # a short KV
+    before = len(generations)
+    body = json.dumps({"prompt": ids, "max_tokens": 4}).encode()
+    with socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1]))) as connection:
+        connection.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                           b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        deadline = time.monotonic() + LIVENESS_S
+        while not (len(generations) > before and manager.busy and kv_tokens(manager) > 1):
+            assert time.monotonic() < deadline, "the prompt evaluation never started"
+            time.sleep(0.005)
+    wait_idle(manager)
+    cancelled = generations[before]
+    assert cancelled.stats.finish_reason == "cancelled" and cancelled.stats.completion_tokens == 0
+    assert kv_tokens(manager) < len(ids)  # stopped between two chunks of the prompt, not after all of it
+    follow_up = httpx.post(url + "/v1/completions", json={"prompt": "Hello", "max_tokens": 2}, timeout=600)
+    assert follow_up.status_code == 200
+
+
+def test_a_prompt_longer_than_the_context_is_refused_not_cut(small_context) -> None:
+    url, manager, _ = small_context
+    too_long = filling_prompt(manager, 4) + [filling_prompt(manager, 4)[0]] * 8
+    response = httpx.post(url + "/v1/completions", json={"prompt": too_long, "max_tokens": 4}, timeout=LIVENESS_S)
+    error = response.json()["error"]
+    assert response.status_code == 400 and error["code"] == "context_length_exceeded"
+    assert f"context is {SMALL_CONTEXT} tokens" in error["message"] and str(len(too_long)) in error["message"]
+    huge = "word " * 200_000  # refused by its size alone, before any tokenization
+    response = httpx.post(url + "/v1/chat/completions", timeout=LIVENESS_S,
+                          json={"messages": [{"role": "user", "content": huge}], "max_tokens": 4})
+    assert response.status_code == 400 and response.json()["error"]["code"] == "context_length_exceeded"
+    many = [{"role": "user" if n % 2 == 0 else "assistant", "content": "hi"} for n in range(5001)]
+    response = httpx.post(url + "/v1/chat/completions", json={"messages": many, "max_tokens": 4}, timeout=LIVENESS_S)
+    assert response.status_code == 400 and response.json()["error"]["code"] == "context_length_exceeded"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 from pathlib import Path
 
+import anthropic
 import httpx
 import openai
 import pytest
@@ -97,3 +98,17 @@ def test_cors_only_for_the_named_origin(api: str) -> None:
     assert "access-control-allow-origin" not in other.headers
     simple = httpx.get(api + "/v1/models", headers={"Origin": ORIGIN, **bearer(API_KEY)})
     assert simple.headers["access-control-allow-origin"] == ORIGIN
+
+
+def test_anthropic_clients_get_anthropics_401(api: str) -> None:
+    refused = httpx.post(api + "/v1/messages", json={"max_tokens": 2, "messages": [{"role": "user", "content": "Hi"}]},
+                         headers={"x-api-key": "nope"}, timeout=60)
+    assert refused.status_code == 401
+    assert refused.json() == {"type": "error", "error": {"type": "authentication_error",
+                                                         "message": "Wrong key: this route needs the API key."}}
+    with pytest.raises(anthropic.AuthenticationError):
+        anthropic.Anthropic(base_url=api, api_key="wrong", max_retries=0).messages.create(
+            model=STARTER_GGUF, max_tokens=2, messages=[{"role": "user", "content": "Hi"}])
+    reply = anthropic.Anthropic(base_url=api, api_key=API_KEY, max_retries=0, timeout=120).messages.create(
+        model=STARTER_GGUF, max_tokens=2, messages=[{"role": "user", "content": "Hi"}])
+    assert reply.type == "message" and reply.usage.output_tokens > 0

@@ -36,6 +36,11 @@ class Params(BaseModel):
     embedding_model: str | None = Field(None, description="A sentence-transformers model folder for "
                                                           "/v1/embeddings; empty = all-MiniLM-L6-v2 (packaged).")
     embedding_device: str = Field("cpu", description="Device for the embedding model (cpu, cuda).")
+    max_body_mb: float = Field(16, gt=0, le=1024, description="Largest request body accepted, in MiB (larger: "
+                                                             "413).")
+    allow_template_str: bool = Field(False, description="Accept instruction_template_str: a Jinja chat template "
+                                                        "sent by the client and rendered here (sandboxed, but a "
+                                                        "template can still burn CPU and memory).")
 
 
 params = Params()

@@ -12,16 +12,17 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 
-from extensions.openai.completions import (ERRORS, STREAMED, ChatPlan, api_state, first_chunk, start_run,
+from extensions.openai.completions import (STREAMED, ChatPlan, api_state, first_chunk, start_run,
                                            warnings_header)
-from extensions.openai.errors import ApiError, api_error_from
-from extensions.openai.mapping import check_model
+from extensions.openai.errors import ApiError, api_error_from, documented_errors, validation_error
+from extensions.openai.mapping import check_model, check_template_str
 from extensions.openai.protocol import (AnthropicBlock, AnthropicUsage, ChatCompletionRequest, MessagesCountRequest,
                                         MessagesRequest, MessagesResponse, MessagesTokenCount)
 from extensions.openai.streaming import CallStart, GenerationRun, ReplyEvent, TextPiece, guarded, sse
 from modules.errors import WorkbenchError
 
-router = APIRouter(responses=ERRORS)
+ANTHROPIC_ERRORS = documented_errors(anthropic=True)
+router = APIRouter(responses=ANTHROPIC_ERRORS)
 _OWN_FIELDS = {"model", "max_tokens", "messages", "system", "stop_sequences", "temperature", "top_p", "stream",
                "tools", "tool_choice", "metadata"}
 
@@ -88,21 +89,19 @@ def to_chat_request(body: MessagesRequest) -> ChatCompletionRequest:
         data[name] = getattr(body, name)
     data.update({k: v for k, v in (body.model_extra or {}).items()})
     choice = body.tool_choice
+    if choice is not None and choice.type == "tool" and not choice.name:
+        raise ApiError(400, "tool_choice of type 'tool' needs a name.", param="tool_choice")
     if body.tools and (choice is None or choice.type != "none"):
         data["tools"] = [{"type": "function", "function": {"name": t.name, "description": t.description,
                                                            "parameters": t.input_schema}} for t in body.tools]
         if choice is not None and choice.type == "any":
             data["tool_choice"] = "required"
         elif choice is not None and choice.type == "tool":
-            if not choice.name:
-                raise ApiError(400, "tool_choice of type 'tool' needs a name.", param="tool_choice")
             data["tool_choice"] = {"type": "function", "function": {"name": choice.name}}
     try:
         return ChatCompletionRequest(**data)
     except ValidationError as exc:
-        error = exc.errors()[0]
-        key = ".".join(str(p) for p in error["loc"])
-        raise ApiError(400, f"Bad value for '{key}': {error['msg']}", param=key) from None
+        raise validation_error(exc) from None
 
 
 def stop_reason(run: GenerationRun, calls: list[Any], stop_sequences: list[str] | None) -> tuple[str, str | None]:
@@ -129,17 +128,18 @@ def tool_use_id(call_id: str) -> str:
     return "toolu_" + call_id.removeprefix("call_")
 
 
-@router.post("/v1/messages", response_model=MessagesResponse, responses=STREAMED)
+@router.post("/v1/messages", response_model=MessagesResponse, responses={**STREAMED, **ANTHROPIC_ERRORS})
 async def messages(body: MessagesRequest, request: Request) -> Any:
     services = api_state(request).services
     autoload = api_state(request).params.autoload
     model_name = await run_in_threadpool(check_model, services, body.model, autoload=autoload)
     chat_request = to_chat_request(body)
+    check_template_str(api_state(request).params, chat_request)
     try:
         plan = await run_in_threadpool(ChatPlan, services, chat_request)
     except WorkbenchError as exc:
         raise api_error_from(exc, "messages") from None
-    run = start_run(services, request, plan.prompt, plan.params, plan.add_bos)
+    run = await start_run(services, request, plan.prompt, plan.params, plan.add_bos)
     first = await first_chunk(run)
     warnings = plan.warnings + run.generation.warnings
     ident = f"msg_{uuid.uuid4().hex[:24]}"
@@ -169,6 +169,7 @@ async def count_tokens(body: MessagesCountRequest, request: Request) -> Any:
     await run_in_threadpool(check_model, services, body.model, autoload=autoload)
     # a reply of one token: the whole conversation is counted, as far as the context holds it
     chat_request = to_chat_request(body.model_copy(update={"max_tokens": body.max_tokens or 1}))
+    check_template_str(api_state(request).params, chat_request)
 
     def count() -> tuple[int, list[str]]:
         plan = ChatPlan(services, chat_request)
@@ -206,8 +207,7 @@ async def _stream(plan: ChatPlan, run: GenerationRun, first: Any, ident: str, mo
                    "usage": {"output_tokens": stats.completion_tokens}}, "message_delta")
         yield sse({"type": "message_stop"}, "message_stop")
     except Exception as exc:
-        message_text = str(exc) if isinstance(exc, (ApiError, WorkbenchError)) else f"{type(exc).__name__}: {exc}"
-        yield sse({"type": "error", "error": {"type": "api_error", "message": message_text}}, "error")
+        yield sse(api_error_from(exc, where="a streamed /v1/messages reply").body(anthropic=True), "error")
 
 
 class _BlockEvents:

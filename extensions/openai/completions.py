@@ -11,21 +11,20 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from extensions.openai import tools as tooling
-from extensions.openai.errors import ApiError, api_error_from, error_body
+from extensions.openai.errors import ApiError, api_error_from, documented_errors
 from extensions.openai.mapping import (apply_input_hooks, build_chat_prompt, build_params, check_model,
-                                       check_token_ids, params_from_state, state_of)
+                                       check_template_str, check_token_ids, params_from_state, state_of)
 from extensions.openai.protocol import (ChatChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse,
                                         ChoiceLogprobs, ChunkChoice, CompletionChoice, CompletionLogprobs,
                                         CompletionRequest, CompletionResponse, Delta, DeltaFunction, DeltaToolCall,
-                                        ErrorResponse, LogprobItem, ResponseMessage, ToolCall, TopLogprob, Usage)
+                                        LogprobItem, ResponseMessage, ToolCall, TopLogprob, Usage)
 from extensions.openai.streaming import (CallStart, ClientGone, GenerationRun, HeldBackText, ReplyEvent, TextPiece,
                                         guarded, sse)
 from extensions.openai.tool_calls import parse_tool_calls
 from modules.errors import WorkbenchError
 from modules.generation_params import GenerationParams, TokenEvent
 
-ERRORS: dict[int | str, dict[str, Any]] = {
-    status: {"model": ErrorResponse} for status in (400, 401, 404, 503)}
+ERRORS = documented_errors()
 #: One server-sent event (its `data` holds a JSON chunk, or [DONE]).
 SSE_EVENT = {"type": "object", "required": ["data"],
              "properties": {"data": {"type": "string"}, "event": {"type": "string"}, "id": {"type": "string"}}}
@@ -38,14 +37,18 @@ def api_state(request: Request) -> Any:
 
 
 # --- running generations --------------------------------------------------------------------------------------------
-def start_run(services: Any, request: Request, prompt: str | list[int], params: GenerationParams,
-              add_bos: bool | None = None) -> GenerationRun:
+async def start_run(services: Any, request: Request, prompt: str | list[int], params: GenerationParams,
+                    add_bos: bool | None = None) -> GenerationRun:
+    """A queued generation for the request, made in a worker thread (it tokenizes the prompt and may compile a
+    grammar: never on the event loop). A prompt that does not fit the context is refused, never cut."""
     model = services.manager.model
     if model is not None and params.max_new_tokens >= model.context_length:
         raise ApiError(400, f"max_tokens ({params.max_new_tokens}) must be below the context length "
-                            f"({model.context_length}) to leave room for the prompt.", param="max_tokens")
+                            f"({model.context_length}) to leave room for the prompt.", param="max_tokens",
+                       code="context_length_exceeded")
     try:
-        generation = services.manager.generate(prompt, params, add_bos=add_bos)
+        generation = await run_in_threadpool(services.manager.generate, prompt, params, add_bos=add_bos,
+                                             cut_to_fit=False)
     except WorkbenchError as exc:
         raise api_error_from(exc) from None
     return GenerationRun(generation, request)
@@ -80,16 +83,18 @@ def usage_of(runs: list[GenerationRun]) -> Usage:
 
 
 def warnings_header(warnings: list[str]) -> dict[str, str]:
-    return {"x-workbench-warnings": " | ".join(w.replace("\n", " ") for w in warnings)[:4000]} if warnings else {}
+    """The warnings as one header. A header holds printable ASCII only: other characters become escapes (\\u65e5)
+    and control characters spaces, so text a client sent (an unknown field's name) can neither break the answer
+    nor add a header of its own."""
+    if not warnings:
+        return {}
+    text = " | ".join(warnings).encode("ascii", "backslashreplace").decode("ascii")
+    return {"x-workbench-warnings": "".join(c if " " <= c <= "~" else " " for c in text)[:4000]}
 
 
 def stream_error(exc: BaseException) -> str:
-    if isinstance(exc, ApiError):
-        return sse(error_body(exc.message, exc.type, exc.param, exc.code))
-    if isinstance(exc, WorkbenchError):
-        error = api_error_from(exc)
-        return sse(error_body(error.message, error.type, code=error.code))
-    return sse(error_body(f"Generation failed: {type(exc).__name__}: {exc}", "server_error"))
+    """The error event that ends a stream already under way (a bug is logged under the id it carries)."""
+    return sse(api_error_from(exc, where="a streamed reply").body())
 
 
 # --- /v1/completions --------------------------------------------------------------------------------------------------
@@ -109,7 +114,7 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
     if isinstance(prompt, (str, list)) and len(prompt) == 0:
         raise ApiError(400, "The prompt is empty.", param="prompt")
     if isinstance(prompt, list):
-        check_token_ids(services.manager, prompt, "prompt")
+        await run_in_threadpool(check_token_ids, services.manager, prompt, "prompt")
     if body.best_of not in (None, body.n):
         raise ApiError(400, "best_of is not supported (ask for n choices instead).", param="best_of")
     params, warnings = build_params(services, body, max_tokens=body.max_tokens, logprobs=body.logprobs or 0)
@@ -124,7 +129,7 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
     echo = ""
     if body.echo:
         echo = prompt if isinstance(prompt, str) else await run_in_threadpool(services.manager.decode, prompt)
-    run = start_run(services, request, prompt, params)
+    run = await start_run(services, request, prompt, params)
     first = await first_chunk(run)
     warnings += run.generation.warnings
     created, ident = int(time.time()), f"cmpl-{uuid.uuid4().hex}"
@@ -135,7 +140,7 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
     runs = [run]
     await run.collect()
     for index in range(1, body.n):
-        more = start_run(services, request, prompt, seeded(params, index))
+        more = await start_run(services, request, prompt, seeded(params, index))
         runs.append(more)
         await more.collect()
     choices = [CompletionChoice(index=i, text=echo + r.generation.text, finish_reason=finish_reason(r),
@@ -153,7 +158,7 @@ async def _stream_completion(services: Any, request: Request, body: CompletionRe
     try:
         for index in range(body.n):
             if index:
-                run = start_run(services, request, prompt, seeded(params, index))
+                run = await start_run(services, request, prompt, seeded(params, index))
                 runs.append(run)
                 first = await run.next_chunk()
             offset = 0
@@ -304,11 +309,12 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
     services = api_state(request).services
     autoload = api_state(request).params.autoload
     model_name = await run_in_threadpool(check_model, services, body.model, autoload=autoload)
+    check_template_str(api_state(request).params, body)
     try:
         plan = await run_in_threadpool(ChatPlan, services, body)
     except WorkbenchError as exc:
         raise api_error_from(exc, "messages") from None
-    run = start_run(services, request, plan.prompt, plan.params, plan.add_bos)
+    run = await start_run(services, request, plan.prompt, plan.params, plan.add_bos)
     first = await first_chunk(run)
     warnings = plan.warnings + run.generation.warnings
     created, ident = int(time.time()), f"chatcmpl-{uuid.uuid4().hex}"
@@ -319,7 +325,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
     runs = [run]
     await run.collect()
     for index in range(1, body.n):
-        more = start_run(services, request, plan.prompt, seeded(plan.params, index), plan.add_bos)
+        more = await start_run(services, request, plan.prompt, seeded(plan.params, index), plan.add_bos)
         runs.append(more)
         await more.collect()
     choices = []
@@ -349,7 +355,7 @@ async def _stream_chat(services: Any, request: Request, body: ChatCompletionRequ
     try:
         for index in range(body.n):
             if index:
-                run = start_run(services, request, plan.prompt, seeded(plan.params, index), plan.add_bos)
+                run = await start_run(services, request, plan.prompt, seeded(plan.params, index), plan.add_bos)
                 runs.append(run)
                 first = await run.next_chunk()
             yield chunk(index, Delta(role="assistant", content=""))

@@ -11,10 +11,10 @@ import numpy as np
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 
-from extensions.openai.errors import ApiError
-from extensions.openai.protocol import Embedding, EmbeddingRequest, EmbeddingResponse, EmbeddingUsage, ErrorResponse
+from extensions.openai.errors import ApiError, documented_errors
+from extensions.openai.protocol import Embedding, EmbeddingRequest, EmbeddingResponse, EmbeddingUsage
 
-router = APIRouter(responses={status: {"model": ErrorResponse} for status in (400, 401, 404, 503)})
+router = APIRouter(responses=documented_errors())
 DEFAULT_NAME = "all-MiniLM-L6-v2"
 MAX_INPUTS = 2048
 

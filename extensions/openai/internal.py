@@ -1,6 +1,7 @@
 """GET /v1/models(/{id}), text-generation-webui's /v1/internal/* routes and the seeds' POST /predict."""
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -14,10 +15,13 @@ from extensions.openai.protocol import (DecodeRequest, DecodeResponse, EncodeReq
                                         LoadModelRequest, LoadModelResponse, LoraLoadRequest, ModelCard,
                                         ModelInfoResponse, ModelList, ModelNamesResponse, PredictRequest,
                                         PredictResponse, StatusResponse, TokenCountRequest, TokenCountResponse)
-from modules.errors import PathError, WorkbenchError
+from modules.errors import WorkbenchError
 from modules.generation_params import GenerationParams
 
 router = APIRouter(responses=ERRORS)
+#: Longest text /encode and /token-count take: more tokens than any context holds; tokenizing more would hold a
+#: worker thread for many seconds.
+MAX_TOKENIZE_CHARS = 2 * 2**20
 router.include_router(embeddings_router)
 
 #: The prompt format of the instruction data the seeds train on (Alpaca).
@@ -37,12 +41,10 @@ def _manager(request: Request) -> Any:
 
 
 def _call(function: Any, *args: Any, param: str | None = None, **kwargs: Any) -> Any:
-    """Run a ModelManager call, turning its errors into API errors (a missing name is a 404)."""
+    """Run a ModelManager call, turning its errors into API errors about `param` (by their kind: a name that
+    names nothing is a 404, a bad one a 400)."""
     try:
         return function(*args, **kwargs)
-    except PathError as exc:
-        raise ApiError(404 if "No " in str(exc) or "does not exist" in str(exc) else 400, str(exc), param=param,
-                       code="not_found") from None
     except WorkbenchError as exc:
         raise api_error_from(exc, param) from None
 
@@ -121,8 +123,15 @@ async def lora_load(body: LoraLoadRequest, request: Request) -> ModelInfoRespons
     return await model_info(request)
 
 
+def _check_tokenizable(text: str) -> None:
+    if len(text) > MAX_TOKENIZE_CHARS:
+        raise ApiError(400, f"The text has {len(text)} characters; the tokenizer routes take at most "
+                            f"{MAX_TOKENIZE_CHARS} (more tokens than any context holds).", param="text")
+
+
 @router.post("/v1/internal/encode", response_model=EncodeResponse)
 async def encode(body: EncodeRequest, request: Request) -> EncodeResponse:
+    _check_tokenizable(body.text)
     tokens = await run_in_threadpool(_call, _manager(request).encode, body.text, add_bos=body.add_bos, param="text")
     return EncodeResponse(tokens=tokens, length=len(tokens))
 
@@ -140,6 +149,7 @@ def _checked_decode(manager: Any, tokens: list[int]) -> str:
 
 @router.post("/v1/internal/token-count", response_model=TokenCountResponse)
 async def token_count(body: TokenCountRequest, request: Request) -> TokenCountResponse:
+    _check_tokenizable(body.text)
     return TokenCountResponse(length=await run_in_threadpool(_call, _manager(request).token_count, body.text,
                                                              param="text"))
 
@@ -150,20 +160,29 @@ async def stop_generation(request: Request) -> StatusResponse:
     return StatusResponse(status="ok")
 
 
-@router.get("/v1/internal/health", response_model=HealthResponse)
+@router.get("/v1/internal/health", response_model=HealthResponse, response_model_exclude_none=True)
 async def health(request: Request) -> HealthResponse:
-    return HealthResponse(model_loaded=_manager(request).model is not None)
+    """Answered at once, whatever the model is doing: "ok" (a model is loaded), "loading" (one is being loaded,
+    named with the seconds so far) or "no_model"."""
+    manager = _manager(request)
+    loaded = manager.model is not None
+    loading = manager.loading
+    if loaded:
+        return HealthResponse(status="ok", model_loaded=True)
+    if loading is not None:
+        return HealthResponse(status="loading", model_loaded=False, loading_model=loading.name,
+                              loading_seconds=round(time.time() - loading.since, 1))
+    return HealthResponse(status="no_model", model_loaded=False)
 
 
 # --- the seeds' instruction endpoint ------------------------------------------------------------------------------
 @router.post("/predict", response_model=PredictResponse)
 async def predict(body: PredictRequest, request: Request) -> PredictResponse:
     services = api_state(request).services
-    if services.manager.model is None:
-        raise ApiError(503, "No model is loaded.", code="model_not_loaded")
+    services.manager.require_model()
     params = GenerationParams(temperature=body.temperature, do_sample=body.temperature > 0,
                               max_new_tokens=body.max_new_tokens, stop=["\n### ", "### Instruction:"])
-    run = start_run(services, request, alpaca_prompt(body.instruction, body.input), params)
+    run = await start_run(services, request, alpaca_prompt(body.instruction, body.input), params)
     try:
         await first_chunk(run)
         text = await run.collect()

@@ -8,8 +8,8 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from extensions.openai.errors import ApiError, api_error_from
-from modules.errors import WorkbenchError
+from extensions.openai.errors import ApiError, api_error_from, validation_error
+from modules.errors import NoModelLoaded, WorkbenchError
 from modules.generation_params import GenerationParams
 from modules.presets import load_preset
 
@@ -38,27 +38,24 @@ def loaded_model_name(manager: Any) -> str:
 
 def check_model(services: Any, requested: str | None, *, autoload: bool) -> str:
     """The name of the model that will answer, loading `requested` first when autoload is on. Raises 404 for a
-    model that is not loaded (or not in models/) and 503 when no model is loaded."""
+    model that is not loaded (or not in models/), and the manager's ModelLoading or NoModelLoaded (503) while a
+    model loads or when none is loaded."""
     manager = services.manager
     if requested and requested not in model_names_of(manager):
+        if manager.model is None and manager.loading is not None:
+            raise manager.missing_model()
         if requested not in manager.list_models():
-            raise ApiError(404, f"The model {requested!r} does not exist; GET /v1/models lists the models.",
+            raise ApiError(404, f"The model {requested[:200]!r} does not exist; GET /v1/models lists the models.",
                            param="model", code="model_not_found")
         if not autoload and manager.model is None:
-            raise ApiError(503, f"No model is loaded (the request names {requested!r}). Load it with "
-                                "/v1/internal/model/load, or start the API with --api-autoload.",
-                           code="model_not_loaded")
+            raise NoModelLoaded(f"No model is loaded (the request names {requested!r}). Load it with "
+                                "/v1/internal/model/load, or start the API with --api-autoload.")
         if not autoload:
             raise ApiError(404, f"The model {requested!r} is not loaded (the loaded one is "
                                 f"{loaded_model_name(manager) or 'none'}). Load it with /v1/internal/model/load, or "
                                 "start the API with --api-autoload.", param="model", code="model_not_found")
-        try:
-            manager.load(requested)
-        except WorkbenchError as exc:
-            raise api_error_from(exc, "model") from None
-    if manager.model is None:
-        raise ApiError(503, "No model is loaded. Load one with /v1/internal/model/load or in the Model tab.",
-                       code="model_not_loaded")
+        manager.load(requested)
+    manager.require_model()
     return loaded_model_name(manager)
 
 
@@ -91,7 +88,7 @@ def build_params(services: Any, request: BaseModel, *, max_tokens: int | None = 
         try:
             values = load_preset(settings.preset_dir, request.preset).model_dump()
         except WorkbenchError as exc:
-            raise ApiError(404 if "No preset" in str(exc) else 400, str(exc), param="preset") from None
+            raise api_error_from(exc, "preset") from None
     else:
         values = services.default_params().model_dump()
     for name in GenerationParams.model_fields:
@@ -121,9 +118,7 @@ def build_params(services: Any, request: BaseModel, *, max_tokens: int | None = 
     try:
         params = GenerationParams(**values)
     except ValidationError as exc:
-        error = exc.errors()[0]
-        key = ".".join(str(p) for p in error["loc"])
-        raise ApiError(400, f"Bad value for '{key}': {error['msg']}", param=key) from None
+        raise validation_error(exc) from None
     extra = sorted(k for k in (request.model_extra or {}) if k not in _CHAT_FIELDS)
     if extra:
         warnings.append(f"Ignored unknown field(s): {', '.join(extra)}.")
@@ -143,10 +138,21 @@ def params_from_state(state: dict[str, Any], params: GenerationParams) -> Genera
     try:
         return params.model_copy(update=GenerationParams(**{**params.model_dump(), **changed}).model_dump())
     except ValidationError as exc:
-        raise ApiError(400, f"An extension's state_modifier set a bad value: {exc.errors()[0]['msg']}") from None
+        raise validation_error(exc, prefix="An extension's state_modifier set a bad value: ") from None
 
 
 # --- the chat prompt ------------------------------------------------------------------------------------------------
+def check_template_str(params: Any, request: Any) -> None:
+    """Refuse a client's own Jinja template (instruction_template_str) unless the server allows it: rendering it
+    runs the client's loops and string operations here, where one template could hold a worker for hours or ask
+    for gigabytes."""
+    if getattr(request, "instruction_template_str", None) and not params.allow_template_str:
+        raise ApiError(400, "instruction_template_str is refused: this server renders no client-supplied templates "
+                            "(its operator may allow them with the openai extension's allow_template_str). Name a "
+                            "template of instruction-templates/ with instruction_template instead.",
+                       param="instruction_template_str", code="template_str_disabled")
+
+
 @dataclass
 class ChatPrompt:
     prompt: str
@@ -181,7 +187,7 @@ def build_chat_prompt(services: Any, messages: list[dict[str, Any]], request: An
     built = build_model_prompt(services.manager.require_model(), chat, messages, max_new_tokens=params.max_new_tokens,
                                template_dir=settings.template_dir, characters_dir=settings.character_dir,
                                template_override=getattr(request, "instruction_template_str", None), tools=tools,
-                               continue_last=bool(getattr(request, "continue_", False)))
+                               continue_last=bool(getattr(request, "continue_", False)), drop_old_messages=False)
     result = built.result
     return ChatPrompt(result.prompt, result.stop_strings, False if result.starts_with_bos else None, built.warnings)
 

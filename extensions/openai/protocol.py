@@ -7,7 +7,7 @@ Generation requests also accept every GenerationParams knob under its own name (
 """
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 
@@ -15,6 +15,12 @@ from extensions.openai import client_fields
 from modules.generation_params import GenerationParams
 
 MAX_N = 8  # most choices one request may ask for (each is a full generation on the one model)
+#: Most entries of a list or map knob (stop strings, token bans, logit_bias, ...): each one is checked at every
+#: generated token, so thousands would slow every token down.
+MAX_ITEMS = 1024
+MAX_STOPS = 64  # most stop strings (stop, stopping_strings, stop_sequences)
+MAX_TOOLS = 128
+INT32_MAX = 2**31 - 1  # integer knobs reach the native samplers as 32-bit ints
 
 #: Knobs named like an OpenAI field with another meaning or type; the request models declare those themselves.
 _OPENAI_NAMED = {"temperature", "top_p", "seed", "presence_penalty", "frequency_penalty", "logit_bias", "logprobs",
@@ -31,7 +37,12 @@ def _knob_fields() -> dict[str, Any]:
     for name, info in GenerationParams.model_fields.items():
         if name in _OPENAI_NAMED:
             continue
-        annotation = Annotated[info.annotation, *info.metadata] if info.metadata else info.annotation
+        bounds = list(info.metadata)  # the knob's own bounds come last, so they win over these
+        if info.annotation is int:
+            bounds.insert(0, Field(ge=-INT32_MAX - 1, le=INT32_MAX))
+        elif get_origin(info.annotation) in (list, dict):
+            bounds.insert(0, Field(max_length=MAX_ITEMS))
+        annotation = Annotated[info.annotation, *bounds] if bounds else info.annotation
         if name in _TEXT_TOO:
             annotation = annotation | str
         if name == "mirostat_mode":  # Literal[0, 1, 2] would let `true` pass as 1
@@ -45,14 +56,14 @@ class _Extras(BaseModel):
     model_config = ConfigDict(extra="allow", populate_by_name=True, strict=True)
 
     preset: str | None = Field(None, description="A preset from presets/ to start from.")
-    stopping_strings: list[str] | None = Field(None, description="text-generation-webui's name for extra stops.")
+    stopping_strings: Annotated[list[str], Field(max_length=MAX_STOPS)] | None = Field(
+        None, description="text-generation-webui's name for extra stops.")
 
     @model_validator(mode="before")
     @classmethod
     def _other_backends(cls, data: Any) -> Any:
         """Other backends' names for our knobs (SillyTavern sends `rep_pen`, `typical`, `n_predict`, ...)."""
         return client_fields.normalise(data)
-
 
 
 #: Every GenerationParams knob as an optional field (None = from the preset).
@@ -69,10 +80,24 @@ class ErrorDetail(BaseModel):
     type: str
     param: str | None = None
     code: str | None = None
+    error_id: str | None = Field(None, description="On a 500: the id the server's log line carries too.")
 
 
 class ErrorResponse(BaseModel):
     error: ErrorDetail
+
+
+class AnthropicErrorDetail(BaseModel):
+    type: str
+    message: str
+    error_id: str | None = Field(None, description="On a 500: the id the server's log line carries too.")
+
+
+class AnthropicErrorResponse(BaseModel):
+    """Errors of the routes under /v1/messages, in Anthropic's shape."""
+
+    type: Literal["error"] = "error"
+    error: AnthropicErrorDetail
 
 
 # --- shared pieces ----------------------------------------------------------------------------------------------
@@ -147,8 +172,9 @@ class ChatMessage(BaseModel):
     tool_call_id: str | None = None
 
 
-Stop = Annotated[str | list[str] | None, Field(description="Up to 4 strings that end the reply.")]
-LogitBias = Annotated[dict[str, Annotated[float, Field(ge=-100, le=100)]] | None,
+Stop = Annotated[str | Annotated[list[str], Field(max_length=MAX_STOPS)] | None,
+                 Field(description=f"Strings that end the reply (at most {MAX_STOPS}).")]
+LogitBias = Annotated[Annotated[dict[str, Annotated[float, Field(ge=-100, le=100)]], Field(max_length=MAX_ITEMS)] | None,
                       Field(description="Token id (as a string) -> bias added to its logit.")]
 
 
@@ -164,7 +190,7 @@ class _SamplingRequest(GenerationKnobs):  # type: ignore[misc, valid-type]
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     logit_bias: LogitBias = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-2**63, le=2**64 - 1)
     user: str | None = None
 
 
@@ -209,7 +235,7 @@ class ChatCompletionRequest(_SamplingRequest):
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=20)
     response_format: ResponseFormat | None = None
-    tools: list[Tool] | None = None
+    tools: Annotated[list[Tool], Field(max_length=MAX_TOOLS)] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
     # text-generation-webui's chat fields
@@ -312,8 +338,8 @@ class ModelList(BaseModel):
 
 # --- /v1/embeddings ---------------------------------------------------------------------------------------------
 class EmbeddingRequest(_Model):
-    input: str | list[str] = Field(min_length=1, description="Text or texts to embed (token arrays are not "
-                                                             "accepted).")
+    input: str | Annotated[list[str], Field(max_length=2048)] = Field(
+        min_length=1, description="Text or texts (at most 2048) to embed (token arrays are not accepted).")
     model: str | None = None
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = Field(None, ge=1)
@@ -376,11 +402,11 @@ class MessagesRequest(GenerationKnobs):  # type: ignore[misc, valid-type]
     max_tokens: int = Field(ge=1)
     messages: list[AnthropicMessage] = Field(min_length=1)
     system: str | list[AnthropicBlock] | None = None
-    stop_sequences: list[str] | None = None
+    stop_sequences: Annotated[list[str], Field(max_length=MAX_STOPS)] | None = None
     temperature: float | None = Field(None, ge=0, le=1)
     top_p: float | None = Field(None, ge=0, le=1)
     stream: bool = False
-    tools: list[AnthropicTool] | None = None
+    tools: Annotated[list[AnthropicTool], Field(max_length=MAX_TOOLS)] | None = None
     tool_choice: AnthropicToolChoice | None = None
     metadata: dict[str, Any] | None = None
 
@@ -478,8 +504,10 @@ class StatusResponse(BaseModel):
 
 
 class HealthResponse(BaseModel):
-    status: Literal["ok"] = "ok"
+    status: Literal["ok", "loading", "no_model"] = "ok"
     model_loaded: bool
+    loading_model: str | None = Field(None, description="While status is 'loading': the model being loaded.")
+    loading_seconds: float | None = Field(None, description="While status is 'loading': seconds so far.")
 
 
 # --- /predict (the seeds' instruction endpoint) -----------------------------------------------------------------

@@ -1,7 +1,7 @@
-"""The API's app and server: routes, security (API key, admin key, CORS) and uvicorn in a background thread."""
+"""The API's app and server: routes, middleware (API key, admin key, body guard, CORS), error handlers, and uvicorn
+in a background thread."""
 from __future__ import annotations
 
-import hmac
 import logging
 import threading
 import time
@@ -10,14 +10,11 @@ from typing import Any
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
-from starlette.types import ASGIApp, Receive, Scope, Send
 
-from extensions.openai.errors import error_body, install_error_handlers
+from extensions.openai.errors import install_error_handlers
+from extensions.openai.middleware import AuthMiddleware, BodyGuard, InternalErrors
 
 log = logging.getLogger(__name__)
-
-#: Routes that change which model is loaded: they need the admin key (or the API key when none is set).
-ADMIN_PATHS = frozenset({"/v1/internal/model/load", "/v1/internal/model/unload", "/v1/internal/lora/load"})
 
 
 @dataclass
@@ -30,58 +27,15 @@ class ApiState:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
-class AuthMiddleware:
-    """Bearer-key check on every route (pure ASGI, so streaming and disconnect detection are untouched).
-    Anthropic clients send the key as `x-api-key`; both headers are read."""
-
-    def __init__(self, app: ASGIApp, api_key: str | None, admin_key: str | None):
-        self.app = app
-        self.api_key = api_key or None
-        self.admin_key = admin_key or api_key or None
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope.get("method") == "OPTIONS":
-            await self.app(scope, receive, send)
-            return
-        admin = scope.get("path", "") in ADMIN_PATHS
-        required = self.admin_key if admin else self.api_key
-        if required:
-            needed = [required] if admin or not self.admin_key else [required, self.admin_key]
-            given = _presented_key(scope)
-            if given is None or not any(hmac.compare_digest(given.encode(), k.encode()) for k in needed):
-                what = "the admin key" if admin else "the API key"
-                message = (f"Missing API key: send {what} as 'Authorization: Bearer KEY'." if given is None
-                           else f"Wrong key: this route needs {what}.")
-                await _send_json(send, 401, error_body(message, "invalid_request_error", None, "invalid_api_key",
-                                                       anthropic=scope.get("path", "").startswith("/v1/messages")))
-                return
-        await self.app(scope, receive, send)
-
-
-def _presented_key(scope: Scope) -> str | None:
-    headers = {name.decode("latin-1").lower(): value.decode("latin-1") for name, value in scope.get("headers", [])}
-    auth = headers.get("authorization", "")
-    if auth.lower().startswith("bearer "):
-        return auth[7:].strip()
-    return headers.get("x-api-key")
-
-
-async def _send_json(send: Send, status: int, body: dict[str, Any]) -> None:
-    import json
-
-    data = json.dumps(body).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode()),
-                            (b"www-authenticate", b"Bearer")]})
-    await send({"type": "http.response.body", "body": data})
-
-
 def install(app: FastAPI, services: Any, params: Any) -> None:
     """Add the API (routes, errors, security) to `app`."""
     from extensions.openai import anthropic, completions, internal
 
     app.state.api = ApiState(services=services, params=params)
     install_error_handlers(app)
+    # add_middleware puts each one outside the ones before: the key check runs first, then the body guard
+    app.add_middleware(InternalErrors)
+    app.add_middleware(BodyGuard, limit=int(params.max_body_mb * 2**20))
     app.add_middleware(AuthMiddleware, api_key=params.api_key, admin_key=params.admin_key)
     if params.cors_origins:  # added last = outermost, so preflight requests never need a key
         app.add_middleware(CORSMiddleware, allow_origins=list(params.cors_origins), allow_methods=["*"],
