@@ -191,14 +191,20 @@ def test_a_prompt_filling_the_context_does_not_starve_the_others(small_context) 
     small = threading.Thread(target=post, args=("small", "/v1/chat/completions", {
         "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3}))
     small.start()
-    answered_during = 0
+    answered_during, slowest = 0, 0.0
+    started = time.monotonic()
     while big.is_alive():
         for path in ("/v1/internal/health", "/v1/models"):
+            asked = time.monotonic()
             response = httpx.get(url + path, timeout=LIVENESS_S)  # a timeout here fails the test
             assert response.status_code == 200
+            slowest = max(slowest, time.monotonic() - asked)
         answered_during += "big" not in results
     big.join()
     small.join(600)
+    print(f"big prompt ({len(ids)} tokens) answered after {results['big'][1] - started:.1f} s; the small request "
+          f"{results['small'][1] - results['big'][1]:.1f} s after it; {answered_during} health+models pairs answered "
+          f"meanwhile, the slowest in {slowest:.2f} s")
     assert results["big"][0] == 200 and results["small"][0] == 200
     assert answered_during >= 1  # /v1/models and health answered while the big prompt was evaluated
     assert results["small"][1] - results["big"][1] < LIVENESS_S  # answered soon after the big one's end
