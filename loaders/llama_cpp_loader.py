@@ -19,7 +19,8 @@ from pydantic import Field, model_validator
 
 from loaders.base import Capability, LoadedModel, Loader, LoaderOptions, ModelInfo, gguf_files
 from loaders.gguf_header import diagnose, trained_context
-from loaders.llama_cpp_sampling import build_sampler_chain, SUPPORTED_PARAMS
+from loaders.llama_cpp_sampling import build_sampler_chain, SUPPORTED_PARAMS, trial_compiler
+from modules.constraints import TrialCompiler
 from modules.errors import ContextLengthExceeded, GenerationError, InvalidInput, ModelLoadError
 from modules.generation_params import GenerationParams, TokenEvent, TopLogprob
 
@@ -192,6 +193,10 @@ class LlamaCppModel(LoadedModel):
         return token in self._eog or bool(self._lib.llama_vocab_is_eog(self._vocab, token))
 
     # --- generation --------------------------------------------------------------------------------------------
+    def constraint_compiler(self) -> TrialCompiler:
+        """How modules.constraints trial-compiles grammars for this model: llama.cpp with its vocabulary."""
+        return trial_compiler(self.path)
+
     def stream(self, prompt: list[int] | str, params: GenerationParams,
                cancel: threading.Event) -> Iterator[TokenEvent]:
         ids = self.encode(prompt, add_bos=params.add_bos_token) if isinstance(prompt, str) else list(prompt)

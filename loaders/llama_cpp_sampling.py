@@ -3,9 +3,13 @@ from __future__ import annotations
 
 import ctypes
 import json
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
-from modules.errors import ConfigError
+from modules.constraints import TrialCompiler, constraint_text
+from modules.errors import ConfigError, ConstraintError
 from modules.generation_params import GenerationParams
 
 SUPPORTED_PARAMS = frozenset({
@@ -127,16 +131,133 @@ def _add_bias(lib: Any, chain: Any, n_vocab: int, params: GenerationParams, eog_
 
 
 def _grammar_sampler(lib: Any, vocab: Any, params: GenerationParams) -> Any:
-    from llama_cpp import LlamaGrammar
+    kind, text = constraint_text(params.grammar_string, params.json_schema)
+    sampler = lib.llama_sampler_init_grammar(vocab, constraint_gbnf(kind, text).encode("utf-8"), b"root")
+    if not sampler:  # modules.constraints ran this grammar through the same parser already
+        raise ConstraintError(f"llama.cpp's parser refused the {kind}.")
+    return sampler
+
+
+# --- the trial compile (modules.constraints.worker) --------------------------------------------------------------
+def constraint_gbnf(kind: str, text: str) -> str:
+    """The GBNF llama.cpp compiles for a constraint: the grammar itself, or the one llama-cpp-python's converter
+    writes for a JSON schema (given as text)."""
+    if kind != "json_schema":
+        return text
+    from llama_cpp.llama_grammar import json_schema_to_gbnf
 
     try:
-        if params.json_schema is not None:
-            grammar = LlamaGrammar.from_json_schema(json.dumps(params.json_schema), verbose=False)
-        else:
-            grammar = LlamaGrammar.from_string(params.grammar_string, verbose=False)
-    except Exception as exc:  # the converter raises ValueError, KeyError, RecursionError... on bad input
-        raise ConfigError(f"The grammar could not be parsed: {exc}") from None
-    sampler = lib.llama_sampler_init_grammar(vocab, grammar._grammar.encode("utf-8"), grammar._root.encode("utf-8"))
-    if not sampler:
-        raise ConfigError("llama.cpp rejected the grammar (see its log for the failing rule).")
-    return sampler
+        return json_schema_to_gbnf(_named_root(text))
+    except MemoryError:
+        raise
+    except Exception as exc:  # the converter asserts, and raises ValueError, KeyError... on what it cannot do
+        raise ConstraintError(f"json_schema cannot be turned into a llama.cpp grammar: "
+                              f"{str(exc) or type(exc).__name__}") from None
+
+
+def _named_root(text: str) -> str:
+    """The schema with `{"$ref": "#"}` (the whole schema again: OpenAI's recursive examples use it) pointing at a
+    copy under $defs, as llama-cpp-python's converter follows only "#/..." references."""
+    schema = json.loads(text)
+    found = False
+    stack = [schema]
+    while stack:  # no recursion: the schema passed modules.constraints' depth limit, but stay safe anyway
+        value = stack.pop()
+        if isinstance(value, dict):
+            if value.get("$ref") == "#":
+                value["$ref"] = "#/$defs/" + _ROOT_NAME
+                found = True
+            stack.extend(value.values())
+        elif isinstance(value, list):
+            stack.extend(value)
+    if not found or not isinstance(schema, dict):
+        return text
+    schema["$defs"] = {**schema.get("$defs", {}),
+                       _ROOT_NAME: {k: v for k, v in schema.items() if k not in ("$defs", "definitions")}}
+    return json.dumps(schema)
+
+
+_ROOT_NAME = "root-schema"
+
+
+def trial_compiler(model_file: Path | None) -> TrialCompiler:
+    """How modules.constraints trial-compiles for a GGUF model (its vocabulary), or, with None, only parses
+    (for a remote llama.cpp server, which compiles for itself)."""
+    if model_file is None:
+        return TrialCompiler(key="llama.cpp parser", setup=f"{__name__}:trial_setup")
+    stat = model_file.stat()
+    return TrialCompiler(key=f"llama.cpp {model_file} {stat.st_size} {stat.st_mtime_ns}",
+                         setup=f"{__name__}:trial_setup", argument=str(model_file))
+
+
+def trial_setup(model_file: str | None) -> Callable[[str, str], None]:
+    """In the compiler process: read the model's vocabulary (vocab_only: no weights) and return the function
+    that compiles one constraint: parse it, build the sampler and run it once over the whole vocabulary, as the
+    first step of a generation does."""
+    import llama_cpp
+
+    logged: list[str] = []  # llama.cpp's log lines in this process (the grammar's own errors among them)
+
+    @llama_cpp.llama_log_callback
+    def keep_log(level: int, text: bytes, user_data: Any) -> None:
+        logged.append(text.decode("utf-8", "replace"))
+
+    llama_cpp.llama_log_set(keep_log, ctypes.c_void_p(0))
+    model = llama_cpp.Llama(model_file, vocab_only=True, verbose=False) if model_file else None
+    vocab = model._model.vocab if model is not None else None
+
+    def compile_one(kind: str, text: str) -> None:
+        gbnf = constraint_gbnf(kind, text)
+        logged.clear()
+        with _stderr_captured() as said:
+            sampler = llama_cpp.llama_sampler_init_grammar(vocab, gbnf.encode("utf-8"), b"root")
+        if not sampler:
+            raise ConstraintError(f"{kind} does not parse: {_parser_message(''.join(said + logged))}")
+        try:
+            if vocab is not None:
+                _apply_once(llama_cpp, sampler, llama_cpp.llama_vocab_n_tokens(vocab))
+        finally:
+            llama_cpp.llama_sampler_free(sampler)
+
+    compile_one.keep = (model, keep_log)  # type: ignore[attr-defined]  # alive as long as the function
+    return compile_one
+
+
+def _apply_once(llama_cpp: Any, sampler: Any, n_vocab: int) -> None:
+    data = (llama_cpp.llama_token_data * n_vocab)()
+    for token in range(n_vocab):
+        data[token].id = token
+    candidates = llama_cpp.llama_token_data_array(data=data, size=n_vocab, selected=-1, sorted=False)
+    llama_cpp.llama_sampler_apply(sampler, ctypes.byref(candidates))
+
+
+@contextmanager
+def _stderr_captured() -> Iterator[list[str]]:
+    """A list that, once the block ends, holds what native code wrote to file descriptor 2 meanwhile (llama.cpp's
+    grammar parser reports there)."""
+    import os
+    import sys
+    import tempfile
+
+    said: list[str] = []
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield said
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            said.append(sink.read().decode("utf-8", "replace"))
+
+
+def _parser_message(said: str) -> str:
+    """The parser's reason from what it printed ("parse: error parsing grammar: Undefined rule identifier
+    'x'\n\n<the grammar>\nfailed to parse grammar")."""
+    for line in said.splitlines():
+        if "error parsing grammar:" in line:
+            return line.split("error parsing grammar:", 1)[1].strip()
+    lines = [line.strip() for line in said.splitlines() if line.strip()]
+    return lines[-1][:300] if lines else "llama.cpp's parser refused it"

@@ -212,6 +212,15 @@ class RemoteModel(LoadedModel):
         return answer[key]
 
     # --- generation ------------------------------------------------------------------------------------------------
+    def constraint_compiler(self) -> Any:
+        """How modules.constraints checks grammars for this server: llama.cpp's own parser for llama.cpp's servers
+        (no vocabulary: the server compiles); None for the rest (a workbench checks for itself)."""
+        if self.kind not in ("llama.cpp", "llama-cpp-python"):
+            return None
+        from loaders.llama_cpp_sampling import trial_compiler
+
+        return trial_compiler(None)
+
     def request_body(self, prompt: list[int] | str, params: GenerationParams) -> dict[str, Any]:
         """The /v1/completions body: OpenAI's fields, plus each knob this kind of server honours."""
         if isinstance(prompt, list) and self._text_prompts:
@@ -330,6 +339,7 @@ def _error_message(response: Any) -> str:
 def _json_schema_grammar(schema: dict[str, Any] | None) -> str:
     if schema is None:
         return ""
-    from llama_cpp.llama_grammar import json_schema_to_gbnf
+    from loaders.llama_cpp_sampling import constraint_gbnf
+    from modules.constraints import constraint_text
 
-    return json_schema_to_gbnf(json.dumps(schema))
+    return constraint_gbnf(*constraint_text("", schema))

@@ -192,6 +192,12 @@ class TransformersModel(LoadedModel):
         return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     # --- generation --------------------------------------------------------------------------------------------
+    def constraint_compiler(self) -> Any:
+        """How modules.constraints trial-compiles grammars for this model: xgrammar with its vocabulary."""
+        from modules.samplers.grammar import trial_compiler
+
+        return trial_compiler(tokenizer=self.tokenizer, vocab_size=self._vocab_size, eos_token_ids=self._eos_ids)
+
     def stream(self, prompt: list[int] | str, params: GenerationParams,
                cancel: threading.Event) -> Iterator[TokenEvent]:
         ids = self.encode(prompt, add_bos=params.add_bos_token) if isinstance(prompt, str) else list(prompt)

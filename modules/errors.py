@@ -20,6 +20,11 @@ class ConfigError(WorkbenchError):
     """A settings file, flag, preset or option holds a bad key or value."""
 
 
+class ConstraintError(ConfigError):
+    """A grammar_string or json_schema was refused: too large, invalid, or its compiler failed or timed out
+    (modules.constraints)."""
+
+
 class PathError(WorkbenchError):
     """A user-supplied name would leave its folder, is too long for the file system, or names nothing."""
 

@@ -178,6 +178,8 @@ class GenerationParams(BaseModel):
                 value = json.loads(value)
             except json.JSONDecodeError as exc:
                 raise ValueError(f"json_schema is not valid JSON: {exc}") from exc
+            except RecursionError:  # the reader recurses per level; modules.constraints allows far fewer anyway
+                raise ValueError("json_schema nests too deeply to be read") from None
         # an empty schema means none (SillyTavern's setting is {} until the user writes one)
         return None if value == {} else value
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from loaders.base import Capability, LoadedModel, LoaderRegistry, ModelInfo
+from modules.constraints import ConstraintChecker
 from modules.cpu_threads import in_short_lived_thread
 from modules.errors import (ContextLengthExceeded, GenerationError, InvalidInput, ModelLoadError, ModelLoading,
                             NoModelLoaded, UnsupportedParameter, WorkbenchError)
@@ -115,6 +116,7 @@ class Generation:
         if model is not None:  # fail fast on knobs the current model cannot honour, and on a prompt too long
             self.warnings = check_supported(self.params, model.supported_params, model.loader_name, strict=strict)
             self._prepare_prompt(model)
+            manager.constraints.check(self.params, model)  # here, not in the queue: a compile may take seconds
 
     def cancel(self) -> None:
         self.cancel_event.set()
@@ -138,6 +140,7 @@ class Generation:
         params = self.params
         if self._prepared_for is not model:  # made before this model was loaded
             self.warnings = check_supported(params, model.supported_params, model.loader_name, strict=self._strict)
+            self._manager.constraints.check(params, model)
         prompt = self._prepare_prompt(model)
         stops = StopStringFilter(params.stop)
         started = time.perf_counter()
@@ -243,6 +246,8 @@ class ModelManager:
         self._model: LoadedModel | None = None
         self._running: Generation | None = None
         self._loading: Loading | None = None
+        #: Whether a request's grammar or JSON schema may reach the model (modules.constraints).
+        self.constraints = ConstraintChecker()
         self._listeners: list[Callable[[str, ModelInfo | None], None]] = []
 
     # --- queries -----------------------------------------------------------------------------------------------

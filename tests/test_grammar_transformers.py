@@ -16,7 +16,8 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, set_seed
 from modules.errors import ConfigError
 from modules.generation_params import GenerationParams
 from modules.samplers import build_logits_processors, generate_kwargs
-from modules.samplers.grammar import GrammarCompilers, GrammarConstraint, compile_constraint
+from modules.constraints import CompileWorker, digest
+from modules.samplers.grammar import GrammarCompilers, GrammarConstraint, compile_constraint, xgrammar_compile
 
 PADDING = 64
 SCHEMA = {
@@ -130,3 +131,41 @@ def test_compilers_are_cached_per_tokenizer_and_vocabulary(tokenizer):
     padded = cache.get(tokenizer, len(tokenizer) + PADDING, eos)
     assert padded is not compiler
     assert padded.compile_grammar('root ::= "a"').tokenizer_info.vocab_size == len(tokenizer) + PADDING
+
+
+def first_mask(compiled, vocab_size: int) -> list[int]:
+    scores = torch.zeros((1, vocab_size))
+    out = GrammarConstraint(compiled, prompt_length=1)(torch.tensor([[5]]), scores)
+    return torch.nonzero(out[0] > float("-inf")).squeeze(1).tolist()
+
+
+def test_a_grammar_read_back_from_the_trial_masks_like_one_compiled_here(tokenizer):
+    """The compiler process may send its compiled grammar back serialised; the loader keeps what it reads."""
+    compilers = GrammarCompilers()
+    eos, width = [tokenizer.eos_token_id], len(tokenizer) + PADDING
+    text = json.dumps(SCHEMA)
+    vocabulary = compilers.vocabulary(tokenizer, width, eos)
+    here = xgrammar_compile(vocabulary.compiler, "json_schema", text)
+    compilers.trial_compiler(tokenizer, width, eos).adopt("json_schema", text, here.serialize_json())
+    kept = vocabulary.find(digest("json_schema", text))
+    assert kept is not None and kept is not here
+    assert first_mask(kept, width) == first_mask(here, width)
+
+
+def test_the_trial_compile_runs_with_the_models_vocabulary_in_a_child(tokenizer):
+    """What the child compiles for this tokenizer is what the loader then uses: a grammar it refuses is refused
+    with xgrammar's message, and one it accepts is kept for the loader (compiled here or read back)."""
+    compilers = GrammarCompilers()
+    eos, width = [tokenizer.eos_token_id], len(tokenizer)
+    trial = compilers.trial_compiler(tokenizer, width, eos)
+    worker = CompileWorker()
+    try:
+        with pytest.raises(ConfigError, match=r'Rule "missing" is not defined'):
+            worker.compile(trial, "grammar_string", "root ::= missing")
+        grammar = 'root ::= "yes" | "no"'
+        trial.adopt("grammar_string", grammar, worker.compile(trial, "grammar_string", grammar))
+        kept = compilers.vocabulary(tokenizer, width, eos).find(digest("grammar_string", grammar))
+        assert all("yes".startswith(tokenizer.decode([t])) or "no".startswith(tokenizer.decode([t]))
+                   for t in first_mask(kept, width))
+    finally:
+        worker.close()
