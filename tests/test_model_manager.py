@@ -289,3 +289,16 @@ def test_a_prompt_longer_than_the_context_is_cut_or_refused_before_it_queues(man
         assert not by_size.value.exact and by_size.value.prompt_tokens > context
         fits = manager.generate("Hello", params, cut_to_fit=False)
         assert fits.prompt_ids == manager.encode("Hello", add_bos=True) and not fits.warnings
+
+
+def test_a_long_chat_tokenizes_in_pieces_to_the_same_ids_as_whole(manager: ModelManager):
+    """llama.cpp's special-token partition is quadratic in a long text; the loader tokenizes such a text in pieces
+    cut before special tokens, which must give exactly the ids of one call."""
+    words = "the quick brown fox jumps over a lazy dog while 漢字 and émojis 😀 appear".split()
+    chat = "".join(f"<|im_start|>{('user', 'assistant')[n % 2]}\n{' '.join(words[: 3 + n % 11])}<|im_end|>\n"
+                   for n in range(3000))
+    llama = manager.model._llama
+    for add_bos in (False, True):
+        whole = llama.tokenize(chat.encode("utf-8"), add_bos=add_bos, special=True)
+        assert len(chat.encode("utf-8")) > 10 * 16 * 1024  # long enough to be cut in several pieces
+        assert manager.encode(chat, add_bos=add_bos) == whole
