@@ -9,6 +9,7 @@ small CPU, and whatever valid structure comes out of them is the grammar's doing
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import httpx
@@ -65,6 +66,8 @@ HOSTILE = {
                       r"^json_schema: minItems 1000000 at \$ exceeds the limit of 1000\.$"),
     "maxItems 10^6": ({"json_schema": {"type": "array", "items": {"type": "integer"}, "maxItems": 10**6}},
                       r"^json_schema: maxItems 1000000 at \$ exceeds the limit of 1000\.$"),
+    "10^6 values": ({"json_schema": {"type": "array", "default": list(range(10**6))}},
+                    r"^json_schema: more than the limit of 20000 values\.$"),
     "enum of 100,000": ({"json_schema": {"enum": [f"value{i}" for i in range(100_000)]}},
                         r"^json_schema: an enum of 100000 values at \$ exceeds the limit of 1000\.$"),
     "pattern a{1000000}": ({"json_schema": {"type": "string", "pattern": "^a{1000000}$"}},
@@ -295,6 +298,21 @@ def test_a_compile_that_runs_out_of_memory_is_refused_and_the_next_one_works(sta
         with pytest.raises(ConstraintError, match=r"^json_schema needs more than the 0\.0625 GiB of memory"):
             worker.compile(compiler, "json_schema", huge)
         worker.compile(compiler, "json_schema", json.dumps(MATH))
+    finally:
+        worker.close()
+
+
+def test_an_idle_compiler_process_is_stopped_and_the_next_compile_starts_one(starter_gguf) -> None:
+    worker = CompileWorker(idle_seconds=0.5)
+    compiler = llama_trial_compiler(starter_gguf)
+    try:
+        worker.compile(compiler, "grammar_string", YES_NO)
+        deadline = time.monotonic() + 60
+        while worker.pid is not None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert worker.pid is None
+        worker.compile(compiler, "grammar_string", 'root ::= "b"')
+        assert worker.pid is not None
     finally:
         worker.close()
 

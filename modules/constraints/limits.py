@@ -71,5 +71,9 @@ COMPILE_SECONDS = 10.0
 #: Seconds a fresh compiler process may take to start and read the model's vocabulary (imports included).
 START_SECONDS = 120.0
 
+#: Seconds the compiler process is kept after its last compile (it holds the compiler's libraries and the
+#: vocabulary: about 290 MB for xgrammar, which imports torch, and 80 MB for llama.cpp).
+IDLE_SECONDS = 600.0
+
 #: Address space the compiler process may add to what it holds after reading the vocabulary (RLIMIT_AS).
 MEMORY_BUDGET_BYTES = 3 * 2**30

@@ -1,6 +1,6 @@
-"""Static checks of a JSON schema before anything compiles it: its size and shape, its validity as JSON Schema
-(the `jsonschema` library's metaschema check), and the contradictions the metaschema cannot see (minimum
-greater than maximum...).
+"""Static checks of a JSON schema before anything compiles it: its size and shape and the contradictions a
+metaschema cannot see (minimum greater than maximum...), then its validity as JSON Schema (the `jsonschema`
+library's metaschema check).
 
 The walk is a loop over an explicit stack, so a schema nested far deeper than any limit is measured, and
 refused, without recursing; only once depth and size are known to be small do recursive tools (json.dumps,
@@ -28,8 +28,8 @@ _SCHEMA_MAP = frozenset({"properties", "patternProperties", "$defs", "definition
                          "dependencies"})
 #: Counts a compiler writes out as that many copies of an item.
 _ITEM_KEYWORDS = ("minItems", "maxItems", "minProperties", "maxProperties", "minContains", "maxContains")
-#: (lower, upper, strict): lower must not exceed upper (or reach it, when strict).
 _TYPES = ("array", "boolean", "integer", "null", "number", "object", "string")
+#: (lower, upper, strict): lower must not exceed upper (or reach it, when strict).
 _PAIRS = (("minimum", "maximum", False), ("exclusiveMinimum", "exclusiveMaximum", True),
           ("minimum", "exclusiveMaximum", True), ("exclusiveMinimum", "maximum", True),
           ("minLength", "maxLength", False), ("minItems", "maxItems", False),
@@ -40,13 +40,18 @@ class _Walk:
     """Totals over one schema."""
 
     def __init__(self) -> None:
-        self.nodes = 0
+        self.nodes = 1  # the schema itself; each container adds its elements before they go on the stack
         self.chars = 0
         self.properties = 0
         self.enum_values = 0
         self.items = 0
         self.string_bounds: set[tuple[float | int | None, float | int | None]] = set()  # (maxLength, minLength)
         self.text = Measure()  # text repetitions: string lengths and the patterns' {m,n}
+
+    def count(self, values: int) -> None:
+        self.nodes += values
+        if self.nodes > limits.MAX_SCHEMA_NODES:
+            raise ConstraintError(f"{WHAT}: more than the limit of {limits.MAX_SCHEMA_NODES} values.")
 
 
 def schema_text(schema: Any) -> str:
@@ -62,12 +67,11 @@ def check_bounds(schema: Any) -> None:
     stack: list[tuple[Any, int, bool, tuple | None]] = [(schema, 1, True, None)]
     while stack:
         value, depth, is_schema, link = stack.pop()
-        walk.nodes += 1
-        if walk.nodes > limits.MAX_SCHEMA_NODES:
-            raise ConstraintError(f"{WHAT}: more than the limit of {limits.MAX_SCHEMA_NODES} values.")
-        if isinstance(value, (dict, list, tuple)) and depth > limits.MAX_NESTING_DEPTH:
-            raise ConstraintError(f"{WHAT}: nesting deeper than the limit of {limits.MAX_NESTING_DEPTH} levels "
-                                  f"(at {_path(link)}).")
+        if isinstance(value, (dict, list, tuple)):
+            if depth > limits.MAX_NESTING_DEPTH:
+                raise ConstraintError(f"{WHAT}: nesting deeper than the limit of {limits.MAX_NESTING_DEPTH} levels "
+                                      f"(at {_path(link)}).")
+            walk.count(len(value))
         if isinstance(value, dict):
             if is_schema:
                 _check_keywords(value, link, walk)
@@ -77,12 +81,12 @@ def check_bounds(schema: Any) -> None:
                 walk.chars += len(key) + 4
                 child_link = (key, link)
                 if is_schema and key in _SCHEMA_MAP and isinstance(child, dict):
+                    walk.count(len(child))
                     stack.extend((sub, depth + 2, True, (name, child_link)) for name, sub in child.items())
-                    walk.nodes += 1
                     walk.chars += sum(len(name) + 4 for name in child)
                 elif is_schema and (key in _SCHEMA_LIST or key == "items") and isinstance(child, (list, tuple)):
+                    walk.count(len(child))
                     stack.extend((sub, depth + 2, True, (index, child_link)) for index, sub in enumerate(child))
-                    walk.nodes += 1
                 else:
                     stack.append((child, depth + 1, is_schema and key in _ONE_SCHEMA, child_link))
         elif isinstance(value, (list, tuple)):

@@ -2,7 +2,7 @@
 overflow, running out of memory or never finishing costs that process only.
 
 One child is kept alive and reused (starting one imports the compiler and reads the model's vocabulary, seconds);
-it is killed after a timeout and started afresh after a crash. What the child runs is named by a TrialCompiler,
+it is killed after a timeout, started afresh after a crash, and stopped after limits.IDLE_SECONDS unused. What the child runs is named by a TrialCompiler,
 which each loader builds for its model (`LoadedModel.constraint_compiler()`, an optional method): a function
 the child calls once to read the vocabulary, which returns the function that compiles one constraint.
 """
@@ -49,10 +49,12 @@ class CompileWorker:
     """The child process and the conversation with it. Thread-safe: callers take turns."""
 
     def __init__(self, *, compile_seconds: float = limits.COMPILE_SECONDS,
-                 start_seconds: float = limits.START_SECONDS, memory_budget: int = limits.MEMORY_BUDGET_BYTES):
+                 start_seconds: float = limits.START_SECONDS, memory_budget: int = limits.MEMORY_BUDGET_BYTES,
+                 idle_seconds: float = limits.IDLE_SECONDS):
         self.compile_seconds = compile_seconds
         self.start_seconds = start_seconds
         self.memory_budget = memory_budget
+        self.idle_seconds = idle_seconds
         #: Compiles the child was asked for since this worker was made (tests read it to see the cache work).
         self.trials = 0
         self._lock = threading.Lock()
@@ -68,6 +70,9 @@ class CompileWorker:
             self.trials += 1
             self._conn.send(("compile", kind, text))
             answer = self._answer(self.compile_seconds, kind)
+            timer = threading.Timer(self.idle_seconds, self._stop_if_idle, args=(self.trials,))
+            timer.daemon = True
+            timer.start()
         if answer[0] == "ok":
             return answer[1]
         raise ConstraintError(answer[1])
@@ -75,6 +80,13 @@ class CompileWorker:
     def close(self) -> None:
         with self._lock:
             self._stop()
+
+    def _stop_if_idle(self, trials: int) -> None:
+        """Stop the child if no compile came after the one numbered `trials` (its memory goes back; the next
+        compile starts a new one)."""
+        with self._lock:
+            if self.trials == trials:
+                self._stop()
 
     @property
     def pid(self) -> int | None:
