@@ -1,4 +1,5 @@
-"""GenerationParams -> a native llama.cpp sampler chain, in the order `sampler_priority` gives."""
+"""GenerationParams -> a native llama.cpp sampler chain, in the order `sampler_priority` gives; and the trial
+compile modules.constraints runs in its compiler process for llama.cpp models and servers."""
 from __future__ import annotations
 
 import ctypes
@@ -155,6 +156,9 @@ def constraint_gbnf(kind: str, text: str) -> str:
                               f"{str(exc) or type(exc).__name__}") from None
 
 
+_ROOT_NAME = "root-schema"
+
+
 def _named_root(text: str) -> str:
     """The schema with `{"$ref": "#"}` (the whole schema again: OpenAI's recursive examples use it) pointing at a
     copy under $defs, as llama-cpp-python's converter follows only "#/..." references."""
@@ -175,9 +179,6 @@ def _named_root(text: str) -> str:
     schema["$defs"] = {**schema.get("$defs", {}),
                        _ROOT_NAME: {k: v for k, v in schema.items() if k not in ("$defs", "definitions")}}
     return json.dumps(schema)
-
-
-_ROOT_NAME = "root-schema"
 
 
 def trial_compiler(model_file: Path | None) -> TrialCompiler:
