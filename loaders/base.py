@@ -13,12 +13,15 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from modules.errors import ConfigError, ModelLoadError, describe_validation_error
 from modules.generation_params import GenerationParams, TokenEvent
+
+if TYPE_CHECKING:
+    from modules.constraints.worker import TrialCompiler
 
 
 class Capability(StrEnum):
@@ -87,6 +90,11 @@ class LoadedModel(ABC):
 
     def token_count(self, text: str) -> int:
         return len(self.encode(text))
+
+    def constraint_compiler(self) -> TrialCompiler | None:
+        """How modules.constraints trial-compiles a grammar or schema for this model in a child process (its
+        compiler and vocabulary); None when this model has no local compiler."""
+        return None
 
     def apply_loras(self, paths: list[Path], scales: list[float] | None = None) -> None:
         raise ModelLoadError(f"The {self.loader_name} loader cannot apply LoRA adapters.")

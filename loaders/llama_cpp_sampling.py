@@ -38,8 +38,9 @@ def build_sampler_chain(lib: Any, llama: Any, params: GenerationParams, prompt: 
         _add_bias(lib, chain, n_vocab, params, eog_tokens)
         if params.grammar_string.strip() or params.json_schema is not None:
             lib.llama_sampler_chain_add(chain, _grammar_sampler(lib, vocab, params))
-        last_n = params.repetition_penalty_range or -1
-        history = prompt[-last_n:] if last_n > 0 else prompt
+        # 0 means every token of the context; llama.cpp's penalty sampler reads 0 (and -1) as "off".
+        last_n = params.repetition_penalty_range or llama.n_ctx()
+        history = prompt[-last_n:]
         greedy = params.greedy
         temperature_at_end = params.temperature_last and not greedy
         penalties_added = False

@@ -22,7 +22,8 @@ from typing import Any
 from pydantic import Field, field_validator
 
 from loaders.base import Capability, LoadedModel, Loader, LoaderOptions, ModelInfo
-from modules.errors import GenerationError, ModelLoadError
+from modules.errors import GenerationError, InvalidInput, ModelLoadError
+from modules.constraints import TrialCompiler
 from modules.generation_params import GenerationParams, TokenEvent, TopLogprob
 
 _OPENAI_KNOBS = frozenset({"temperature", "top_p", "presence_penalty", "frequency_penalty", "seed", "logit_bias"})
@@ -212,7 +213,7 @@ class RemoteModel(LoadedModel):
         return answer[key]
 
     # --- generation ------------------------------------------------------------------------------------------------
-    def constraint_compiler(self) -> Any:
+    def constraint_compiler(self) -> TrialCompiler | None:
         """How modules.constraints checks grammars for this server: llama.cpp's own parser for llama.cpp's servers
         (no vocabulary: the server compiles); None for the rest (a workbench checks for itself)."""
         if self.kind not in ("llama.cpp", "llama-cpp-python"):
@@ -252,7 +253,8 @@ class RemoteModel(LoadedModel):
                 body["grammar"] = grammar
         elif self.kind == "llama.cpp":
             body.update(top_k=params.top_k, min_p=params.min_p, typical_p=params.typical_p,
-                        repeat_penalty=params.repetition_penalty, repeat_last_n=params.repetition_penalty_range,
+                        repeat_penalty=params.repetition_penalty,
+                        repeat_last_n=params.repetition_penalty_range or -1,  # its 0 is "off", -1 all
                         dry_multiplier=params.dry_multiplier, dry_base=params.dry_base,
                         dry_allowed_length=params.dry_allowed_length,
                         dry_sequence_breakers=params.dry_sequence_breakers, xtc_threshold=params.xtc_threshold,
@@ -279,8 +281,11 @@ class RemoteModel(LoadedModel):
                 with self._http.stream("POST", self.api_url + "/completions", json=body) as response:
                     if response.status_code != 200:
                         response.read()
-                        raise GenerationError(f"The remote server answered HTTP {response.status_code}: "
-                                              f"{_error_message(response)}")
+                        # 4xx: the server refused what it was sent (a grammar it cannot parse, a bad value),
+                        # which is the request's fault; anything else is the server's.
+                        kind = InvalidInput if 400 <= response.status_code < 500 else GenerationError
+                        raise kind(f"The remote server answered HTTP {response.status_code}: "
+                                   f"{_error_message(response)}")
                     for line in response.iter_lines():
                         if cancel.is_set():
                             return  # leaving the block closes the connection; the server stops generating

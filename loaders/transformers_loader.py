@@ -17,6 +17,7 @@ from pydantic import Field, model_validator
 from loaders.base import Capability, LoadedModel, Loader, LoaderOptions, ModelInfo, gguf_files
 from loaders.transformers_support import (IncrementalDetokenizer, LogprobRecorder, TokenStreamer,
                                           check_memory, decode_loop, pick_dtype, weight_files)
+from modules.constraints import TrialCompiler
 from modules.cuda_attention import avoid_cudnn_attention
 from modules.errors import GenerationError, ModelLoadError, WorkbenchError
 from modules.generation_params import GenerationParams, TokenEvent
@@ -192,7 +193,7 @@ class TransformersModel(LoadedModel):
         return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     # --- generation --------------------------------------------------------------------------------------------
-    def constraint_compiler(self) -> Any:
+    def constraint_compiler(self) -> TrialCompiler:
         """How modules.constraints trial-compiles grammars for this model: xgrammar with its vocabulary."""
         from modules.samplers.grammar import trial_compiler
 

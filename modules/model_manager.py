@@ -397,6 +397,11 @@ class ModelManager:
         return self.apply_loras([])
 
     # --- generation ----------------------------------------------------------------------------------------------
+    def check_constraint(self, params: GenerationParams) -> None:
+        """Raise ConstraintError if the grammar or JSON schema of `params` may not reach the loaded model, as
+        generate() would: for a caller that must know before it changes anything (saves the user's message)."""
+        self.constraints.check(params, self.require_model())
+
     def generate(self, prompt: str | list[int], params: GenerationParams, *, add_bos: bool | None = None,
                  strict: bool = False, cut_to_fit: bool = True) -> Generation:
         """A Generation to iterate. Knobs the model cannot honour raise (strict) or become warnings. The prompt is

@@ -17,7 +17,8 @@ from modules.starter import STARTER_GGUF, STARTER_HF_DIR
 GREEDY = GenerationParams(do_sample=False, max_new_tokens=40)
 
 
-@pytest.fixture(scope="module", params=["llama.cpp", "transformers"])
+# slow: the transformers loader's generations take seconds each on a CPU
+@pytest.fixture(scope="module", params=["llama.cpp", pytest.param("transformers", marks=pytest.mark.slow)])
 def manager(request: pytest.FixtureRequest, starter_gguf, starter_hf) -> ModelManager:
     manager = ModelManager(MODEL_DIR, MODEL_DIR.parent / "loras")
     name = STARTER_GGUF if request.param == "llama.cpp" else STARTER_HF_DIR
@@ -105,6 +106,16 @@ def test_repetition_penalty_lowers_repeated_tokens(manager):
     penalised = _repeat_fraction(manager, prompt_ids, run(
         manager, prompt, base.model_copy(update={"repetition_penalty": 1.8})).text)
     assert penalised < plain
+
+
+def test_repetition_penalty_range_0_means_the_whole_context(manager):
+    """0 is "all tokens" (SillyTavern's default rep_pen_range), never "penalties off"."""
+    prompt = "apple banana apple banana apple banana apple banana apple banana apple banana"
+    base = GenerationParams(do_sample=False, max_new_tokens=20, ban_eos_token=True, repetition_penalty=1.8)
+    whole = run(manager, prompt, base.model_copy(update={"repetition_penalty_range": 0})).text
+    assert whole == run(manager, prompt, base.model_copy(
+        update={"repetition_penalty_range": manager.model.context_length})).text
+    assert whole != run(manager, prompt, base.model_copy(update={"repetition_penalty": 1.0})).text
 
 
 def test_json_schema_output_parses_and_validates(manager):

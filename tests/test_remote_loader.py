@@ -14,12 +14,14 @@ import httpx
 import pytest
 
 from conftest import FRANCE, ROOT
-from modules.errors import ModelLoadError
+from modules.errors import InvalidInput, ModelLoadError
 from modules.generation_params import GenerationParams
 from modules.model_manager import ModelManager
 from modules.services import Services, load_startup_model
 from modules.settings import Settings, load_settings
 from modules.starter import STARTER_GGUF
+
+pytestmark = pytest.mark.slow  # a llama_cpp.server child process and a workbench server
 
 GREEDY = GenerationParams(do_sample=False, max_new_tokens=24)
 
@@ -60,6 +62,13 @@ def remote(workbench: str, local: ModelManager, tmp_path_factory: pytest.TempPat
 
 def text_of(manager: ModelManager, prompt: str | list[int], params: GenerationParams = GREEDY) -> str:
     return manager.complete(prompt, params).text
+
+
+def test_a_request_the_server_refuses_is_bad_input_not_a_failure(remote: ModelManager) -> None:
+    """The remote server's 4xx is the request's fault (the API answers 400, not a 500 "the server failed")."""
+    with pytest.raises(InvalidInput, match="HTTP 400.*outside"):
+        remote.complete("The capital of France is", GREEDY.model_copy(update={"logit_bias": {10**9: 1.0}}))
+    assert text_of(remote, "The capital of France is")
 
 
 # --- against another workbench ------------------------------------------------------------------------------------

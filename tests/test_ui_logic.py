@@ -36,6 +36,11 @@ def test_widget_values_that_are_not_json_are_refused_by_name() -> None:
     stops = field_kind(GenerationParams.model_fields["stop"].annotation)
     assert from_widget("stop", stops, '["\\n\\n", "###"]') == ["\n\n", "###"]
     assert from_widget("stop", stops, "###\nEND") == ["###", "END"]
+    schema = field_kind(GenerationParams.model_fields["json_schema"].annotation)
+    with pytest.raises(ConfigError, match="'json_schema' is nested too deeply"):  # not "Internal error"
+        from_widget("json_schema", schema, '{"a":' * 100_000 + "1" + "}" * 100_000)
+    with pytest.raises(ConfigError, match="'stop' is nested too deeply"):
+        from_widget("stop", stops, "[" * 100_000 + "]" * 100_000)
 
 
 @pytest.fixture(scope="module")
@@ -88,3 +93,15 @@ def test_stop_keeps_the_cut_reply_on_disk(services) -> None:
     saved = session.store.load(session.character, session.history.id).messages[-1]
     assert saved.role == "assistant" and saved.content and saved.content == update.messages[-1]["content"]
     assert not session.busy
+
+
+def test_a_refused_grammar_saves_nothing(services) -> None:
+    """The check runs before the user's message is saved, so a refused schema leaves no turn without a reply."""
+    session = UiSession.start(services, new_session_id())
+    greedy = GenerationParams(do_sample=False, max_new_tokens=8)
+    run(services, session, greedy, "send", FRANCE)
+    before = session.store.load(session.character, session.history.id).messages
+    refused = greedy.model_copy(update={"json_schema": {"type": "object", "required": "name"}})
+    with pytest.raises(ConfigError, match="json_schema"):
+        run(services, session, refused, "send", "Describe Paris as JSON.")
+    assert session.store.load(session.character, session.history.id).messages == before

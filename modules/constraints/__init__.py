@@ -48,9 +48,8 @@ def digest(kind: str, text: str) -> str:
 
 
 def trial_compiler_of(model: Any) -> TrialCompiler | None:
-    """The model's TrialCompiler, from its optional `constraint_compiler()` method; None when it has none."""
-    method = getattr(model, "constraint_compiler", None)
-    return method() if callable(method) else None
+    """The model's TrialCompiler (LoadedModel.constraint_compiler); None without a model or a local compiler."""
+    return model.constraint_compiler() if model is not None else None
 
 
 class ConstraintChecker:

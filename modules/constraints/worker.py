@@ -3,7 +3,7 @@ overflow, running out of memory or never finishing costs that process only.
 
 One child is kept alive and reused (starting one imports the compiler and reads the model's vocabulary, seconds);
 it is killed after a timeout, started afresh after a crash, and stopped after limits.IDLE_SECONDS unused. What the child runs is named by a TrialCompiler,
-which each loader builds for its model (`LoadedModel.constraint_compiler()`, an optional method): a function
+which each loader builds for its model (`LoadedModel.constraint_compiler()`): a function
 the child calls once to read the vocabulary, which returns the function that compiles one constraint.
 """
 from __future__ import annotations

@@ -76,6 +76,7 @@ def run_turn(services: Services, session: UiSession, chat: ChatSettings, params:
     services.manager.require_model()
     hooks = RequestHooks(services, params, chat)
     params = hooks.params
+    services.manager.check_constraint(params)  # a refused grammar must not leave the message without a reply
     history = _prepare(services, session, chat, action, text, hooks)
     prompt_messages = history.prompt_messages() if history is not None else [
         m.model_dump(include={"role", "content"}) for m in greeting_messages(services, chat)]

@@ -128,6 +128,8 @@ def from_widget(name: str, kind: FieldKind, value: Any) -> Any:
                 parsed = json.loads(text)
             except json.JSONDecodeError as exc:
                 raise ConfigError(f"'{name}' is not a valid JSON list: {exc.msg} (column {exc.colno}).") from None
+            except RecursionError:
+                raise ConfigError(f"'{name}' is nested too deeply to read.") from None
             if not isinstance(parsed, list):
                 raise ConfigError(f"'{name}' must be a JSON list.")
             return parsed
@@ -143,6 +145,8 @@ def from_widget(name: str, kind: FieldKind, value: Any) -> Any:
         except json.JSONDecodeError as exc:
             raise ConfigError(f"'{name}' is not valid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno}).") \
                 from None
+        except RecursionError:
+            raise ConfigError(f"'{name}' is nested too deeply to read.") from None
         if not isinstance(parsed, dict):
             raise ConfigError(f"'{name}' must be a JSON object.")
         return parsed
