@@ -77,7 +77,8 @@ class GenerationParams(BaseModel):
                                         description="Order the samplers apply in.")
     # --- penalties ---------------------------------------------------------------------------------------------
     repetition_penalty: float = Field(1.0, ge=0.0, description="Divides logits of tokens already seen: 1 is off.")
-    repetition_penalty_range: int = Field(1024, ge=0, description="How many recent tokens the penalties look at; 0 = all.")
+    repetition_penalty_range: int = Field(1024, ge=0, description="How many recent tokens the penalties look at; 0 "
+                                                                  "(or -1) = all.")
     encoder_repetition_penalty: float = Field(1.0, ge=0.0, description="Favours tokens of the prompt: 1 is off.")
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="Subtracted once from each seen token's logit.")
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="Subtracted per occurrence of a seen token.")
@@ -131,6 +132,13 @@ class GenerationParams(BaseModel):
             raise ValueError(f"unknown sampler(s) {unknown}; known: {list(SAMPLER_NAMES)}")
         # Samplers left out keep their default relative order after the named ones.
         return list(dict.fromkeys(value)) + [name for name in SAMPLER_NAMES if name not in value]
+
+    @field_validator("repetition_penalty_range", mode="before")
+    @classmethod
+    def _negative_range_is_all(cls, value: Any) -> Any:
+        if isinstance(value, int) and not isinstance(value, bool) and value == -1:
+            return 0  # SillyTavern's and KoboldCpp's "-1: the whole context"
+        return value
 
     @field_validator("custom_token_bans", mode="before")
     @classmethod

@@ -21,6 +21,8 @@ from modules.services import Services
 from modules.settings import Settings
 from modules.starter import STARTER_GGUF
 
+pytestmark = pytest.mark.slow  # a served model answering real clients (SDKs, SillyTavern's bodies)
+
 MODEL = STARTER_GGUF
 GREEDY = {"temperature": 0}  # the anthropic SDK has no temperature argument: it goes in extra_body
 
@@ -183,7 +185,7 @@ def test_sillytavern_knobs_act_under_their_other_names(api: str) -> None:
     paris = token_ids(api, " Paris")[0]
     assert " Paris" not in text(rep_pen=1.0, banned_tokens=f"{paris},{paris + 1}")
     assert " Paris" not in text(rep_pen=1.0, logit_bias={str(paris): -100})
-    body = sillytavern_body(api, max_tokens=8, temp=0, rep_pen_range=64)
+    body = sillytavern_body(api, max_tokens=8, temp=0)  # rep_pen_range 0: the whole context
     for name in ("repetition_penalty", "rep_pen", "repeat_penalty"):
         del body[name]
     body["prompt"] = "The cat sat on the mat. The cat sat on the"
@@ -193,6 +195,15 @@ def test_sillytavern_knobs_act_under_their_other_names(api: str) -> None:
 
     assert penalised(rep_pen=1.5) == penalised(repeat_penalty=1.5) == penalised(repetition_penalty=1.5) \
         != penalised(repetition_penalty=1.0)
+
+
+def test_sillytavern_slider_extremes_are_accepted(api: str) -> None:
+    """Its temperature slider goes to 5 (OpenAI's API stops at 2) and its rep_pen_range slider starts at -1
+    (the whole context, as 0)."""
+    for settings in ({"temp": 4.5}, {"rep_pen_range": -1, "rep_pen": 1.3}):
+        response = httpx.post(api + "/v1/completions", json=sillytavern_body(api, max_tokens=4, **settings),
+                              timeout=300)
+        assert response.status_code == 200 and "x-workbench-warnings" not in response.headers, response.text
 
 
 def test_sillytavern_stream_with_dry_and_a_seed(api: str) -> None:

@@ -47,6 +47,8 @@ def _knob_fields() -> dict[str, Any]:
             annotation = annotation | str
         if name == "mirostat_mode":  # Literal[0, 1, 2] would let `true` pass as 1
             annotation = Annotated[int, Field(ge=0, le=2)]
+        if name == "repetition_penalty_range":  # -1 (the whole context) becomes 0 in GenerationParams
+            annotation = Annotated[int, Field(ge=-1, le=INT32_MAX)]
         fields[name] = (Optional[annotation], Field(None, description=info.description))
     return fields
 
@@ -181,7 +183,8 @@ LogitBias = Annotated[Annotated[dict[str, Annotated[float, Field(ge=-100, le=100
 class _SamplingRequest(GenerationKnobs):  # type: ignore[misc, valid-type]
     model: str | None = Field(None, description="A model in models/; empty = the loaded one.")
     max_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0, le=2)
+    temperature: float | None = Field(None, ge=0, le=100, description="0 to 2 in OpenAI's API; text-generation-"
+                                      "webui's clients (SillyTavern: up to 5) send more.")
     top_p: float | None = Field(None, ge=0, le=1)
     n: int = Field(1, ge=1, le=MAX_N)
     stream: bool = False
