@@ -141,7 +141,7 @@ HUGE_TEXT = "word " * 200_000
 SAMPLING: dict[str, list[Any]] = {
     "max_tokens": INT_WRONG + [0, -1, 10**12, CONTEXT],
     "n": INT_WRONG + [0, -1, 9, 10**6],
-    "temperature": FLOAT_WRONG + [-0.1, 2.5, 1e308],
+    "temperature": FLOAT_WRONG + [-0.1, 100.5, 1e308],
     "top_p": FLOAT_WRONG + [-0.1, 1.5],
     "presence_penalty": FLOAT_WRONG + [-3, 3],
     "frequency_penalty": FLOAT_WRONG + [-3, 3],
@@ -158,7 +158,7 @@ SAMPLING: dict[str, list[Any]] = {
     "min_p": [-1, 2, "x"],
     "typical_p": [-0.5, 1.5],
     "repetition_penalty": [-1, "x", NAN],
-    "repetition_penalty_range": [-1, 10**12],
+    "repetition_penalty_range": [-2, 10**12],
     "mirostat_mode": [3, -1, True, "2"],
     "custom_token_bans": [[-1], [10**8], "a,b", ["x"], list(range(5000))],
     "sampler_priority": [["bogus"], 5, "temperature,bogus"],
