@@ -2,19 +2,26 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import pytest
+# Tests run PyTorch in pytest's main thread (the app never does: modules/cpu_threads.py). Its OpenMP workers then
+# spin between calls and starve llama.cpp's threads on a small machine: the llama.cpp tests ran 5-10x slower after
+# a module that used torch. Idle workers sleep instead; set before anything imports torch.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from modules.chat.templates import render_chat
-from modules.starter import STARTER_GGUF, STARTER_HF_DIR
+import pytest  # noqa: E402
+
+from modules.chat.templates import render_chat  # noqa: E402
+from modules.starter import STARTER_GGUF, STARTER_HF_DIR  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL_DIR = ROOT / "models"
 DATA_DIR = ROOT / "data"
+RESTORE_DATA = "data/ ships with the repository: restore it with git"
 FRANCE = "What is the capital of France? Answer in one short sentence."
 
 
@@ -49,6 +56,13 @@ def greedy_answers(manager: Any, records: list[dict], params: Any) -> list[str]:
             for p in instruction_prompts(manager.model.chat_template, records)]
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A browser test is a slow test: `-m "not slow"` leaves every one out."""
+    for item in items:
+        if item.get_closest_marker("browser"):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def starter_gguf() -> Path:
     return _require(MODEL_DIR / STARTER_GGUF, "run ./run_tests.sh (it places the starter model)")
@@ -62,14 +76,13 @@ def starter_hf() -> Path:
 
 @pytest.fixture(scope="session")
 def instruction_data() -> list[dict]:
-    return json.loads(_require(DATA_DIR / "instruction-data.json", "data/ ships with the repository; restore it from git").read_text())
+    return json.loads(_require(DATA_DIR / "instruction-data.json", RESTORE_DATA).read_text())
 
 
 @pytest.fixture(scope="session")
 def verdict_text() -> str:
     """A short story as raw text (data/the-verdict.txt): real prose with dashes, quotes and paragraphs."""
-    return _require(DATA_DIR / "the-verdict.txt", "data/ ships with the repository; restore it from git"
-                    ).read_text(encoding="utf-8")
+    return _require(DATA_DIR / "the-verdict.txt", RESTORE_DATA).read_text(encoding="utf-8")
 
 
 def save_tiny_llama(folder: Path, tokenizer_source: Path, *, initializer_range: float = 0.02) -> Path:

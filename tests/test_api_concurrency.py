@@ -20,6 +20,8 @@ from modules.services import Services
 from modules.settings import Settings
 from modules.starter import STARTER_GGUF
 
+pytestmark = pytest.mark.slow  # fills contexts and runs many streams at once
+
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory, starter_gguf: Path):

@@ -20,6 +20,8 @@ from modules.services import Services
 from modules.settings import Settings
 from modules.starter import STARTER_GGUF
 
+pytestmark = pytest.mark.slow  # a served model answering real clients: each test generates, most for seconds
+
 MODEL = STARTER_GGUF
 OTHER = "other-copy.gguf"  # listed in models/ but not loaded
 

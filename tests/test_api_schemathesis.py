@@ -17,6 +17,8 @@ from modules.services import Services
 from modules.settings import Settings
 from modules.starter import STARTER_GGUF
 
+pytestmark = pytest.mark.slow  # schemathesis: generated requests against a served model
+
 MAX_EXAMPLES = 10
 API_KEY, ADMIN_KEY = "fuzz-user-key", "fuzz-admin-key"
 

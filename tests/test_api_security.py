@@ -51,8 +51,9 @@ def bearer(key: str) -> dict[str, str]:
 
 
 ROUTES = [("GET", "/v1/models", None), ("GET", "/openapi.json", None), ("GET", "/v1/internal/health", None),
-          ("POST", "/v1/internal/token-count", {"text": "hi"}), ("POST", "/predict", {"instruction": "Say hi."}),
-          ("POST", "/v1/embeddings", {"input": "hi"})]
+          ("POST", "/v1/internal/token-count", {"text": "hi"}),
+          pytest.param("POST", "/predict", {"instruction": "Say hi."}, marks=pytest.mark.slow),  # generates
+          pytest.param("POST", "/v1/embeddings", {"input": "hi"}, marks=pytest.mark.slow)]  # loads its model
 
 
 @pytest.mark.parametrize("method, path, body", ROUTES)

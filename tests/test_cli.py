@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import jsonschema
+import pytest
 
 from conftest import FRANCE, ROOT
 from modules.starter import STARTER_GGUF
@@ -15,12 +16,14 @@ def run_cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess
                           text=True, input=stdin, timeout=300)
 
 
+@pytest.mark.slow  # a model load and a generation in a child process
 def test_chat_answer_is_printed(starter_gguf: Path):
     result = run_cli("--model", STARTER_GGUF, "--chat", "--temperature", "0", "--prompt", FRANCE)
     assert result.returncode == 0, result.stderr
     assert "Paris" in result.stdout
 
 
+@pytest.mark.slow  # two model loads and generations in child processes
 def test_preset_seed_and_length_flags(starter_gguf: Path):
     args = ("--model", STARTER_GGUF, "--preset", "Creative", "--seed", "5", "--max-new-tokens", "12",
             "--prompt", "Once upon a time")
@@ -29,6 +32,7 @@ def test_preset_seed_and_length_flags(starter_gguf: Path):
     assert first.stdout == second.stdout and first.stdout.strip()
 
 
+@pytest.mark.slow  # a model load and a constrained generation in a child process
 def test_json_schema_file_constrains_the_output(starter_gguf: Path, tmp_path: Path):
     schema = {"type": "object", "properties": {"answer": {"type": "string"}}, "required": ["answer"]}
     schema_file = tmp_path / "schema.json"

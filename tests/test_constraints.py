@@ -172,6 +172,7 @@ def complete(manager: ModelManager, params: GenerationParams, question: str = "A
     return manager.complete(prompt, params, add_bos=False).text
 
 
+@pytest.mark.slow  # each hostile case against both loaders, then generates
 @pytest.mark.parametrize("loader", LOADERS)
 def test_what_crashed_the_server_is_refused_by_name_before_compiling_and_the_model_still_generates(
         managers, loader) -> None:
@@ -210,6 +211,7 @@ def test_real_world_schemas_and_tools_are_accepted(managers, loader) -> None:
         manager.constraints.check(GenerationParams(json_schema=schema), manager.model)
 
 
+@pytest.mark.slow  # long constrained generations
 @pytest.mark.parametrize("loader", LOADERS)
 @pytest.mark.parametrize(("schema", "question"), [
     (bounded(MATH), "Solve 8x + 7 = -23 step by step. Answer in JSON."),
@@ -237,6 +239,7 @@ def test_a_constraint_seen_before_is_not_compiled_again(managers, loader) -> Non
     assert manager.constraints.worker.trials == trials
 
 
+@pytest.mark.slow  # compiles the largest accepted inputs with every compiler
 def test_the_largest_accepted_inputs_compile(managers) -> None:
     """At each limit, what is accepted passes every compiler (the limits are not tighter than the tools)."""
     worst = [
@@ -278,6 +281,7 @@ def test_llama_cpp_crashing_on_a_constraint_costs_only_the_compiler_process(star
         worker.close()
 
 
+@pytest.mark.slow  # waits out a compile deadline
 def test_a_compile_that_does_not_finish_is_killed_and_the_next_one_works(managers) -> None:
     """xgrammar compiles a 900-deep schema for minutes, in C++ that cannot be interrupted."""
     worker = CompileWorker(compile_seconds=2)

@@ -22,7 +22,8 @@ from modules.training.jobs import JobManager
 from modules.training.perplexity import evaluate_perplexity
 from modules.training.progress import latest_checkpoint
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA paths need a CUDA GPU")
+pytestmark = [pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA paths need a CUDA GPU"),
+              pytest.mark.slow]  # training jobs and model loads on the GPU
 
 GREEDY = GenerationParams(max_new_tokens=12, temperature=0.0, top_k=1, seed=1)
 JOB_TIMEOUT = 900

@@ -161,6 +161,7 @@ def test_training_job_refuses_a_bad_config_value_and_says_so_in_the_status(tmp_p
     assert status["state"] == "failed" and "learning_rate" in status["message"]
 
 
+@pytest.mark.slow  # the missing model and data are found once the job has imported torch
 def test_training_job_refuses_bad_files(tmp_path: Path, starter_hf: Path):
     assert_bad_input(run("-m", "modules.training.run"), "config")
     assert_bad_input(run("-m", "modules.training.run", str(tmp_path / "missing.yaml")), "missing.yaml")

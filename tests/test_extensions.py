@@ -155,6 +155,7 @@ def test_gallery_lists_characters_and_builds_its_tab(tmp_path: Path) -> None:
 
 
 # --- logits processors reach the Transformers loader ---------------------------------------------------------------
+@pytest.mark.slow  # loads a Transformers model
 def test_logits_processors_reach_the_transformers_loader(tiny_llama_dir: Path, tmp_path: Path) -> None:
     (tmp_path / "tiny").symlink_to(tiny_llama_dir)
     manager = ModelManager(tmp_path, tmp_path / "loras")

@@ -77,6 +77,7 @@ def test_json_schema_makes_greedy_output_valid(model, tokenizer):
     jsonschema.validate(json.loads(text), SCHEMA)
 
 
+@pytest.mark.slow  # three long constrained samplings
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_json_schema_holds_under_hot_sampling(model, tokenizer, seed):
     params = GenerationParams(seed=seed, temperature=1.5, top_k=200, xtc_probability=0.5, xtc_threshold=0.01,

@@ -49,6 +49,7 @@ def test_rope_scaling_extends_the_context_past_the_trained_length(starter_gguf: 
         scaled.unload()
 
 
+@pytest.mark.slow  # loads a model with its layers offloaded to disk
 def test_cpu_memory_cap_with_disk_offload_still_generates(tiny_llama_dir: Path, tmp_path: Path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the offload folder goes under ./.cache
     model = TransformersLoader.load(tiny_llama_dir, TransformersOptions(cpu_memory="1MB", disk_offload=True,

@@ -60,10 +60,10 @@ def manager(model_dir: Path) -> ModelManager:
     ("../etc/passwd", "climbs out"),
     ("/etc/passwd", "absolute"),
     ("..\\models", "backslash"),
-    ("truncated.gguf", "truncated"),
+    pytest.param("truncated.gguf", "truncated", marks=pytest.mark.slow),  # llama.cpp reads it all, then refuses
     ("garbage.gguf", "not a GGUF file"),
     ("header-only.gguf", "corrupt or truncated"),
-    ("huge-model", "Not enough memory"),
+    pytest.param("huge-model", "Not enough memory", marks=pytest.mark.slow),  # measures the machine's memory first
     ("pickled-model", "pickle"),
 ])
 def test_load_errors_are_clear_and_leave_no_model(model_dir: Path, name: str, message: str):
@@ -85,6 +85,7 @@ def test_wrong_loader_is_a_clear_error(model_dir: Path):
     assert manager.model is None
 
 
+@pytest.mark.slow  # loads, fails a load, loads again
 def test_failed_swap_leaves_nothing_half_loaded(manager: ModelManager):
     with pytest.raises(ModelLoadError):
         manager.load("truncated.gguf")
@@ -210,6 +211,7 @@ def _memory(mode: str, starter_hf: Path, starter_gguf: Path) -> dict[str, int]:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow  # loads models in child processes and measures their memory
 def test_swap_returns_memory_to_about_the_second_model_alone(starter_hf: Path, starter_gguf: Path):
     swap = _memory("swap", starter_hf, starter_gguf)
     alone = _memory("alone", starter_hf, starter_gguf)
@@ -230,6 +232,7 @@ def test_unload_then_generate_says_no_model(model_dir: Path):
         manager.complete("Hi", GenerationParams(max_new_tokens=2))
 
 
+@pytest.mark.slow  # two generations of 120 tokens
 def test_ui_stream_batches_hold_every_token_in_few_updates(manager: ModelManager):
     """The browser gets the whole reply, in order, in at most one update per interval (plus the first token)."""
     from modules.ui.streaming import stream_batches

@@ -381,6 +381,7 @@ def _generate(model, tokenizer, params: GenerationParams, prompt: str = "Once up
     return out[0, ids.shape[1]:].tolist()
 
 
+@pytest.mark.slow  # generates through transformers' generate with every knob
 def test_generate_kwargs_leave_our_chain_the_whole_sampler(tiny_model, tokenizer):
     greedy = _generate(tiny_model, tokenizer, GenerationParams(do_sample=False, max_new_tokens=12))
     # Greedy with the model's repetition_penalty=5 and no_repeat_ngram_size=1 neutralised:

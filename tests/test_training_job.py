@@ -15,6 +15,8 @@ from modules.training.config import Folders, TrainingConfig, load_config, parse_
 from modules.training.jobs import JobManager, copy_settings_from_lora
 from modules.training.progress import latest_checkpoint, write_status
 
+pytestmark = pytest.mark.slow  # training jobs in child processes
+
 JOB_TIMEOUT = 420
 
 

@@ -60,6 +60,7 @@ def token_ids(folder: Path) -> list[list[int]]:
     return [tokenizer(text)["input_ids"] for text in TEXTS]
 
 
+@pytest.mark.slow  # forward and backward passes, twice each
 @pytest.mark.parametrize("dropout", [0.0, 0.2])
 def test_fused_lora_layers_give_peft_s_loss_and_gradients(tiny_llama_dir: Path, dropout: float):
     ids = torch.tensor([sum(token_ids(tiny_llama_dir), [])])
@@ -89,6 +90,7 @@ def test_fused_layers_leave_disabled_and_merged_adapters_to_peft(tiny_llama_dir:
     torch.testing.assert_close(merged, with_lora, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow  # forward and backward passes, one per example
 def test_a_padding_free_row_trains_like_its_examples_one_by_one(tiny_llama_dir: Path):
     """Logits and LoRA gradients of one row of three examples (positions restarting at each) equal those of the
     examples run apart: no example attends to another."""

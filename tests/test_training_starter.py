@@ -18,6 +18,8 @@ from modules.training.export import export_model_gguf, merge_lora, quantize_gguf
 from modules.training.jobs import JobManager
 from modules.training.perplexity import evaluate_perplexity, load_results, record_result
 
+pytestmark = pytest.mark.slow  # trains the starter model
+
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT / "models"
 GREEDY = GenerationParams(max_new_tokens=10, temperature=0.0, top_k=1, seed=1)

@@ -16,6 +16,8 @@ from modules.generation_params import GenerationParams
 from modules.model_manager import ModelManager
 from modules.starter import STARTER_GGUF, STARTER_HF_DIR
 
+pytestmark = pytest.mark.slow  # model loads that take long (a GGUF dequantized into Transformers) and beam search
+
 
 @pytest.fixture(scope="module")
 def starter(starter_hf: Path) -> ModelManager:
