@@ -336,7 +336,7 @@ def test_embeddings_float_and_base64(client: openai.OpenAI) -> None:
 def test_errors_are_openai_shaped_never_422(api: str) -> None:
     cases = [
         ("POST", "/v1/chat/completions", {"model": MODEL, "messages": []}, 400, "messages"),
-        ("POST", "/v1/chat/completions", {"messages": ask(), "temperature": 9}, 400, "temperature"),
+        ("POST", "/v1/chat/completions", {"messages": ask(), "temperature": 101}, 400, "temperature"),
         ("POST", "/v1/completions", {"prompt": "x", "top_k": -3}, 400, "top_k"),
         ("POST", "/v1/completions", {"prompt": [10 ** 9]}, 400, "prompt"),
         ("POST", "/v1/internal/decode", {"tokens": [999999]}, 400, "tokens"),

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -15,8 +14,8 @@ from pydantic import BaseModel
 from extensions.openai.tool_calls import new_call_id, scan_reply
 from modules.model_manager import Generation
 from modules.stopping import StreamChunk
+from modules.thread_pump import Ended, pump_items
 
-_END = object()
 _POLL_S = 0.05  # how often a waiting request checks whether its client is gone
 
 
@@ -33,21 +32,11 @@ class GenerationRun:
         self.request = request
         self.chunks: list[StreamChunk] = []
         self._loop = asyncio.get_running_loop()
-        self._queue: asyncio.Queue[Any] = asyncio.Queue()
-        self._thread = threading.Thread(target=self._work, name="api-generation", daemon=True)
-        self._thread.start()
+        self._queue: asyncio.Queue[StreamChunk | Ended] = asyncio.Queue()
         self.finished = False
+        pump_items(generation, self._put, name="api-generation")
 
-    def _work(self) -> None:
-        try:
-            for chunk in self.generation:
-                self._put(chunk)
-        except BaseException as exc:  # handed to the request, which turns it into an API error
-            self._put(exc)
-        finally:
-            self._put(_END)
-
-    def _put(self, item: Any) -> None:
+    def _put(self, item: StreamChunk | Ended) -> None:
         try:
             self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
         except RuntimeError:  # the loop is gone (server shutting down): stop generating
@@ -69,12 +58,11 @@ class GenerationRun:
                     self.cancel()
                     raise ClientGone() from None
                 continue
-            if item is _END:
+            if isinstance(item, Ended):
                 self.finished = True
+                if item.error is not None:  # turned into an API error by the request
+                    raise item.error
                 return None
-            if isinstance(item, BaseException):
-                self.finished = True
-                raise item
             self.chunks.append(item)
             return item
 
