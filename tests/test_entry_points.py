@@ -109,6 +109,7 @@ def test_webui_refuses_a_settings_file_that_is_missing(tmp_path: Path):
     (["--option", "n_ctx=-5"], ["n_ctx"]),
     (["--json-schema", "README.md"], ["README.md"]),
     (["--grammar", "no-such-file.gbnf"], ["no-such-file.gbnf"]),
+    (["--grammar", "README.md"], ["grammar_string"]),  # a file that is no grammar: llama.cpp's parser says why
     (["--loader", "no-such-loader"], ["no-such-loader"]),
 ], ids=lambda value: " ".join(value) if isinstance(value, list) and value[0].startswith("--") else None)
 def test_generate_refuses_bad_flags(starter_gguf: Path, flags: list[str], words: list[str]):
