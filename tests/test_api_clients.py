@@ -13,12 +13,10 @@ import httpx
 import openai
 import pytest
 
-from conftest import FRANCE, ROOT
+from api_helpers import loaded_manager, models_folder, server_settings, serving_extensions
+from conftest import FRANCE
 from extensions.openai.tool_calls import parse_tool_calls, scan_reply
-from modules.extensions import start_extensions
-from modules.model_manager import ModelManager
 from modules.services import Services
-from modules.settings import Settings
 from modules.starter import STARTER_GGUF
 
 pytestmark = pytest.mark.slow  # a served model answering real clients (SDKs, SillyTavern's bodies)
@@ -30,21 +28,12 @@ GREEDY = {"temperature": 0}  # the anthropic SDK has no temperature argument: it
 @pytest.fixture(scope="module")
 def api(tmp_path_factory: pytest.TempPathFactory, starter_gguf: Path):
     """The base URL of a server with the starter GGUF loaded."""
-    from extensions.openai.server import serve_app
-
     folder = tmp_path_factory.mktemp("clients")
-    models = folder / "models"
-    models.mkdir()
-    (models / MODEL).symlink_to(starter_gguf)
-    settings = Settings(model_dir=models, lora_dir=folder / "loras", user_data_dir=folder / "user_data",
-                        preset_dir=ROOT / "presets", template_dir=ROOT / "instruction-templates",
-                        character_dir=ROOT / "characters", extensions=["openai"])
-    manager = ModelManager(models, folder / "loras")
-    manager.load(MODEL, options={"n_ctx": 2048})
-    registry = start_extensions(Services(settings=settings, manager=manager), serve=False)
-    server = serve_app(registry.app, "127.0.0.1", 0)
-    yield server.url
-    server.stop()
+    models = models_folder(folder, {MODEL: starter_gguf})
+    manager = loaded_manager(models, folder, MODEL, n_ctx=2048)
+    with serving_extensions(Services(settings=server_settings(models, folder, extensions=["openai"]),
+                                     manager=manager)) as url:
+        yield url
     manager.unload()
 
 

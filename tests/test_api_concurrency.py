@@ -14,10 +14,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import ROOT
+from api_helpers import loaded_manager, recording_generations, server_settings, serving_api
 from modules.model_manager import ModelManager
 from modules.services import Services
-from modules.settings import Settings
 from modules.starter import STARTER_GGUF
 
 pytestmark = pytest.mark.slow  # fills contexts and runs many streams at once
@@ -25,26 +24,12 @@ pytestmark = pytest.mark.slow  # fills contexts and runs many streams at once
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory, starter_gguf: Path):
-    """(base URL, the Generations the manager handed out, in order)."""
-    from extensions.openai.server import create_app, serve_app
-
+    """(base URL, the Generations the manager handed out, in order, the manager)."""
     folder = tmp_path_factory.mktemp("api")
-    settings = Settings(model_dir=starter_gguf.parent, lora_dir=folder / "loras", user_data_dir=folder,
-                        preset_dir=ROOT / "presets", template_dir=ROOT / "instruction-templates")
-    manager = ModelManager(starter_gguf.parent, folder / "loras")
-    manager.load(STARTER_GGUF, options={"n_ctx": 4096})
-    generations = []
-    generate = manager.generate
-
-    def recording(*args, **kwargs):  # the real generate; we only keep a handle on what it returns
-        generation = generate(*args, **kwargs)
-        generations.append(generation)
-        return generation
-
-    manager.generate = recording  # type: ignore[method-assign]
-    server = serve_app(create_app(Services(settings=settings, manager=manager)), "127.0.0.1", 0)
-    yield server.url, generations, manager
-    server.stop()
+    manager = loaded_manager(starter_gguf.parent, folder, STARTER_GGUF, n_ctx=4096)
+    generations = recording_generations(manager)
+    with serving_api(Services(settings=server_settings(starter_gguf.parent, folder), manager=manager)) as url:
+        yield url, generations, manager
     manager.unload()
 
 
@@ -141,25 +126,11 @@ LIVENESS_S = 30  # a generous bound on "answered", never a speed claim
 @pytest.fixture(scope="module")
 def small_context(tmp_path_factory: pytest.TempPathFactory, starter_gguf: Path):
     """(base URL, manager, Generations handed out) of a server whose model holds SMALL_CONTEXT tokens."""
-    from extensions.openai.server import create_app, serve_app
-
     folder = tmp_path_factory.mktemp("full")
-    settings = Settings(model_dir=starter_gguf.parent, lora_dir=folder / "loras", user_data_dir=folder,
-                        preset_dir=ROOT / "presets", template_dir=ROOT / "instruction-templates")
-    manager = ModelManager(starter_gguf.parent, folder / "loras")
-    manager.load(STARTER_GGUF, options={"n_ctx": SMALL_CONTEXT})
-    generations = []
-    generate = manager.generate
-
-    def recording(*args, **kwargs):
-        generation = generate(*args, **kwargs)
-        generations.append(generation)
-        return generation
-
-    manager.generate = recording  # type: ignore[method-assign]
-    server = serve_app(create_app(Services(settings=settings, manager=manager)), "127.0.0.1", 0)
-    yield server.url, manager, generations
-    server.stop()
+    manager = loaded_manager(starter_gguf.parent, folder, STARTER_GGUF, n_ctx=SMALL_CONTEXT)
+    generations = recording_generations(manager)
+    with serving_api(Services(settings=server_settings(starter_gguf.parent, folder), manager=manager)) as url:
+        yield url, manager, generations
     manager.unload()
 
 

@@ -18,10 +18,8 @@ import httpx
 import openai
 import pytest
 
-from conftest import ROOT
-from modules.model_manager import ModelManager
+from api_helpers import loaded_manager, server_settings, serving
 from modules.services import Services
-from modules.settings import Settings
 from modules.starter import STARTER_GGUF
 
 pytestmark = pytest.mark.slow
@@ -337,24 +335,20 @@ GROUPS = groups()
 def served(tmp_path_factory: pytest.TempPathFactory, starter_gguf: Path):
     """The base URL of the API with keys, plus two routes that fail like a bug would."""
     from extensions.openai import Params
-    from extensions.openai.server import create_app, serve_app
+    from extensions.openai.server import create_app
 
     folder = tmp_path_factory.mktemp("hostile")
-    settings = Settings(model_dir=starter_gguf.parent, lora_dir=folder / "loras", user_data_dir=folder,
-                        preset_dir=ROOT / "presets", template_dir=ROOT / "instruction-templates",
-                        character_dir=ROOT / "characters")
-    manager = ModelManager(starter_gguf.parent, folder / "loras")
-    manager.load(STARTER_GGUF, options={"n_ctx": CONTEXT})
-    app = create_app(Services(settings=settings, manager=manager), Params(api_key=API_KEY, admin_key=ADMIN_KEY))
+    manager = loaded_manager(starter_gguf.parent, folder, STARTER_GGUF, n_ctx=CONTEXT)
+    app = create_app(Services(settings=server_settings(starter_gguf.parent, folder), manager=manager),
+                     Params(api_key=API_KEY, admin_key=ADMIN_KEY))
 
     def bug() -> None:
         raise RuntimeError("a deliberate bug in a test route")
 
     app.add_api_route("/v1/internal/test-bug", bug, methods=["POST"])
     app.add_api_route("/v1/messages/test-bug", bug, methods=["POST"])
-    server = serve_app(app, "127.0.0.1", 0)
-    yield server.url
-    server.stop()
+    with serving(app) as url:
+        yield url
     manager.unload()
 
 

@@ -13,11 +13,9 @@ import numpy as np
 import openai
 import pytest
 
-from conftest import FRANCE, ROOT
-from modules.extensions import start_extensions
-from modules.model_manager import ModelManager
+from api_helpers import loaded_manager, models_folder, server_settings, serving_extensions
+from conftest import FRANCE
 from modules.services import Services
-from modules.settings import Settings
 from modules.starter import STARTER_GGUF
 
 pytestmark = pytest.mark.slow  # a served model answering real clients: each test generates, most for seconds
@@ -29,24 +27,12 @@ OTHER = "other-copy.gguf"  # listed in models/ but not loaded
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory, starter_gguf: Path):
     """(base URL, the Services behind it)."""
-    from extensions.openai.server import serve_app
-
     folder = tmp_path_factory.mktemp("api")
-    models = folder / "models"
-    models.mkdir()
-    (models / MODEL).symlink_to(starter_gguf)
-    (models / OTHER).symlink_to(starter_gguf)
-    settings = Settings(model_dir=models, lora_dir=folder / "loras", user_data_dir=folder / "user_data",
-                        preset_dir=ROOT / "presets", template_dir=ROOT / "instruction-templates",
-                        character_dir=ROOT / "characters", extensions=["openai"])
-    manager = ModelManager(models, folder / "loras")
-    manager.load(MODEL, options={"n_ctx": 2048})
-    services = Services(settings=settings, manager=manager)
-    registry = start_extensions(services, serve=False)
-    assert registry.enabled == ["openai"], registry.messages()
-    server = serve_app(registry.app, "127.0.0.1", 0)
-    yield server.url, services
-    server.stop()
+    models = models_folder(folder, {MODEL: starter_gguf, OTHER: starter_gguf})
+    manager = loaded_manager(models, folder, MODEL, n_ctx=2048)
+    services = Services(settings=server_settings(models, folder, extensions=["openai"]), manager=manager)
+    with serving_extensions(services) as url:
+        yield url, services
     manager.unload()
 
 

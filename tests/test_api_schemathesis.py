@@ -11,10 +11,8 @@ import schemathesis
 from hypothesis import HealthCheck, settings
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
-from conftest import ROOT
-from modules.model_manager import ModelManager
+from api_helpers import loaded_manager, server_settings, serving_api
 from modules.services import Services
-from modules.settings import Settings
 from modules.starter import STARTER_GGUF
 
 pytestmark = pytest.mark.slow  # schemathesis: generated requests against a served model
@@ -25,19 +23,14 @@ API_KEY, ADMIN_KEY = "fuzz-user-key", "fuzz-admin-key"
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, starter_gguf: Path):
+    """The base URL of the API with an API key, and an admin key it is never given (so nothing unloads)."""
     from extensions.openai import Params
-    from extensions.openai.server import create_app, serve_app
 
     folder = tmp_path_factory.mktemp("fuzz")
-    settings = Settings(model_dir=starter_gguf.parent, lora_dir=folder / "loras", user_data_dir=folder,
-                        preset_dir=ROOT / "presets", template_dir=ROOT / "instruction-templates",
-                        character_dir=ROOT / "characters")
-    manager = ModelManager(starter_gguf.parent, folder / "loras")
-    manager.load(STARTER_GGUF, options={"n_ctx": 128})
-    app = create_app(Services(settings=settings, manager=manager), Params(api_key=API_KEY, admin_key=ADMIN_KEY))
-    server = serve_app(app, "127.0.0.1", 0)
-    yield server
-    server.stop()
+    manager = loaded_manager(starter_gguf.parent, folder, STARTER_GGUF, n_ctx=128)
+    with serving_api(Services(settings=server_settings(starter_gguf.parent, folder), manager=manager),
+                     Params(api_key=API_KEY, admin_key=ADMIN_KEY)) as url:
+        yield url
     manager.unload()
 
 
@@ -57,7 +50,7 @@ max-examples = {MAX_EXAMPLES}
 def api_schema(server):
     from schemathesis.config import SchemathesisConfig
 
-    return schemathesis.openapi.from_url(server.url + "/openapi.json", config=SchemathesisConfig.from_str(CONFIG),
+    return schemathesis.openapi.from_url(server + "/openapi.json", config=SchemathesisConfig.from_str(CONFIG),
                                          headers={"Authorization": f"Bearer {API_KEY}"})
 
 

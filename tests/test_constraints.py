@@ -16,7 +16,7 @@ import httpx
 import jsonschema
 import pytest
 
-from conftest import ROOT
+from api_helpers import server_settings, serving_api
 from extensions.openai.tools import constraint_schema
 from loaders.llama_cpp_sampling import trial_compiler as llama_trial_compiler
 from modules.constraints import CompileWorker, limits, trial_compiler_of
@@ -24,7 +24,6 @@ from modules.errors import ConstraintError
 from modules.generation_params import GenerationParams
 from modules.model_manager import ModelManager
 from modules.services import Services
-from modules.settings import Settings
 from modules.starter import STARTER_GGUF
 
 YES_NO = 'root ::= "yes" | "no"'
@@ -335,20 +334,14 @@ def test_without_a_vocabulary_llama_cpp_still_parses(tmp_path) -> None:
 # --- every caller gets the same answer ---------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def services(managers, tmp_path_factory: pytest.TempPathFactory) -> Services:
-    folder = tmp_path_factory.mktemp("api")
     manager = managers["llama.cpp"]
-    settings = Settings(model_dir=manager.model_dir, lora_dir=folder / "loras", user_data_dir=folder,
-                        preset_dir=ROOT / "presets", template_dir=ROOT / "instruction-templates")
-    return Services(settings=settings, manager=manager)
+    return Services(settings=server_settings(manager.model_dir, tmp_path_factory.mktemp("api")), manager=manager)
 
 
 @pytest.fixture(scope="module")
 def api(services: Services):
-    from extensions.openai.server import create_app, serve_app
-
-    server = serve_app(create_app(services), "127.0.0.1", 0)
-    yield server.url
-    server.stop()
+    with serving_api(services) as url:
+        yield url
 
 
 def test_the_api_answers_a_hostile_schema_with_400_and_the_next_request_with_200(api: str) -> None:

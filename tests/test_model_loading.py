@@ -7,8 +7,7 @@ from __future__ import annotations
 
 import socket
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -17,11 +16,11 @@ import httpx
 import openai
 import pytest
 
-from conftest import ROOT
+from api_helpers import server_settings, serving_api
+from conftest import wait_until
 from modules.errors import ModelLoadError, ModelLoading, NoModelLoaded
 from modules.model_manager import ModelManager
 from modules.services import Services, load_startup_model
-from modules.settings import Settings
 
 DEADLINE_S = 60
 
@@ -58,24 +57,13 @@ def slow_server() -> Iterator[tuple[str, threading.Event]]:
         listener.close()
 
 
-def wait_for(condition: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + DEADLINE_S
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
-
-
 @pytest.fixture()
 def served(tmp_path: Path, starter_gguf: Path):
     """(base URL, Services): the API over a manager with no model loaded."""
-    from extensions.openai.server import create_app, serve_app
-
-    settings = Settings(model_dir=starter_gguf.parent, lora_dir=tmp_path / "loras", user_data_dir=tmp_path,
-                        preset_dir=ROOT / "presets", template_dir=ROOT / "instruction-templates")
-    services = Services(settings=settings, manager=ModelManager(starter_gguf.parent, tmp_path / "loras"))
-    server = serve_app(create_app(services), "127.0.0.1", 0)
-    yield server.url, services
-    server.stop()
+    services = Services(settings=server_settings(starter_gguf.parent, tmp_path),
+                        manager=ModelManager(starter_gguf.parent, tmp_path / "loras"))
+    with serving_api(services) as url:
+        yield url, services
 
 
 def health(url: str) -> dict:
@@ -110,7 +98,8 @@ def test_requests_during_a_load_are_told_to_retry(served, how: str) -> None:
     assert health(url) == {"status": "no_model", "model_loaded": False}
     with slow_server() as (remote_url, release):
         loader = start_load(how, url, services, remote_url)
-        wait_for(lambda: health(url)["status"] == "loading", "the health route to say 'loading'")
+        wait_until(lambda: health(url)["status"] == "loading", "the health route to say 'loading'",
+                   timeout_s=DEADLINE_S)
         during = health(url)
         expected = "remote" if how == "start-up" else "slow-model"
         assert during["loading_model"] == expected and during["loading_seconds"] >= 0 and not during["model_loaded"]

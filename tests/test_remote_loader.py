@@ -13,12 +13,13 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import FRANCE, ROOT
+from api_helpers import server_settings, serving_api
+from conftest import FRANCE
 from modules.errors import InvalidInput, ModelLoadError
 from modules.generation_params import GenerationParams
 from modules.model_manager import ModelManager
 from modules.services import Services, load_startup_model
-from modules.settings import Settings, load_settings
+from modules.settings import load_settings
 from modules.starter import STARTER_GGUF
 
 pytestmark = pytest.mark.slow  # a llama_cpp.server child process and a workbench server
@@ -43,13 +44,9 @@ def local(starter_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Model
 @pytest.fixture(scope="module")
 def workbench(local: ModelManager, tmp_path_factory: pytest.TempPathFactory) -> str:
     """Our API serving the local manager: the 'remote' workbench."""
-    from extensions.openai.server import create_app, serve_app
-
-    folder = tmp_path_factory.mktemp("remote")
-    settings = Settings(model_dir=local.model_dir, user_data_dir=folder, preset_dir=ROOT / "presets")
-    server = serve_app(create_app(Services(settings=settings, manager=local)), "127.0.0.1", 0)
-    yield server.url + "/v1"
-    server.stop()
+    settings = server_settings(local.model_dir, tmp_path_factory.mktemp("remote"))
+    with serving_api(Services(settings=settings, manager=local)) as url:
+        yield url + "/v1"
 
 
 @pytest.fixture(scope="module")

@@ -250,7 +250,10 @@ def new_chat(page: Page) -> None:
 
 
 def screenshot(page: Page, name: str) -> None:
-    """docs/screenshots/<name>.png of the whole page, without the notices floating over it."""
+    """docs/screenshots/<name>.png of the whole page, without the notices floating over it; only when
+    WORKBENCH_SCREENSHOTS=1 is set, so that a test run leaves the tracked pictures alone."""
+    if os.environ.get("WORKBENCH_SCREENSHOTS") != "1":
+        return
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     hide = page.add_style_tag(content=".toast-wrap { display: none !important; }")
     page.screenshot(path=str(SCREENSHOTS / f"{name}.png"), full_page=True)
