@@ -435,6 +435,11 @@ class ModelManager:
     def busy(self) -> bool:
         return self._queue.busy
 
+    @property
+    def waiting(self) -> int:
+        """Requests (generations, loads) waiting for their turn behind the running one."""
+        return self._queue.waiting
+
     # --- tokens --------------------------------------------------------------------------------------------------
     def encode(self, text: str, *, add_bos: bool = False) -> list[int]:
         return self.require_model().encode(text, add_bos=add_bos)

@@ -22,7 +22,7 @@ LONG = GenerationParams(do_sample=False, max_new_tokens=400, ban_eos_token=True)
 
 def queued(manager: ModelManager) -> int:
     """Requests (generations, loads) waiting for their turn: the point at which a test knows one has queued."""
-    return manager._queue.waiting
+    return manager.waiting
 
 
 @pytest.fixture(scope="module")
