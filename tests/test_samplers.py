@@ -14,7 +14,6 @@ from transformers import (
     NoRepeatNGramLogitsProcessor,
     SequenceBiasLogitsProcessor,
     TemperatureLogitsWarper,
-    TopKLogitsWarper,
     TopPLogitsWarper,
     set_seed,
 )
@@ -30,6 +29,7 @@ from modules.samplers.warpers import (
     QuadraticSmoothing,
     TailFree,
     TopA,
+    TopK,
     TopNSigma,
 )
 
@@ -55,6 +55,14 @@ NO_IDS = torch.zeros((1, 1), dtype=torch.long)
 
 
 # --- truncation and shaping samplers ------------------------------------------------------------------------
+def test_top_k_keeps_exactly_k_and_breaks_ties_as_argmax_does():
+    tied = [1.0, 3.0, 3.0, 2.0, 3.0]
+    assert survivors(TopK(1)(NO_IDS, scores(tied))) == {int(scores(tied).argmax())} == {1}
+    assert survivors(TopK(2)(NO_IDS, scores(tied))) == {1, 2}  # not every token tied with the 2nd
+    assert survivors(TopK(3)(NO_IDS, scores(LOGITS, rows=2)), row=1) == {0, 1, 2}
+    assert survivors(TopK(50)(NO_IDS, scores())) == set(range(len(LOGITS)))
+
+
 def test_top_a_keeps_tokens_above_a_times_top_probability_squared():
     p = probs()
     out = TopA(0.2)(NO_IDS, scores())
@@ -292,9 +300,9 @@ def test_chain_follows_sampler_priority(tokenizer):
     params = GenerationParams(temperature=0.7, top_k=5, top_p=0.9, min_p=0.1, repetition_penalty=1.2,
                               sampler_priority=["min_p", "temperature", "repetition_penalty", "top_k"])
     assert kinds(chain(params, tokenizer)) == [MinPLogitsWarper, TemperatureLogitsWarper, RangedRepetitionPenalty,
-                                               TopKLogitsWarper, TopPLogitsWarper]
+                                               TopK, TopPLogitsWarper]
     params.temperature_last = True
-    assert kinds(chain(params, tokenizer)) == [MinPLogitsWarper, RangedRepetitionPenalty, TopKLogitsWarper,
+    assert kinds(chain(params, tokenizer)) == [MinPLogitsWarper, RangedRepetitionPenalty, TopK,
                                                TopPLogitsWarper, TemperatureLogitsWarper]
 
 

@@ -24,7 +24,6 @@ from transformers import (
     NoRepeatNGramLogitsProcessor,
     SequenceBiasLogitsProcessor,
     TemperatureLogitsWarper,
-    TopKLogitsWarper,
     TopPLogitsWarper,
     TypicalLogitsWarper,
 )
@@ -40,6 +39,7 @@ from modules.samplers.warpers import (
     QuadraticSmoothing,
     TailFree,
     TopA,
+    TopK,
     TopNSigma,
 )
 
@@ -175,13 +175,13 @@ class _Context:
             return NoRepeatNGramLogitsProcessor(p.no_repeat_ngram_size)
         if name == "temperature" and p.temperature != 1 and not p.dynamic_temperature:  # dynatemp replaces it
             # temperature 0 outside greedy mode (mirostat on) keeps only the top token, as llama.cpp does
-            return TemperatureLogitsWarper(float(p.temperature)) if p.temperature > 0 else TopKLogitsWarper(1)
+            return TemperatureLogitsWarper(float(p.temperature)) if p.temperature > 0 else TopK(1)
         if name == "dynamic_temperature" and p.dynamic_temperature:
             return DynamicTemperature(p.dynatemp_low, p.dynatemp_high, p.dynatemp_exponent)
         if name == "quadratic_sampling" and p.smoothing_factor > 0:
             return QuadraticSmoothing(p.smoothing_factor, p.smoothing_curve)
         if name == "top_k" and p.top_k > 0:
-            return TopKLogitsWarper(p.top_k, min_tokens_to_keep=keep)
+            return TopK(p.top_k, keep)
         if name == "top_p" and p.top_p < 1:
             return TopPLogitsWarper(p.top_p, min_tokens_to_keep=keep)
         if name == "typical_p" and p.typical_p < 1:
@@ -210,7 +210,7 @@ class _Context:
 
 def _cutoff(cls: type, value: float, keep: int) -> LogitsProcessor:
     # Transformers wants 0 < value < 1; a cutoff of 1 or more drops all but the top token(s).
-    return cls(value, min_tokens_to_keep=keep) if value < 1 else TopKLogitsWarper(keep)
+    return cls(value, min_tokens_to_keep=keep) if value < 1 else TopK(keep)
 
 
 def last_token(tokenizer: Any, text: str) -> int | None:

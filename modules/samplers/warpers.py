@@ -21,6 +21,20 @@ def _drop(scores: torch.Tensor, remove: torch.Tensor, min_keep: int) -> torch.Te
     return scores.masked_fill(remove, NEG_INF)
 
 
+class TopK(LogitsProcessor):
+    """Keep exactly the k most likely tokens. Transformers' TopKLogitsWarper keeps every token tied with the k-th
+    as well, so top_k=1 sampled among equal bf16 logits where greedy decoding takes the first; here ties go to the
+    lower token id, as argmax and llama.cpp's top-k do."""
+
+    def __init__(self, top_k: int, min_keep: int = 1):
+        self.k = max(top_k, min_keep)
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
+        k = min(self.k, scores.shape[-1])
+        order = scores.sort(dim=-1, descending=True, stable=True).indices[..., :k]
+        return scores.masked_fill(torch.ones_like(scores, dtype=torch.bool).scatter(-1, order, False), NEG_INF)
+
+
 class TopA(LogitsProcessor):
     """Drop tokens whose probability is below top_a times the square of the top probability."""
 
