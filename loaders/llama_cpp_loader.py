@@ -19,7 +19,7 @@ from pydantic import Field, model_validator
 
 from loaders.base import Capability, LoadedModel, Loader, LoaderOptions, ModelInfo, gguf_files
 from loaders.gguf_header import diagnose, trained_context
-from loaders.llama_cpp_sampling import build_sampler_chain, SUPPORTED_PARAMS, trial_compiler
+from loaders.llama_cpp_sampling import SUPPORTED_PARAMS, Candidates, build_sampler_chains, trial_compiler
 from modules.constraints import TrialCompiler
 from modules.errors import ContextLengthExceeded, GenerationError, InvalidInput, ModelLoadError
 from modules.generation_params import GenerationParams, TokenEvent, TopLogprob
@@ -211,7 +211,8 @@ class LlamaCppModel(LoadedModel):
     def _decode_loop(self, ids: list[int], params: GenerationParams, cancel: threading.Event) -> Iterator[TokenEvent]:
         llama = self._llama
         lib = self._lib
-        chain = build_sampler_chain(lib, llama, params, ids, eog_tokens=self._eog)
+        chains = build_sampler_chains(lib, llama, params, ids, eog_tokens=self._eog)
+        candidates = Candidates(lib, self._n_vocab)
         decoder = _Utf8Stream()
         try:
             self._eval_prompt(ids, cancel)
@@ -223,7 +224,9 @@ class LlamaCppModel(LoadedModel):
                     if llama.n_tokens >= self.context_length:
                         return  # context full
                     self._eval([token])
-                token = lib.llama_sampler_sample(chain, llama._ctx.ctx, -1)
+                token = candidates.next_token(chains, self._logits())
+                if token is None:  # nothing may follow (a grammar at its end, with the end banned)
+                    return
                 if self.is_end_of_generation(token) and not params.ban_eos_token:
                     return
                 event = TokenEvent(token_id=token, text=decoder.push(
@@ -232,7 +235,12 @@ class LlamaCppModel(LoadedModel):
                     self._fill_logprobs(event, params.logprobs)
                 yield event
         finally:
-            lib.llama_sampler_free(chain)
+            chains.free(lib)
+
+    def _logits(self) -> np.ndarray:
+        """The last evaluated position's logits (llama.cpp's own buffer, not a copy)."""
+        return np.ctypeslib.as_array(self._lib.llama_get_logits_ith(self._llama._ctx.ctx, -1),
+                                     shape=(self._n_vocab,))
 
     def _eval(self, tokens: list[int]) -> None:
         try:
@@ -269,8 +277,7 @@ class LlamaCppModel(LoadedModel):
         self._prompt_kv_valid = len(ids)  # tokens generated after this are computed one by one
 
     def _fill_logprobs(self, event: TokenEvent, top_n: int) -> None:
-        logits = np.ctypeslib.as_array(self._lib.llama_get_logits_ith(self._llama._ctx.ctx, -1),
-                                       shape=(self._n_vocab,))
+        logits = self._logits()
         logprobs = logits - _logsumexp(logits)
         event.logprob = float(logprobs[event.token_id])
         top = np.argpartition(-logprobs, top_n)[:top_n]

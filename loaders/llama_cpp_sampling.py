@@ -6,11 +6,12 @@ import ctypes
 import json
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from modules.constraints import TrialCompiler, constraint_text
-from modules.errors import ConfigError, ConstraintError
+from modules.errors import ConfigError, ConstraintError, GenerationError
 from modules.generation_params import GenerationParams
 
 SUPPORTED_PARAMS = frozenset({
@@ -26,18 +27,77 @@ _PENALTIES = ("repetition_penalty", "presence_penalty", "frequency_penalty")
 _DEFAULT_SEED = 0xFFFFFFFF  # llama.cpp: pick a random seed
 
 
-def build_sampler_chain(lib: Any, llama: Any, params: GenerationParams, prompt: list[int],
-                        eog_tokens: set[int]) -> Any:
-    """A llama_sampler chain the caller frees with llama_sampler_free. `prompt` seeds the penalty samplers so
-    they see the context, as Transformers' processors do; the grammar never sees it."""
+@dataclass
+class SamplerChains:
+    """Two llama_sampler chains applied in turn to the same candidates: `mask` (logit bias, bans, the grammar)
+    says which tokens may come next, `choose` (penalties, truncation samplers, temperature, the draw) picks one.
+    They are kept apart so that a decode loop sees when nothing may come next before it accepts a token:
+    llama.cpp's grammar sampler throws a C++ exception when it accepts a token it masked (a grammar that can go
+    no further, or one that may only end while the end is banned), and that aborts the whole process."""
+
+    mask: Any
+    choose: Any
+
+    def free(self, lib: Any) -> None:
+        lib.llama_sampler_free(self.mask)
+        lib.llama_sampler_free(self.choose)
+
+
+class Candidates:
+    """The candidate array the chains work on, reused from token to token: every token with its logit."""
+
+    def __init__(self, lib: Any, n_vocab: int):
+        import numpy as np
+
+        self._lib = lib
+        self._ids = np.arange(n_vocab, dtype=np.int32)
+        self._data = np.zeros(n_vocab, dtype=[("id", "<i4"), ("logit", "<f4"), ("p", "<f4")])
+        self._pointer = self._data.ctypes.data_as(ctypes.POINTER(lib.llama_token_data))
+
+    def next_token(self, chains: SamplerChains, logits: Any) -> int | None:
+        """What llama_sampler_sample picks from `logits`, or None when the mask leaves no token that may come
+        next (the caller ends the reply instead of handing llama.cpp a token it must refuse)."""
+        import numpy as np
+
+        lib = self._lib
+        self._data["id"] = self._ids
+        self._data["logit"] = logits
+        self._data["p"] = 0.0
+        array = lib.llama_token_data_array(data=self._pointer, size=len(self._ids), selected=-1, sorted=False)
+        lib.llama_sampler_apply(chains.mask, ctypes.byref(array))
+        if not np.isfinite(self._data["logit"]).any():
+            return None
+        array.selected = -1
+        lib.llama_sampler_apply(chains.choose, ctypes.byref(array))
+        if not 0 <= array.selected < array.size:
+            raise GenerationError("llama.cpp's samplers picked no token.")
+        token = int(array.data[array.selected].id)  # samplers may reorder the candidates or move `data`
+        lib.llama_sampler_accept(chains.mask, token)
+        lib.llama_sampler_accept(chains.choose, token)
+        return token
+
+
+def build_sampler_chains(lib: Any, llama: Any, params: GenerationParams, prompt: list[int],
+                         eog_tokens: set[int]) -> SamplerChains:
+    """The chains for `params`; the caller frees them. `prompt` seeds the penalty samplers so they see the
+    context, as Transformers' processors do; the grammar never sees it."""
+    mask = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
+    try:
+        _add_bias(lib, mask, llama.n_vocab(), params, eog_tokens)
+        if params.grammar_string.strip() or params.json_schema is not None:
+            lib.llama_sampler_chain_add(mask, _grammar_sampler(lib, llama._model.vocab, params))
+        return SamplerChains(mask, _choosing_chain(lib, llama, params, prompt))
+    except BaseException:
+        lib.llama_sampler_free(mask)
+        raise
+
+
+def _choosing_chain(lib: Any, llama: Any, params: GenerationParams, prompt: list[int]) -> Any:
     vocab = llama._model.vocab
     n_vocab = llama.n_vocab()
     seed = _DEFAULT_SEED if params.seed < 0 else params.seed % 2**32
     chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
     try:
-        _add_bias(lib, chain, n_vocab, params, eog_tokens)
-        if params.grammar_string.strip() or params.json_schema is not None:
-            lib.llama_sampler_chain_add(chain, _grammar_sampler(lib, vocab, params))
         # 0 means every token of the context; llama.cpp's penalty sampler reads 0 (and -1) as "off".
         last_n = params.repetition_penalty_range or llama.n_ctx()
         history = prompt[-last_n:]

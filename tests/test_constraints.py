@@ -17,6 +17,7 @@ import jsonschema
 import pytest
 
 from api_helpers import server_settings, serving_api
+from conftest import ROOT
 from extensions.openai.tools import constraint_schema
 from loaders.llama_cpp_sampling import trial_compiler as llama_trial_compiler
 from modules.constraints import CompileWorker, limits, trial_compiler_of
@@ -402,3 +403,31 @@ def test_the_default_tab_shows_the_same_refusal(services: Services) -> None:
     updates = list(run_completion(services, session, "Once upon a time", params.model_copy(
         update={"json_schema": None, "grammar_string": YES_NO})))
     assert updates[-1].done and updates[-1].text in ("yes", "no")
+
+
+DEAD_ENDS = """
+import sys
+from pathlib import Path
+from modules.generation_params import GenerationParams
+from modules.model_manager import ModelManager
+manager = ModelManager(Path(sys.argv[1]).parent, Path(sys.argv[1]).parent)
+manager.load(Path(sys.argv[1]).name, options={"n_ctx": 256})
+for grammar, ban_eos in (('root ::= [^\\\\x00-\\\\U0010FFFF]', False), ('root ::= "a"', True)):
+    params = GenerationParams(max_new_tokens=8, do_sample=False, grammar_string=grammar, ban_eos_token=ban_eos)
+    print(repr(manager.complete("Hi", params).text))
+print(repr(manager.complete("The capital of France is", GenerationParams(max_new_tokens=4, do_sample=False)).text))
+"""
+
+
+def test_a_grammar_with_no_way_on_ends_the_reply_instead_of_aborting_the_process(starter_gguf) -> None:
+    """A grammar no token can satisfy, or one at its end with the end of generation banned, left llama.cpp's
+    grammar sampler a token it had masked: it threw a C++ exception and the process (the whole server) aborted.
+    Run in a child, so a regression fails this test instead of the test session."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", DEAD_ENDS, str(starter_gguf)], capture_output=True, text=True,
+                          timeout=300, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    nothing, just_a, after = done.stdout.splitlines()
+    assert (nothing, just_a) == ("''", "'a'") and "Paris" in after
