@@ -145,6 +145,8 @@ def decode_loop(model: Any, input_ids: Any, processors: Any, *, sampling: bool, 
             out = model(input_ids=step_input, past_key_values=cache, use_cache=True, **keep_one)
             cache = out.past_key_values
             scores = processors(ids, out.logits[:, -1, :].to(dtype=torch.float32))
+            if not torch.isfinite(scores).any():
+                return  # nothing may come next (a grammar with no way on, everything banned): the reply ends
             if sampling:
                 token = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1)
             else:

@@ -431,3 +431,13 @@ def test_a_grammar_with_no_way_on_ends_the_reply_instead_of_aborting_the_process
     assert done.returncode == 0, done.stderr[-2000:]
     nothing, just_a, after = done.stdout.splitlines()
     assert (nothing, just_a) == ("''", "'a'") and "Paris" in after
+
+
+def test_the_transformers_loader_ends_a_reply_with_no_way_on(managers) -> None:
+    """A grammar no token can satisfy masks every logit: the reply ends (empty), as with llama.cpp, instead of a
+    "generation failed" error."""
+    for sampling in (False, True):
+        params = GenerationParams(max_new_tokens=6, do_sample=sampling, seed=1,
+                                  grammar_string="root ::= [^\\x00-\\U0010FFFF]")
+        result = managers["transformers"].complete("Hi", params)
+        assert result.text == "" and result.stats.finish_reason == "stop"
