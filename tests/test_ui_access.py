@@ -1,5 +1,6 @@
 """The Gradio-free parts of who may reach what: a user's chats folder, the sign-in throttle's policy (on a clock the
-test turns), who may use the operator's controls, and where a request names a page session. The same pieces run
+test turns), who may use the operator's controls and how anyone else is refused, and where a request names a page
+session. The same pieces run
 behind a real server in test_ui_auth.py."""
 from __future__ import annotations
 
@@ -8,10 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from modules.errors import AccessDenied
 from modules.model_manager import ModelManager
 from modules.services import Services
 from modules.settings import Settings
-from modules.ui.access import may_administer, session_hashes
+from modules.ui.access import may_administer, refuse_unless_admin, session_hashes
 from modules.ui.login_throttle import LoginThrottle
 from modules.ui.session_state import UiSession, chats_root, user_key
 
@@ -116,6 +118,19 @@ def test_who_may_use_the_operator_controls(multi_user: bool, admin_ui: bool, use
                                            allowed: bool) -> None:
     settings = Settings(multi_user=multi_user, admin_ui=admin_ui, admin_users=["alice"])
     assert may_administer(settings, user) is allowed
+
+
+def test_an_operator_action_is_refused_by_kind_and_the_message_names_the_flags() -> None:
+    settings = Settings(multi_user=True, admin_users=["alice"])
+    with pytest.raises(AccessDenied) as refused:
+        refuse_unless_admin(settings, "bob", "Loading a model")
+    assert str(refused.value).startswith("Loading a model is for the operator")
+    assert "--admin-users" in str(refused.value) and "--admin-ui" in str(refused.value)
+    assert refused.value.status_code == 403
+    with pytest.raises(AccessDenied):
+        refuse_unless_admin(settings, None, "Loading a model")  # a page nobody signed in to
+    refuse_unless_admin(settings, "alice", "Loading a model")
+    refuse_unless_admin(Settings(), None, "Loading a model")  # without --multi-user every page is the operator's
 
 
 @pytest.mark.parametrize(("path", "query", "body", "expected"), [

@@ -3,11 +3,12 @@ an admin); browser contexts stand for people and their browsers.
 
 Chats belong to the signed-in user (they follow her to a second browser; nobody else reads them), a page's session
 answers only its own user whatever ids a request carries, an exported chat exists nowhere another request could
-fetch it, the operator's controls are hidden from and refused to a non-admin, "Save UI defaults" reaches pages
-opened afterwards only, and repeated wrong passwords are slowed down.
+fetch it, the operator's controls (extensions, loading models, training) are hidden from and refused to a
+non-admin, "Save UI defaults" reaches pages opened afterwards only, and repeated wrong passwords are slowed down.
 """
 from __future__ import annotations
 
+import json
 import re
 import time
 from collections.abc import Iterator
@@ -17,7 +18,7 @@ import httpx
 import pytest
 import yaml
 from gradio_client import Client
-from playwright.sync_api import Browser, Page
+from playwright.sync_api import Browser, Page, expect
 
 from ui_helpers import (EVENT_TIMEOUT_MS, Server, Workspace, choose, new_chat, run_event, send, set_text, tab,
                         wait_ready)
@@ -33,6 +34,9 @@ _HASH_IN_URL = re.compile(r"/gradio_api/(?:heartbeat/|queue/data\?session_hash=)
 def workspace(tmp_path_factory: pytest.TempPathFactory, starter_gguf: Path) -> Workspace:
     workspace = Workspace(tmp_path_factory.mktemp("webui-auth"))
     (workspace.presets / "Short.yaml").write_text("do_sample: false\nmax_new_tokens: 4\n")
+    datasets = workspace.root / "training" / "datasets"  # so that a training form can be complete
+    datasets.mkdir(parents=True)
+    (datasets / "greetings.json").write_text(json.dumps([{"instruction": "Say hi.", "output": "Hi!"}] * 8))
     return workspace
 
 
@@ -43,7 +47,8 @@ def server(workspace: Workspace) -> Iterator[Server]:
     with pytest.MonkeyPatch.context() as env:  # the files Gradio serves, where this test can look at them
         env.setenv("GRADIO_TEMP_DIR", str(workspace.root / "gradio-files"))
         server = Server(workspace, "--multi-user", "--gradio-auth-path", str(passwords), "--admin-users", ADMIN,
-                        "--preset", "Short").start()
+                        "--preset", "Short", "--lora-dir", str(workspace.root / "loras"), "--training-dir",
+                        str(workspace.root / "training")).start()
     yield server
     server.stop()
 
@@ -90,6 +95,23 @@ def chat_mode(page: Page) -> str:
 
 def endpoint(config: dict, api_name: str) -> dict:
     return next(d for d in config["dependencies"] if d.get("api_name") == api_name)
+
+
+def by_label(client: Client, api_name: str, values: dict[str, object]) -> dict[str, object]:
+    """Keyword arguments for an endpoint, its inputs named by their labels (Gradio names most of them param_N);
+    the inputs not named keep the values the page starts with."""
+    info = client.view_api(return_format="dict", print_info=False)["named_endpoints"][api_name]
+    names = {parameter["label"]: parameter["parameter_name"] for parameter in info["parameters"]}
+    return {names[label]: value for label, value in values.items()}
+
+
+def shown_model(browser: Browser, url: str) -> str:
+    """What is loaded, as a page opened now shows it."""
+    person = SignedIn(browser, url, "carol")
+    tab(person.page, "Model")
+    shown = person.page.inner_text("#model-info")
+    person.close()
+    return shown
 
 
 def test_a_wrong_password_is_refused(browser: Browser, server: Server) -> None:
@@ -182,6 +204,53 @@ def test_the_operator_controls_are_for_an_admin_only(browser: Browser, server: S
     assert shown["value"] == ["example"]
     shown, _ = admin.predict([], api_name="/apply_extensions")
     assert shown["value"] == []
+    for person in (alice, bob):
+        person.close()
+
+
+def test_loading_models_and_training_are_for_an_admin_only(browser: Browser, server: Server,
+                                                           workspace: Workspace) -> None:
+    bob, alice = SignedIn(browser, server.url, "bob"), SignedIn(browser, server.url, "alice")
+    before = shown_model(browser, server.url)
+    assert "SmolLM2-135M-Instruct" in before
+    for person in (alice, bob):
+        tab(person.page, "Model")
+    for control in ("#model-load", "#model-unload", "#model-reload", "#loader-select", "#lora-apply"):
+        expect(alice.page.locator(control)).to_be_visible()
+        assert not bob.page.locator(control).is_visible(), control
+    # Bob still sees which models there are and what is loaded.
+    assert bob.page.locator("#model-select").is_visible()
+    assert bob.page.inner_text("#model-info") == before
+    for person in (alice, bob):
+        tab(person.page, "Training")
+    expect(alice.page.locator("#training-start")).to_be_visible()
+    assert not bob.page.locator("#training-start").is_visible()
+    assert bob.page.locator("#training-progress").is_visible()  # how the runs go is no secret
+    expect(alice.page.get_by_role("tab", name="Merge and export")).to_be_visible()
+    assert not bob.page.get_by_role("tab", name="Merge and export").is_visible()
+    tab(bob.page, "Perplexity")
+    assert bob.page.locator("#ppl-table").is_visible() and not bob.page.locator("#ppl-evaluate").is_visible()
+
+    # Over Gradio's HTTP API, without the page: every call of Bob's is refused by the handler itself...
+    as_bob = Client(server.url, auth=("bob", PASSWORDS["bob"]), verbose=False)
+    for api_name, values in (("/unload_model", {}), ("/load_model", {"n_ctx": 512}), ("/reload_model", {}),
+                             ("/start_training", {"LoRA name": "bobs-lora"})):
+        with pytest.raises(Exception, match="is for the operator"):
+            as_bob.predict(**by_label(as_bob, api_name, values), api_name=api_name)
+    # ...and changed nothing: the same model with the same context, no training run, no LoRA.
+    assert shown_model(browser, server.url) == before
+    assert list((workspace.root / "training" / "runs").glob("*")) == []
+    assert list((workspace.root / "loras").glob("*")) == []
+    # Alice's calls are answered.
+    as_alice = Client(server.url, auth=("alice", PASSWORDS["alice"]), verbose=False)
+    status, info = as_alice.predict(api_name="/unload_model")
+    assert status == "Unloaded." and "No model loaded" in info
+    status, _ = as_alice.predict(api_name="/load_model")  # the model the page offers, with its options
+    assert status.startswith("Loaded **SmolLM2-135M-Instruct.Q4_1.gguf**")
+    assert shown_model(browser, server.url) == before
+    with pytest.raises(Exception, match="climbs out of its folder"):  # past the operator check, to the form's
+        as_alice.predict(**by_label(as_alice, "/start_training", {"LoRA name": "../bobs-lora"}),
+                         api_name="/start_training")
     for person in (alice, bob):
         person.close()
 

@@ -3,8 +3,9 @@
 Gradio keeps each page's state under a "session hash" the browser makes up, and answers any signed-in request
 that names it: another user who learns a page's hash could run events on that page's state (its chats) and read
 its output stream. `SessionOwners` binds each session hash to the user who first used it and refuses it to anyone
-else. `may_administer` says who may use the operator's controls (extensions, the settings file). Both are plain
-ASGI / Python: nothing here imports Gradio.
+else. `may_administer` says who may use the operator's controls (loading models, training, extensions, the settings
+file) and `refuse_unless_admin` is the check every such handler makes. All plain ASGI / Python: nothing here imports
+Gradio.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from urllib.parse import parse_qsl
 from starlette.requests import cookie_parser
 from starlette.responses import JSONResponse
 
+from modules.errors import AccessDenied
 from modules.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -43,6 +45,15 @@ def may_administer(settings: Settings, user: str | None) -> bool:
     if not settings.multi_user or settings.admin_ui:
         return True
     return user is not None and user in settings.admin_users
+
+
+def refuse_unless_admin(settings: Settings, user: str | None, action: str) -> None:
+    """Raise AccessDenied unless `user` (the request's signed-in user) may use the operator's controls. Every
+    handler of such a control checks it itself: hiding the widget is not enough, since Gradio events can be called
+    over its HTTP API without the page."""
+    if not may_administer(settings, user):
+        raise AccessDenied(f"{action} is for the operator: start the server with --admin-users NAME (signed-in "
+                           f"users) or --admin-ui.")
 
 
 def signed_in_user(scope: Scope) -> str | None:

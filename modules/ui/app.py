@@ -70,7 +70,7 @@ def build_app(services: Services) -> gr.Blocks:
                 from modules.ui.training_tab import build_training_tab
 
                 with gr.Tab("Training", id="training", elem_id="tab-training"):
-                    build_training_tab(services)
+                    build_training_tab(ctx)
             with gr.Tab("Session", id="session", elem_id="tab-session"):
                 build_session_tab(ctx)
             registry = services.extensions

@@ -1,5 +1,7 @@
 """Model tab: pick, load, unload and reload a model with its loader's options (drawn from the loader's typed
-Options), apply LoRAs, download from the hub, and see what is loaded."""
+Options), apply LoRAs, download from the hub, and see what is loaded. With --multi-user everything that changes the
+shared model or the models folder is the operator's (modules.ui.operator); every page keeps the list of models and
+what is loaded, so that its user knows what answers them."""
 from __future__ import annotations
 
 import os
@@ -13,7 +15,9 @@ import gradio as gr
 import download_model
 from loaders.base import ModelInfo
 from modules.errors import WorkbenchError
+from modules.ui.access import refuse_unless_admin
 from modules.ui.common import UiContext, error_text, user_errors
+from modules.ui.operator import operator_only
 from modules.ui.widgets import FieldPanel
 
 
@@ -43,24 +47,25 @@ def build_model_tab(ctx: UiContext) -> None:
                                      scale=2, elem_id="loader-select", info="Preselected from what the path holds.")
             panels: dict[str, FieldPanel] = {}
             groups: dict[str, gr.Group] = {}
-            for name in manager.registry.names:
-                options_type = manager.registry.get(name).Options
-                values = {k: v for k, v in manager.loader_options.items() if k in options_type.model_fields}
-                with gr.Accordion(f"{name} options", open=True, visible=name == loader.value) as group:
-                    panel = FieldPanel(options_type, values, elem_prefix=f"opt-{name.replace('.', '')}-")
-                    with gr.Row():
-                        for column in _halves(panel.names):
-                            with gr.Column():
-                                panel.render(column)
-                panels[name], groups[name] = panel, group
-            with gr.Row():
-                load = gr.Button("Load", variant="primary", elem_id="model-load")
-                unload = gr.Button("Unload", elem_id="model-unload")
-                reload = gr.Button("Reload", elem_id="model-reload")
-            status = gr.Markdown(elem_id="model-status")
+            with gr.Column(elem_id="model-controls") as controls:
+                for name in manager.registry.names:
+                    options_type = manager.registry.get(name).Options
+                    values = {k: v for k, v in manager.loader_options.items() if k in options_type.model_fields}
+                    with gr.Accordion(f"{name} options", open=True, visible=name == loader.value) as group:
+                        panel = FieldPanel(options_type, values, elem_prefix=f"opt-{name.replace('.', '')}-")
+                        with gr.Row():
+                            for column in _halves(panel.names):
+                                with gr.Column():
+                                    panel.render(column)
+                    panels[name], groups[name] = panel, group
+                with gr.Row():
+                    load = gr.Button("Load", variant="primary", elem_id="model-load")
+                    unload = gr.Button("Unload", elem_id="model-unload")
+                    reload = gr.Button("Reload", elem_id="model-reload")
+                status = gr.Markdown(elem_id="model-status")
         with gr.Column(scale=2):
             info = gr.Markdown(info_markdown(loaded), elem_id="model-info")
-            with gr.Accordion("LoRA adapters", open=True):
+            with gr.Accordion("LoRA adapters", open=True) as lora_controls:
                 with gr.Row(equal_height=True):
                     loras = gr.Dropdown(choices=manager.list_loras(), value=loaded.loras if loaded else [],
                                         multiselect=True, label="LoRAs (from the loras folder)", scale=4,
@@ -69,7 +74,7 @@ def build_model_tab(ctx: UiContext) -> None:
                 with gr.Row():
                     apply = gr.Button("Apply LoRAs", size="sm", elem_id="lora-apply")
                     remove = gr.Button("Remove LoRAs", size="sm", elem_id="lora-remove")
-            with gr.Accordion("Download from the Hugging Face hub", open=False):
+            with gr.Accordion("Download from the Hugging Face hub", open=False) as download_controls:
                 repo = gr.Textbox(label="Repository", placeholder="ORG/NAME (or ORG/NAME:branch)",
                                   elem_id="download-repo")
                 pattern = gr.Textbox(label="File pattern (optional)", placeholder="*Q4_K_M.gguf",
@@ -97,7 +102,9 @@ def build_model_tab(ctx: UiContext) -> None:
         notes = "".join(f"\n\n**Warning:** {error_text(Exception(w))}" for w in result.warnings)
         yield f"Loaded **{name}** in {result.seconds:.1f} s.{notes}", info_markdown(result.info)
 
-    def on_load(data: dict[Any, Any]) -> Iterator[tuple[str, str]]:
+    @user_errors
+    def on_load(data: dict[Any, Any], request: gr.Request) -> Iterator[tuple[str, str]]:
+        refuse_unless_admin(settings, request.username, "Loading a model")
         try:
             options = options_of(data)
         except WorkbenchError as exc:
@@ -105,7 +112,9 @@ def build_model_tab(ctx: UiContext) -> None:
             return
         yield from do_load(data[model], data[loader], options)
 
-    def on_reload(data: dict[Any, Any]) -> Iterator[tuple[str, str]]:
+    @user_errors
+    def on_reload(data: dict[Any, Any], request: gr.Request) -> Iterator[tuple[str, str]]:
+        refuse_unless_admin(settings, request.username, "Reloading the model")
         current = manager.model
         if current is None:
             yield "**Error:** no model is loaded to reload.", info_markdown(None)
@@ -115,7 +124,9 @@ def build_model_tab(ctx: UiContext) -> None:
         options = options_of(data) if data[loader] == current.loader_name else {}
         yield from do_load(name, current.loader_name, options)
 
-    def on_unload() -> tuple[str, str]:
+    @user_errors
+    def on_unload(request: gr.Request) -> tuple[str, str]:
+        refuse_unless_admin(settings, request.username, "Unloading the model")
         manager.unload(cancel_running=True)
         return "Unloaded.", info_markdown(None)
 
@@ -124,15 +135,19 @@ def build_model_tab(ctx: UiContext) -> None:
         return [gr.update(value=chosen)] + [gr.update(visible=n == chosen) for n in groups]
 
     @user_errors
-    def on_apply(names: list[str]) -> str:
+    def on_apply(names: list[str], request: gr.Request) -> str:
+        refuse_unless_admin(settings, request.username, "Applying LoRAs")
         return info_markdown(manager.apply_loras(names or []))
 
     @user_errors
-    def on_remove() -> tuple[str, list[str]]:
+    def on_remove(request: gr.Request) -> tuple[str, list[str]]:
+        refuse_unless_admin(settings, request.username, "Removing LoRAs")
         return info_markdown(manager.remove_loras()), []
 
-    def on_fetch(repo_id: str, include: str, progress: gr.Progress = gr.Progress(track_tqdm=True)
-                 ) -> Iterator[tuple[str, Any]]:
+    @user_errors
+    def on_fetch(repo_id: str, include: str, request: gr.Request,
+                 progress: gr.Progress = gr.Progress(track_tqdm=True)) -> Iterator[tuple[str, Any]]:
+        refuse_unless_admin(settings, request.username, "Downloading a model")
         try:
             plan = download_model.plan(repo_id, model_dir=settings.model_dir,
                                        include=[include.strip()] if include.strip() else None)
@@ -145,17 +160,20 @@ def build_model_tab(ctx: UiContext) -> None:
         yield (f"Downloaded to {target} in {time.perf_counter() - started:.0f} s.",
                gr.update(choices=manager.list_models()))
 
-    loading = load.click(on_load, {model, loader, *all_options}, [status, info], concurrency_limit=1)
-    reloading = reload.click(on_reload, {loader, *all_options}, [status, info], concurrency_limit=1)
-    unloading = unload.click(on_unload, None, [status, info])
+    loading = load.click(on_load, {model, loader, *all_options}, [status, info], concurrency_limit=1,
+                         api_name="load_model")
+    reloading = reload.click(on_reload, {loader, *all_options}, [status, info], concurrency_limit=1,
+                             api_name="reload_model")
+    unloading = unload.click(on_unload, None, [status, info], api_name="unload_model")
     ctx.model_events.extend([loading, reloading, unloading])
     model.input(on_pick, model, [loader, *groups.values()])
     loader.input(lambda chosen: [gr.update(visible=n == chosen) for n in groups], loader, list(groups.values()))
     refresh.click(lambda: gr.update(choices=manager.list_models()), None, model, queue=False)
     lora_refresh.click(lambda: gr.update(choices=manager.list_loras()), None, loras, queue=False)
-    apply.click(on_apply, loras, info)
-    remove.click(on_remove, None, [info, loras])
-    fetch.click(on_fetch, [repo, pattern], [fetch_status, model])
+    apply.click(on_apply, loras, info, api_name="apply_loras")
+    remove.click(on_remove, None, [info, loras], api_name="remove_loras")
+    fetch.click(on_fetch, [repo, pattern], [fetch_status, model], api_name="download_model")
+    operator_only(ctx, loader, controls, lora_controls, download_controls)
     ctx.model_listeners.append((lambda: info_markdown(manager.info()), [info]))
 
 

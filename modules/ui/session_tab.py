@@ -9,13 +9,13 @@ from typing import Any
 import gradio as gr
 import yaml
 
-from modules.errors import AccessDenied
 from modules.generation_params import GenerationParams
 from modules.presets import load_preset
 from modules.services import Services
 from modules.settings import DEFAULT_SETTINGS_FILE, Settings, save_settings
-from modules.ui.access import may_administer
+from modules.ui.access import refuse_unless_admin
 from modules.ui.common import UiContext, user_errors
+from modules.ui.operator import operator_only
 from modules.ui.page_defaults import PageDefaults
 
 #: Settings never shown in the page, at any depth (extension params and loader options hold keys too).
@@ -55,8 +55,7 @@ def build_session_tab(ctx: UiContext) -> None:
     with gr.Row():
         with gr.Column(scale=1):
             theme = gr.Button("Toggle light / dark theme", elem_id="theme-toggle")
-            # The operator's controls: hidden from a page that may not use them until its user is known.
-            with gr.Column(visible=may_administer(settings, None), elem_id="operator-controls") as operator:
+            with gr.Column(elem_id="operator-controls") as operator:
                 save = gr.Button("Save UI defaults", variant="primary", elem_id="save-defaults")
                 saved = gr.Markdown(f"Writes the current parameters, preset and chat settings to "
                                     f"`{settings_file(settings)}`. Pages opened from now on start with them; pages "
@@ -70,7 +69,7 @@ def build_session_tab(ctx: UiContext) -> None:
 
     @user_errors
     def on_save(data: dict[Any, Any], request: gr.Request) -> str:
-        refuse_unless_admin(settings, request, "Saving the UI defaults")
+        refuse_unless_admin(settings, request.username, "Saving the UI defaults")
         preset, params, chat = data[ctx.preset], ctx.read_params(data), ctx.read_chat(data)
         path = settings_file(settings)
         save_settings(ui_defaults(settings, preset, params, chat), path, only={"preset", "generation", "chat"})
@@ -80,16 +79,7 @@ def build_session_tab(ctx: UiContext) -> None:
 
     theme.click(None, None, None, js=TOGGLE_THEME_JS)
     save.click(on_save, {ctx.preset, *ctx.params.inputs, *ctx.chat.inputs}, saved, api_name="save_ui_defaults")
-    ctx.session_listeners.append((lambda data: gr.update(visible=may_administer(settings, data[ctx.session].user)),
-                                  {ctx.session}, [operator]))
-
-
-def refuse_unless_admin(settings: Settings, request: gr.Request, action: str) -> None:
-    """Raise AccessDenied unless the caller may use the operator's controls. Checked in the handler itself, since
-    Gradio events can be called over its HTTP API without the page that hides the button."""
-    if not may_administer(settings, request.username):
-        raise AccessDenied(f"{action} is for the operator: start the server with --admin-users NAME (signed-in "
-                           f"users) or --admin-ui.")
+    operator_only(ctx, operator)
 
 
 def build_extensions_panel(services: Services) -> None:
@@ -107,7 +97,7 @@ def build_extensions_panel(services: Services) -> None:
 
     @user_errors
     def on_apply(chosen: list[str], request: gr.Request) -> tuple[Any, str]:
-        refuse_unless_admin(services.settings, request, "Switching extensions")
+        refuse_unless_admin(services.settings, request.username, "Switching extensions")
         for name in registry.enabled:
             if name not in chosen:
                 registry.disable(name)

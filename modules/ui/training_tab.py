@@ -1,6 +1,10 @@
 """The Training tab: the LoRA form (drawn from modules.training.config's types), Start / Stop / Resume, a
 progress bar and a live loss plot read from the run folder (so a reloaded page finds the job again), Apply,
-perplexity, merge and GGUF export. Every action is a call into modules.training; nothing is decided here."""
+perplexity, merge and GGUF export. Every action is a call into modules.training; nothing is decided here.
+
+With --multi-user the actions are the operator's (modules.ui.operator): a job uses the machine and writes to loras/
+and models/, Apply and perplexity change the shared model's LoRAs, merge and export write to models/. Every page
+keeps the progress of the runs and the perplexity table, which only report."""
 from __future__ import annotations
 
 import html
@@ -12,9 +16,8 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
-from modules.errors import ConfigError, PathError, WorkbenchError
+from modules.errors import ConfigError, PathError
 from modules.paths import resolve_inside
-from modules.services import Services
 from modules.training.base import is_transformers_folder, load_tokenizer
 from modules.training.config import (ALL_LINEAR, TARGET_MODULES, DatasetOptions, LaunchOptions, LoraOptions,
                                      TrainOptions, parse_config)
@@ -23,20 +26,12 @@ from modules.training.export import (GGUF_TYPES, ensure_lora_for_loader, export_
                                      gguf_name, lora_base_dir, merge_lora)
 from modules.training.jobs import JobManager, JobStatus, copy_settings_from_lora, folders_for
 from modules.training.perplexity import evaluate_perplexity, load_results, record_result, results_file
+from modules.ui.access import refuse_unless_admin
+from modules.ui.common import UiContext, user_errors
+from modules.ui.operator import operator_only
 from modules.ui.widgets import FieldPanel
 
 _SECTIONS = {"dataset": DatasetOptions, "lora": LoraOptions, "train": TrainOptions, "launch": LaunchOptions}
-
-
-def _guard(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Show a core error as a warning toast instead of a traceback."""
-    def wrapper(*args: Any) -> Any:
-        try:
-            return fn(*args)
-        except WorkbenchError as exc:
-            raise gr.Error(str(exc), print_exception=False) from None
-    wrapper.__name__ = fn.__name__
-    return wrapper
 
 
 def _fresh_choices(dropdown: gr.Dropdown, choices: Callable[[], list[str]]) -> None:
@@ -44,15 +39,16 @@ def _fresh_choices(dropdown: gr.Dropdown, choices: Callable[[], list[str]]) -> N
     dropdown.focus(lambda: gr.update(choices=choices()), None, dropdown, show_progress="hidden")
 
 
-def build_training_tab(services: Services) -> None:
-    jobs = JobManager(folders_for(services.settings))
+def build_training_tab(ctx: UiContext) -> None:
+    jobs = JobManager(folders_for(ctx.services.settings))
     with gr.Tabs(elem_id="training-tabs"):
         with gr.Tab("Train LoRA", id="training-train"):
-            _train_panel(services, jobs)
+            _train_panel(ctx, jobs)
         with gr.Tab("Perplexity", id="training-perplexity"):
-            _perplexity_panel(services, jobs)
-        with gr.Tab("Merge and export", id="training-export"):
-            _export_panel(services, jobs)
+            _perplexity_panel(ctx, jobs)
+        with gr.Tab("Merge and export", id="training-export", elem_id="training-export-tab") as export_tab:
+            _export_panel(ctx, jobs)
+    operator_only(ctx, export_tab)
 
 
 # --- the form, Start / Stop / Resume, progress ---------------------------------------------------------------------
@@ -89,8 +85,10 @@ def _panel_updates(panel: FieldPanel, values: Any) -> list[Any]:
             for name, value in zip(panel.names, shown)]
 
 
-def _train_panel(services: Services, jobs: JobManager) -> None:
+def _train_panel(ctx: UiContext, jobs: JobManager) -> None:
+    services = ctx.services
     manager = services.manager
+    settings = services.settings
 
     def loaded_or_first() -> str | None:
         """The loaded model; when none is (a swap under way, or the start-up load failed), the --model one if it is
@@ -106,34 +104,35 @@ def _train_panel(services: Services, jobs: JobManager) -> None:
     def default_run() -> str | None:
         return jobs.active_job() or next(iter(jobs.list_runs()), None)
 
-    with gr.Row():
-        name = gr.Textbox(label="LoRA name", placeholder="my-lora", elem_id="training-name", scale=2)
-        base = gr.Dropdown(choices=manager.list_models(), value=loaded_or_first, label="Base model",
-                           info="A GGUF model trains through its Transformers copy (made once, kept in models/).",
-                           elem_id="training-base", scale=3)
-        overwrite = gr.Checkbox(False, label="Overwrite an existing LoRA / run", elem_id="training-overwrite")
-        gguf_lora = gr.Dropdown(["auto", "yes", "no"], value="auto", label="Also save as GGUF LoRA",
-                                elem_id="training-gguf-lora")
-    with gr.Row():
-        copy_from = gr.Dropdown(choices=manager.list_loras(), value=None, label="Copy settings from an existing LoRA",
-                                elem_id="training-copy-from", scale=3)
-        copy_button = gr.Button("Copy settings", elem_id="training-copy", scale=1)
-    panels = _panels(jobs)
-    for title, section in (("Dataset", "dataset"), ("LoRA", "lora"), ("Training", "train"),
-                           ("Launch (several GPUs)", "launch")):
-        with gr.Accordion(title, open=section == "dataset"):
-            inputs = panels[section].inputs
-            for start_at in range(0, len(inputs), 5):
-                with gr.Row(equal_height=False):
-                    for component in inputs[start_at:start_at + 5]:
-                        component.render()
-    with gr.Row():
-        preview_button = gr.Button("Preview dataset", elem_id="training-preview")
-        start = gr.Button("Start", variant="primary", elem_id="training-start")
-        stop = gr.Button("Stop", variant="stop", elem_id="training-stop")
-        resume = gr.Button("Resume", elem_id="training-resume")
-        apply = gr.Button("Apply to the loaded model", elem_id="training-apply")
-    preview = gr.Markdown(elem_id="training-preview-output")
+    with gr.Column(elem_id="training-controls") as controls:
+        with gr.Row():
+            name = gr.Textbox(label="LoRA name", placeholder="my-lora", elem_id="training-name", scale=2)
+            base = gr.Dropdown(choices=manager.list_models(), value=loaded_or_first, label="Base model",
+                               info="A GGUF model trains through its Transformers copy (made once, kept in models/).",
+                               elem_id="training-base", scale=3)
+            overwrite = gr.Checkbox(False, label="Overwrite an existing LoRA / run", elem_id="training-overwrite")
+            gguf_lora = gr.Dropdown(["auto", "yes", "no"], value="auto", label="Also save as GGUF LoRA",
+                                    elem_id="training-gguf-lora")
+        with gr.Row():
+            copy_from = gr.Dropdown(choices=manager.list_loras(), value=None, label="Copy settings from an existing LoRA",
+                                    elem_id="training-copy-from", scale=3)
+            copy_button = gr.Button("Copy settings", elem_id="training-copy", scale=1)
+        panels = _panels(jobs)
+        for title, section in (("Dataset", "dataset"), ("LoRA", "lora"), ("Training", "train"),
+                               ("Launch (several GPUs)", "launch")):
+            with gr.Accordion(title, open=section == "dataset"):
+                inputs = panels[section].inputs
+                for start_at in range(0, len(inputs), 5):
+                    with gr.Row(equal_height=False):
+                        for component in inputs[start_at:start_at + 5]:
+                            component.render()
+        with gr.Row():
+            preview_button = gr.Button("Preview dataset", elem_id="training-preview")
+            start = gr.Button("Start", variant="primary", elem_id="training-start")
+            stop = gr.Button("Stop", variant="stop", elem_id="training-stop")
+            resume = gr.Button("Resume", elem_id="training-resume")
+            apply = gr.Button("Apply to the loaded model", elem_id="training-apply")
+        preview = gr.Markdown(elem_id="training-preview-output")
     with gr.Row():
         run = gr.Dropdown(choices=jobs.list_runs(), value=default_run, label="Run", elem_id="training-run",
                           allow_custom_value=True, scale=1)
@@ -161,24 +160,28 @@ def _train_panel(services: Services, jobs: JobManager) -> None:
             rest = rest[len(panel.names):]
         return parse_config(data, "The training form")
 
-    @_guard
-    def on_start(*values: Any) -> tuple[Any, str]:
+    @user_errors
+    def on_start(request: gr.Request, *values: Any) -> tuple[Any, str]:
+        refuse_unless_admin(settings, request.username, "Starting a training job")
         config = read_config(list(values))
         status = jobs.start(config)
         return gr.update(choices=jobs.list_runs(), value=config.name), f"Started **{status.name}**."
 
-    @_guard
-    def on_stop(run_name: str | None) -> str:
+    @user_errors
+    def on_stop(run_name: str | None, request: gr.Request) -> str:
+        refuse_unless_admin(settings, request.username, "Stopping a training job")
         status = jobs.stop(_required(run_name, "run"))
         return f"Asked **{status.name}** to stop: it saves the adapter after the current step."
 
-    @_guard
-    def on_resume(run_name: str | None) -> str:
+    @user_errors
+    def on_resume(run_name: str | None, request: gr.Request) -> str:
+        refuse_unless_admin(settings, request.username, "Resuming a training job")
         status = jobs.resume(_required(run_name, "run"))
         return f"Resuming **{status.name}** from its last checkpoint."
 
-    @_guard
-    def on_apply(run_name: str | None) -> str:
+    @user_errors
+    def on_apply(run_name: str | None, request: gr.Request) -> str:
+        refuse_unless_admin(settings, request.username, "Applying a LoRA to the loaded model")
         lora = _required(run_name, "run")
         model = manager.require_model()
         lora_dir = resolve_inside(jobs.folders.loras, lora, what="LoRA", must_exist=True)
@@ -186,8 +189,9 @@ def _train_panel(services: Services, jobs: JobManager) -> None:
         info = manager.apply_loras([lora])
         return f"Applied **{lora}** to {info.name}; the Chat tab now uses it."
 
-    @_guard
-    def on_copy(lora: str | None) -> list[Any]:
+    @user_errors
+    def on_copy(lora: str | None, request: gr.Request) -> list[Any]:
+        refuse_unless_admin(settings, request.username, "Copying the training settings of a LoRA")
         lora_dir = resolve_inside(jobs.folders.loras, _required(lora, "LoRA"), what="LoRA", must_exist=True)
         data = copy_settings_from_lora(lora_dir)
         config = parse_config({"name": "copy", **data}, lora)
@@ -196,8 +200,9 @@ def _train_panel(services: Services, jobs: JobManager) -> None:
             updates += _panel_updates(panel, getattr(config, section))
         return updates
 
-    @_guard
-    def on_preview(*values: Any) -> str:
+    @user_errors
+    def on_preview(request: gr.Request, *values: Any) -> str:
+        refuse_unless_admin(settings, request.username, "Previewing a training dataset")
         config = read_config([values[0] or "preview", *values[1:]])
         tokenizer = load_tokenizer(config.model_copy(update={"folders": jobs.folders}).base_path())
         shown = preview_dataset(config.dataset, jobs.folders.datasets, tokenizer, seed=config.train.seed)
@@ -220,14 +225,15 @@ def _train_panel(services: Services, jobs: JobManager) -> None:
         return choices, _progress_html(status, curves), _plot_frame(curves), jobs.log_tail(run_name), key, runs
 
     runs_state = gr.State(jobs.list_runs())
-    start.click(on_start, form, [run, message])
-    stop.click(on_stop, run, message)
-    resume.click(on_resume, run, message)
-    apply.click(on_apply, run, message)
-    copy_button.click(on_copy, copy_from, form)
-    preview_button.click(on_preview, form, preview)
+    start.click(on_start, form, [run, message], api_name="start_training")
+    stop.click(on_stop, run, message, api_name="stop_training")
+    resume.click(on_resume, run, message, api_name="resume_training")
+    apply.click(on_apply, run, message, api_name="apply_trained_lora")
+    copy_button.click(on_copy, copy_from, form, api_name="copy_training_settings")
+    preview_button.click(on_preview, form, preview, api_name="preview_dataset")
     timer.tick(on_tick, [run, seen, runs_state], [run, progress, plot, log, seen, runs_state], show_progress="hidden")
     run.change(lambda: None, None, seen, show_progress="hidden")
+    operator_only(ctx, controls)
 
 
 def _required(value: str | None, what: str) -> str:
@@ -289,29 +295,32 @@ def _preview_markdown(shown: dict[str, Any]) -> str:
 # --- perplexity -------------------------------------------------------------------------------------------------------
 
 
-def _perplexity_panel(services: Services, jobs: JobManager) -> None:
+def _perplexity_panel(ctx: UiContext, jobs: JobManager) -> None:
+    services = ctx.services
     manager = services.manager
     table_path = results_file(services.settings.user_data_dir)
-    with gr.Row():
-        source = gr.Radio(["Text file", "Eval split of a run"], value="Text file", label="Measure on",
-                          elem_id="ppl-source")
-        file = gr.Dropdown(choices=list_datasets(jobs.folders.datasets), label="Text or dataset file",
-                           elem_id="ppl-file")
-        run = gr.Dropdown(choices=jobs.list_runs(), label="Run (its evaluation split)", elem_id="ppl-run")
-    with gr.Row():
-        loras = gr.Dropdown(choices=manager.list_loras(), multiselect=True, value=[],
-                            label="LoRAs to apply (none: the bare model)", elem_id="ppl-loras")
-        context = gr.Number(512, precision=0, minimum=2, label="Context length", elem_id="ppl-context")
-        stride = gr.Number(256, precision=0, minimum=1, label="Stride", elem_id="ppl-stride")
-        limit = gr.Number(0, precision=0, minimum=0, label="Max tokens (0: all)", elem_id="ppl-limit")
-    evaluate = gr.Button("Evaluate", variant="primary", elem_id="ppl-evaluate")
+    with gr.Column(elem_id="ppl-controls") as controls:
+        with gr.Row():
+            source = gr.Radio(["Text file", "Eval split of a run"], value="Text file", label="Measure on",
+                              elem_id="ppl-source")
+            file = gr.Dropdown(choices=list_datasets(jobs.folders.datasets), label="Text or dataset file",
+                               elem_id="ppl-file")
+            run = gr.Dropdown(choices=jobs.list_runs(), label="Run (its evaluation split)", elem_id="ppl-run")
+        with gr.Row():
+            loras = gr.Dropdown(choices=manager.list_loras(), multiselect=True, value=[],
+                                label="LoRAs to apply (none: the bare model)", elem_id="ppl-loras")
+            context = gr.Number(512, precision=0, minimum=2, label="Context length", elem_id="ppl-context")
+            stride = gr.Number(256, precision=0, minimum=1, label="Stride", elem_id="ppl-stride")
+            limit = gr.Number(0, precision=0, minimum=0, label="Max tokens (0: all)", elem_id="ppl-limit")
+        evaluate = gr.Button("Evaluate", variant="primary", elem_id="ppl-evaluate")
     result = gr.Markdown(elem_id="ppl-result")
     table = gr.Dataframe(value=lambda: _results_frame(table_path), interactive=False, elem_id="ppl-table")
 
-    @_guard
+    @user_errors
     def on_evaluate(kind: str, file_name: str | None, run_name: str | None, chosen: list[str] | None,
-                    context_length: float, stride_tokens: float, max_tokens: float,
+                    context_length: float, stride_tokens: float, max_tokens: float, request: gr.Request,
                     progress: gr.Progress = gr.Progress()) -> tuple[str, pd.DataFrame]:
+        refuse_unless_admin(services.settings, request.username, "Measuring perplexity")
         model = manager.require_model()
         chosen = list(chosen or [])
         if chosen != model.info().loras:
@@ -338,7 +347,9 @@ def _perplexity_panel(services: Services, jobs: JobManager) -> None:
     _fresh_choices(file, lambda: list_datasets(jobs.folders.datasets))
     _fresh_choices(run, jobs.list_runs)
     _fresh_choices(loras, manager.list_loras)
-    evaluate.click(on_evaluate, [source, file, run, loras, context, stride, limit], [result, table])
+    evaluate.click(on_evaluate, [source, file, run, loras, context, stride, limit], [result, table],
+                   api_name="evaluate_perplexity")
+    operator_only(ctx, controls)
 
 
 def _text_of(jobs: JobManager, name: str) -> str:
@@ -362,8 +373,9 @@ def _results_frame(path: Path) -> pd.DataFrame:
 # --- merge and export -------------------------------------------------------------------------------------------------
 
 
-def _export_panel(services: Services, jobs: JobManager) -> None:
-    manager = services.manager
+def _export_panel(ctx: UiContext, jobs: JobManager) -> None:
+    manager = ctx.services.manager
+    settings = ctx.services.settings
     folders = jobs.folders
 
     def transformers_models() -> list[str]:
@@ -388,22 +400,26 @@ def _export_panel(services: Services, jobs: JobManager) -> None:
         export = gr.Button("Export to GGUF", elem_id="export-gguf")
     outcome = gr.Markdown(elem_id="export-outcome")
 
-    @_guard
-    def on_merge(lora_name: str | None, base_name: str, out_name: str, merged_dtype: str, replace: bool) -> Any:
+    @user_errors
+    def on_merge(lora_name: str | None, base_name: str, out_name: str, merged_dtype: str, replace: bool,
+                 request: gr.Request) -> Any:
+        refuse_unless_admin(settings, request.username, "Merging a LoRA")
         lora_dir = resolve_inside(folders.loras, _required(lora_name, "LoRA"), what="LoRA", must_exist=True)
         out = resolve_inside(folders.models, (out_name or "").strip() or f"{lora_name}-merged", what="model")
         merge_lora(lora_dir, lora_base_dir(lora_dir, folders.models, base_name or None), out, dtype=merged_dtype,
                    overwrite=replace)
         return f"Merged into **{out.name}** in models/.", gr.update(choices=transformers_models(), value=out.name)
 
-    @_guard
-    def on_lora_gguf(lora_name: str | None, base_name: str) -> str:
+    @user_errors
+    def on_lora_gguf(lora_name: str | None, base_name: str, request: gr.Request) -> str:
+        refuse_unless_admin(settings, request.username, "Exporting a LoRA")
         lora_dir = resolve_inside(folders.loras, _required(lora_name, "LoRA"), what="LoRA", must_exist=True)
         path = export_lora_gguf(lora_dir, lora_base_dir(lora_dir, folders.models, base_name or None))
         return f"Wrote **{path.name}** in loras/{lora_dir.name}/ (the llama.cpp loader applies it)."
 
-    @_guard
-    def on_export(model_name: str | None, kinds: list[str], replace: bool) -> str:
+    @user_errors
+    def on_export(model_name: str | None, kinds: list[str], replace: bool, request: gr.Request) -> str:
+        refuse_unless_admin(settings, request.username, "Exporting a model")
         source = resolve_inside(folders.models, _required(model_name, "model"), what="model", must_exist=True)
         if not kinds:
             raise PathError("Tick at least one GGUF type.")
@@ -414,6 +430,6 @@ def _export_panel(services: Services, jobs: JobManager) -> None:
     _fresh_choices(lora, manager.list_loras)
     _fresh_choices(base, lambda: [""] + manager.list_models())
     _fresh_choices(model, transformers_models)
-    merge.click(on_merge, [lora, base, merged_name, dtype, overwrite], [outcome, model])
-    lora_gguf.click(on_lora_gguf, [lora, base], outcome)
-    export.click(on_export, [model, types, overwrite], outcome)
+    merge.click(on_merge, [lora, base, merged_name, dtype, overwrite], [outcome, model], api_name="merge_lora")
+    lora_gguf.click(on_lora_gguf, [lora, base], outcome, api_name="export_lora_gguf")
+    export.click(on_export, [model, types, overwrite], outcome, api_name="export_model_gguf")
