@@ -21,6 +21,7 @@ from modules.errors import ConfigError, ModelLoadError, describe_validation_erro
 from modules.generation_params import GenerationParams, TokenEvent
 
 if TYPE_CHECKING:
+    from loaders.batching import BatchDecoder
     from modules.constraints.worker import TrialCompiler
 
 
@@ -70,6 +71,8 @@ class LoadedModel(ABC):
     eos_token: str | None
     #: Width of the logits (token ids must be below it); None when the backend does not say.
     vocab_size: int | None = None
+    #: Sequences the model decodes together (its loader's `parallel` option); 1: one request at a time.
+    slots: int = 1
     #: The most UTF-8 bytes one token stands for (a bound to refuse a text too long for the context without
     #: tokenizing it); None when the backend does not say.
     max_token_bytes: int | None = None
@@ -90,6 +93,11 @@ class LoadedModel(ABC):
 
     def token_count(self, text: str) -> int:
         return len(self.encode(text))
+
+    def batch_decoder(self) -> BatchDecoder | None:
+        """The decoder that runs up to `slots` sequences together (loaders.batching); None when this model
+        cannot batch, and the scheduler runs its requests one at a time through `stream`."""
+        return None
 
     def constraint_compiler(self) -> TrialCompiler | None:
         """How modules.constraints trial-compiles a grammar or schema for this model in a child process (its

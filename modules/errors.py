@@ -85,6 +85,13 @@ class GenerationError(WorkbenchError):
     status_code = 500
 
 
+class Overloaded(WorkbenchError):
+    """Too many requests are waiting for a model (--max-queue): try again shortly."""
+
+    error_type = "server_error"
+    status_code = 503
+
+
 class BusyError(WorkbenchError):
     """The model manager refused work (for example a swap while a request runs)."""
 

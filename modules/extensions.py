@@ -358,9 +358,14 @@ def start_extensions(services: Any, *, serve: bool = True, folders: list[Path] |
     app = FastAPI(title="LLM workbench API", version="1")
     registry.app = app
     registry.setup(app, services)
-    services.manager.on_change(lambda event, _info: registry.attach_logits_processors(services, services.manager.model)
-                               if event == "loaded" else None)
-    registry.attach_logits_processors(services, services.manager.model)
+
+    def attach(event: str, _info: Any) -> None:
+        if event == "loaded":  # every resident model (one loaded just now among them) gets the processors
+            for resident in services.manager.pool.all():
+                registry.attach_logits_processors(services, resident.model)
+
+    services.manager.on_change(attach)
+    attach("loaded", None)
     if serve:
         registry.handles = {name: handle for name, handle in registry.call("start", app=app, services=services)
                             if handle is not None}
