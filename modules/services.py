@@ -42,7 +42,9 @@ class Services:
 
 
 def build_services(settings: Settings) -> Services:
-    manager = ModelManager(settings.model_dir, settings.lora_dir, loader_options=settings.loader_options)
+    manager = ModelManager(settings.model_dir, settings.lora_dir, loader_options=settings.loader_options,
+                           max_models=settings.max_models, memory_budget=settings.memory_budget_bytes,
+                           idle_unload=settings.idle_unload, max_queue=settings.max_queue)
     return Services(settings=settings, manager=manager)
 
 

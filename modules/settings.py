@@ -6,6 +6,7 @@ one line in its model and appears in `--help`, in settings.yaml and, later, in t
 from __future__ import annotations
 
 import argparse
+import re
 import types
 import typing
 from pathlib import Path
@@ -58,6 +59,14 @@ class Settings(BaseModel):
     training_dir: Path = Field(Path("training"), description="Folder of training datasets (datasets/) and runs "
                                                              "(runs/).")
     loader_options: dict[str, Any] = Field(default_factory=dict, description="Loader options (see the flags).")
+    # --- serving several requests and models ---------------------------------------------------------------------
+    max_models: int = Field(1, ge=0, description="Models kept loaded at once; loading one more unloads the least "
+                                                 "recently used idle one (0: no limit).")
+    memory_budget: str = Field("0", description="Memory the loaded models may take together, e.g. 12GiB; loading "
+                                                "past it unloads the least recently used idle model (0: no limit).")
+    idle_unload: float = Field(0, ge=0, description="Unload a model nobody used for this many seconds (0: never).")
+    max_queue: int = Field(64, ge=0, description="Requests that may wait per model; more are refused with 503 "
+                                                 "and Retry-After (0: no limit).")
     # --- generation and chat defaults -------------------------------------------------------------------------
     preset: str = Field("Default", description="Generation preset (a name in --preset-dir).")
     generation: dict[str, Any] = Field(default_factory=dict, description="GenerationParams overriding the preset.")
@@ -129,6 +138,13 @@ class Settings(BaseModel):
                 finder.validated_params(name, module)  # a ValueError names the key
         return self
 
+    @field_validator("memory_budget")
+    @classmethod
+    def _a_size(cls, value: str) -> str:
+        if not re.fullmatch(r"\s*\d+(\.\d+)?\s*([KMGTkmgt]i?[Bb]?)?\s*", value):
+            raise ValueError(f"{value!r} is not a size (for example 12GiB, 800MiB or 0)")
+        return value
+
     @field_validator("generation")
     @classmethod
     def _valid_generation(cls, value: dict[str, Any]) -> dict[str, Any]:
@@ -153,10 +169,24 @@ class Settings(BaseModel):
         return value
 
     @property
+    def memory_budget_bytes(self) -> int:
+        return parse_size(self.memory_budget)
+
+    @property
     def host(self) -> str:
         if not self.listen:
             return "127.0.0.1"
         return self.listen_host or "0.0.0.0"
+
+
+def parse_size(text: str) -> int:
+    """Bytes of a size such as "12GiB", "800MB", "1.5G" or "0" (binary units: K, M, G, T are powers of 1024)."""
+    number = text.strip().rstrip("BbIi").rstrip()
+    units = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+    scale = units.get(number[-1:].upper(), 1) if number else 1
+    if scale != 1:
+        number = number[:-1]
+    return int(float(number or 0) * scale)
 
 
 def loader_option_types() -> dict[str, type[LoaderOptions]]:
