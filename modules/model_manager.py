@@ -24,6 +24,7 @@ from modules.errors import (InvalidInput, ModelLoadError, ModelLoading, NoModelL
 from modules.generation_params import GenerationParams
 from modules.memory import release_memory, weights_in_mmap
 from modules.paths import resolve_inside
+from modules.serving.metrics import ServingMetrics
 from modules.serving.request import Generation, check_text_fits, encode_prompt
 from modules.serving.residents import Loading, Resident, Residents
 
@@ -49,8 +50,10 @@ class ModelManager:
         #: Loader options from settings/flags (flat: each loader takes the keys its Options type has); a load
         #: request's own options override them.
         self.loader_options = loader_options or {}
+        #: What the pool, the engines and each Generation report (requests, tokens, times, loads, unloads).
+        self.metrics = ServingMetrics()
         self.pool = Residents(self._unloaded, max_models=max_models, memory_budget=memory_budget,
-                              idle_unload=idle_unload, max_queue=max_queue)
+                              idle_unload=idle_unload, max_queue=max_queue, metrics=self.metrics)
         self._default: str | None = None
         #: Whether a request's grammar or JSON schema may reach the model (modules.constraints).
         self.constraints = ConstraintChecker()

@@ -52,8 +52,10 @@ def ask(question: str = FRANCE) -> list[dict[str, str]]:
 
 # --- models ------------------------------------------------------------------------------------------------------
 def test_models_lists_the_loaded_model_first(client: openai.OpenAI) -> None:
-    ids = [m.id for m in client.models.list()]
+    models = client.models.list().data
+    ids = [m.id for m in models]
     assert ids[0] == MODEL and OTHER in ids
+    assert models[0].resident is True and models[ids.index(OTHER)].resident is False
     assert client.models.retrieve(MODEL).id == MODEL
     with pytest.raises(openai.NotFoundError):
         client.models.retrieve("no-such-model")
@@ -368,15 +370,16 @@ def test_predict_answers_an_alpaca_instruction(api: str, instruction_data: list[
     assert missing.status_code == 400 and missing.json()["error"]["param"] == "instruction"
 
 
-def test_autoload_loads_the_model_a_request_names(served, client: openai.OpenAI) -> None:
+def test_jit_loads_the_model_a_request_names(served, client: openai.OpenAI) -> None:
     api, services = served
     params = services.extensions.extensions["openai"].params
-    params.autoload = True  # what --api-autoload sets
+    params.jit = True  # what --jit sets
     try:
         reply = client.chat.completions.create(model=OTHER, messages=ask(), max_tokens=4)
-        assert reply.model == OTHER and client.models.list().data[0].id == OTHER
+        assert reply.model == OTHER and client.models.list().data[0].id == OTHER  # --max-models 1: it replaced
+        assert [m["name"] for m in httpx.get(api + "/v1/internal/models").json()["models"]] == [OTHER]
     finally:
-        params.autoload = False
+        params.jit = False
         httpx.post(api + "/v1/internal/model/load", json={"model_name": MODEL, "args": {"n_ctx": 2048}}, timeout=120)
     assert client.models.list().data[0].id == MODEL
 

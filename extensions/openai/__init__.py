@@ -31,7 +31,10 @@ class Params(BaseModel):
                                   json_schema_extra=_flag("admin_key"))
     cors_origins: list[str] = Field(default_factory=list, description="Origins allowed by CORS (off if empty).",
                                     json_schema_extra=_flag("api_cors_origins"))
-    autoload: bool = Field(False, description="Load a model named in an API request if it is not loaded.",
+    jit: bool = Field(False, description="Load a model of models/ that a request names when it is not loaded (just "
+                                         "in time), keeping the others up to --max-models.",
+                      json_schema_extra=_flag("jit"))
+    autoload: bool = Field(False, description="Old name of --jit, kept working: the same switch.",
                            json_schema_extra=_flag("api_autoload"))
     embedding_model: str | None = Field(None, description="A sentence-transformers model folder for "
                                                           "/v1/embeddings; empty = all-MiniLM-L6-v2 (packaged).")
@@ -41,6 +44,11 @@ class Params(BaseModel):
     allow_template_str: bool = Field(False, description="Accept instruction_template_str: a Jinja chat template "
                                                         "sent by the client and rendered here (sandboxed, but a "
                                                         "template can still burn CPU and memory).")
+
+    @property
+    def loads_on_demand(self) -> bool:
+        """Whether a request may load the model it names (--jit, or its old name --api-autoload)."""
+        return self.jit or self.autoload
 
 
 params = Params()

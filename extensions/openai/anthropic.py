@@ -15,16 +15,17 @@ from pydantic import ValidationError
 from extensions.openai.completions import (STREAMED, ChatPlan, api_state, first_chunk, start_run,
                                            warnings_header)
 from extensions.openai.errors import ApiError, api_error_from, documented_errors, validation_error
-from extensions.openai.mapping import check_model, check_template_str
+from extensions.openai.mapping import check_template_str
 from extensions.openai.protocol import (AnthropicBlock, AnthropicUsage, ChatCompletionRequest, MessagesCountRequest,
                                         MessagesRequest, MessagesResponse, MessagesTokenCount)
 from extensions.openai.streaming import CallStart, GenerationRun, ReplyEvent, TextPiece, guarded, sse
+from extensions.openai.target import resolve_target
 from modules.errors import WorkbenchError
 
 ANTHROPIC_ERRORS = documented_errors(anthropic=True)
 router = APIRouter(responses=ANTHROPIC_ERRORS)
 _OWN_FIELDS = {"model", "max_tokens", "messages", "system", "stop_sequences", "temperature", "top_p", "stream",
-               "tools", "tool_choice", "metadata"}
+               "tools", "tool_choice", "metadata", "lora", "keep_alive"}
 
 
 def _text_of(content: Any, where: str) -> str:
@@ -131,15 +132,15 @@ def tool_use_id(call_id: str) -> str:
 @router.post("/v1/messages", response_model=MessagesResponse, responses={**STREAMED, **ANTHROPIC_ERRORS})
 async def messages(body: MessagesRequest, request: Request) -> Any:
     services = api_state(request).services
-    autoload = api_state(request).params.autoload
-    model_name = await run_in_threadpool(check_model, services, body.model, autoload=autoload)
     chat_request = to_chat_request(body)
     check_template_str(api_state(request).params, chat_request)
+    target = await resolve_target(request, body)
+    model_name = target.name
     try:
-        plan = await run_in_threadpool(ChatPlan, services, chat_request)
+        plan = await run_in_threadpool(ChatPlan, services, chat_request, target.model)
     except WorkbenchError as exc:
         raise api_error_from(exc, "messages") from None
-    run = await start_run(services, request, plan.prompt, plan.params, plan.add_bos)
+    run = await start_run(services, request, plan.prompt, plan.params, plan.add_bos, target=target)
     first = await first_chunk(run)
     warnings = plan.warnings + run.generation.warnings
     ident = f"msg_{uuid.uuid4().hex[:24]}"
@@ -165,15 +166,15 @@ async def count_tokens(body: MessagesCountRequest, request: Request) -> Any:
     """Anthropic's token count: the tokens of the prompt /v1/messages would build for the same body (system,
     messages and tools), as its usage.input_tokens counts them."""
     services = api_state(request).services
-    autoload = api_state(request).params.autoload
-    await run_in_threadpool(check_model, services, body.model, autoload=autoload)
     # a reply of one token: the whole conversation is counted, as far as the context holds it
     chat_request = to_chat_request(body.model_copy(update={"max_tokens": body.max_tokens or 1}))
     check_template_str(api_state(request).params, chat_request)
+    model = (await resolve_target(request, body)).model
 
     def count() -> tuple[int, list[str]]:
-        plan = ChatPlan(services, chat_request)
-        return services.manager.prompt_token_count(plan.prompt, plan.params, add_bos=plan.add_bos), plan.warnings
+        plan = ChatPlan(services, chat_request, model)
+        return (services.manager.prompt_token_count(plan.prompt, plan.params, add_bos=plan.add_bos, model=model),
+                plan.warnings)
 
     try:
         tokens, warnings = await run_in_threadpool(count)

@@ -12,14 +12,15 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from extensions.openai import tools as tooling
 from extensions.openai.errors import ApiError, api_error_from, documented_errors
-from extensions.openai.mapping import (apply_input_hooks, build_chat_prompt, build_params, check_model,
-                                       check_template_str, check_token_ids, params_from_state, state_of)
+from extensions.openai.mapping import (apply_input_hooks, build_chat_prompt, build_params, check_template_str,
+                                       check_token_ids, params_from_state, state_of)
 from extensions.openai.protocol import (ChatChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse,
                                         ChoiceLogprobs, ChunkChoice, CompletionChoice, CompletionLogprobs,
                                         CompletionRequest, CompletionResponse, Delta, DeltaFunction, DeltaToolCall,
                                         LogprobItem, ResponseMessage, ToolCall, TopLogprob, Usage)
 from extensions.openai.streaming import (CallStart, ClientGone, GenerationRun, HeldBackText, ReplyEvent, TextPiece,
                                         guarded, sse)
+from extensions.openai.target import Target, resolve_target
 from extensions.openai.tool_calls import parse_tool_calls
 from modules.errors import WorkbenchError
 from modules.generation_params import GenerationParams, TokenEvent
@@ -38,17 +39,19 @@ def api_state(request: Request) -> Any:
 
 # --- running generations --------------------------------------------------------------------------------------------
 async def start_run(services: Any, request: Request, prompt: str | list[int], params: GenerationParams,
-                    add_bos: bool | None = None) -> GenerationRun:
-    """A queued generation for the request, made in a worker thread (it tokenizes the prompt and may compile a
-    grammar: never on the event loop). A prompt that does not fit the context is refused, never cut."""
-    model = services.manager.model
+                    add_bos: bool | None = None, *, target: Target) -> GenerationRun:
+    """A queued generation for the request on its target model, made in a worker thread (it tokenizes the prompt
+    and may compile a grammar: never on the event loop). A prompt that does not fit the context is refused, never
+    cut."""
+    resident = services.manager.resident(target.model)
+    model = resident.model if resident is not None else None
     if model is not None and params.max_new_tokens >= model.context_length:
         raise ApiError(400, f"max_tokens ({params.max_new_tokens}) must be below the context length "
                             f"({model.context_length}) to leave room for the prompt.", param="max_tokens",
                        code="context_length_exceeded")
     try:
         generation = await run_in_threadpool(services.manager.generate, prompt, params, add_bos=add_bos,
-                                             cut_to_fit=False)
+                                             cut_to_fit=False, **target.generate_options())
     except WorkbenchError as exc:
         raise api_error_from(exc) from None
     return GenerationRun(generation, request)
@@ -101,10 +104,8 @@ def stream_error(exc: BaseException) -> str:
 @router.post("/v1/completions", response_model=CompletionResponse, response_model_exclude_none=True,
              responses=STREAMED)
 async def completions(body: CompletionRequest, request: Request) -> Any:
-    state = api_state(request)
-    services = state.services
-    autoload = api_state(request).params.autoload
-    model_name = await run_in_threadpool(check_model, services, body.model, autoload=autoload)
+    services = api_state(request).services
+    target = await resolve_target(request, body)
     prompt = body.prompt
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
         if len(prompt) != 1:
@@ -114,7 +115,7 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
     if isinstance(prompt, (str, list)) and len(prompt) == 0:
         raise ApiError(400, "The prompt is empty.", param="prompt")
     if isinstance(prompt, list):
-        await run_in_threadpool(check_token_ids, services.manager, prompt, "prompt")
+        await run_in_threadpool(check_token_ids, services.manager, prompt, "prompt", target.model)
     if body.best_of not in (None, body.n):
         raise ApiError(400, "best_of is not supported (ask for n choices instead).", param="best_of")
     params, warnings = build_params(services, body, max_tokens=body.max_tokens, logprobs=body.logprobs or 0)
@@ -125,40 +126,43 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
         if isinstance(prompt, str):
             prompt = registry.modify_input(prompt, hook_state)
     if body.suffix:
-        prompt = await run_in_threadpool(fill_in_the_middle, services, prompt, body.suffix)
+        prompt = await run_in_threadpool(fill_in_the_middle, services, prompt, body.suffix, target.model)
     echo = ""
     if body.echo:
-        echo = prompt if isinstance(prompt, str) else await run_in_threadpool(services.manager.decode, prompt)
-    run = await start_run(services, request, prompt, params)
+        echo = prompt if isinstance(prompt, str) else await run_in_threadpool(services.manager.decode, prompt,
+                                                                              model=target.model)
+    run = await start_run(services, request, prompt, params, target=target.for_choice(0, body.n))
     first = await first_chunk(run)
     warnings += run.generation.warnings
     created, ident = int(time.time()), f"cmpl-{uuid.uuid4().hex}"
     if body.stream:
         return StreamingResponse(guarded(_stream_completion(services, request, body, run, first, prompt, params,
-                                                            echo, ident, created, model_name), [run]),
+                                                            echo, ident, created, target), [run]),
                                  media_type="text/event-stream", headers=warnings_header(warnings))
     runs = [run]
     await run.collect()
     for index in range(1, body.n):
-        more = await start_run(services, request, prompt, seeded(params, index))
+        more = await start_run(services, request, prompt, seeded(params, index),
+                               target=target.for_choice(index, body.n))
         runs.append(more)
         await more.collect()
     choices = [CompletionChoice(index=i, text=echo + r.generation.text, finish_reason=finish_reason(r),
                                 logprobs=None if body.logprobs is None else completion_logprobs(r.tokens, len(echo)))
                for i, r in enumerate(runs)]
-    response = CompletionResponse(id=ident, created=created, model=model_name, choices=choices, usage=usage_of(runs),
-                                  warnings=warnings or None)
+    response = CompletionResponse(id=ident, created=created, model=target.name, choices=choices,
+                                  usage=usage_of(runs), warnings=warnings or None)
     return JSONResponse(response.model_dump(exclude_none=True), headers=warnings_header(warnings))
 
 
 async def _stream_completion(services: Any, request: Request, body: CompletionRequest, run: GenerationRun, first: Any,
                              prompt: Any, params: GenerationParams, echo: str, ident: str, created: int,
-                             model: str) -> AsyncIterator[str]:
-    runs = [run]
+                             target: Target) -> AsyncIterator[str]:
+    runs, model = [run], target.name
     try:
         for index in range(body.n):
             if index:
-                run = await start_run(services, request, prompt, seeded(params, index))
+                run = await start_run(services, request, prompt, seeded(params, index),
+                                      target=target.for_choice(index, body.n))
                 runs.append(run)
                 first = await run.next_chunk()
             offset = 0
@@ -192,14 +196,14 @@ def completion_logprobs(tokens: list[TokenEvent], offset: int) -> CompletionLogp
                               top_logprobs=[{top.token: top.logprob for top in t.top_logprobs} for t in tokens])
 
 
-def fill_in_the_middle(services: Any, prompt: Any, suffix: str) -> str:
+def fill_in_the_middle(services: Any, prompt: Any, suffix: str, model: str | None = None) -> str:
     """A prefix-suffix-middle prompt for models whose vocabulary has StarCoder-style FIM tokens."""
     if not isinstance(prompt, str):
         raise ApiError(400, "suffix needs a text prompt.", param="suffix")
     manager = services.manager
     markers = ("<fim_prefix>", "<fim_suffix>", "<fim_middle>")
     try:
-        single = all(len(manager.encode(marker)) == 1 for marker in markers)
+        single = all(len(manager.encode(marker, model=model)) == 1 for marker in markers)
     except WorkbenchError:
         single = False
     if not single:
@@ -230,9 +234,10 @@ def chat_messages(body: ChatCompletionRequest) -> list[dict[str, Any]]:
 
 
 class ChatPlan:
-    """Everything a chat request needs before generating: prompt, params, tools, warnings."""
+    """Everything a chat request needs before generating: prompt, params, tools, warnings; built for the resident
+    model `model_name` (None: the default one)."""
 
-    def __init__(self, services: Any, body: ChatCompletionRequest):
+    def __init__(self, services: Any, body: ChatCompletionRequest, model_name: str | None = None):
         max_tokens = body.max_completion_tokens or body.max_tokens
         top = body.top_logprobs or 0
         params, self.warnings = build_params(services, body, max_tokens=max_tokens,
@@ -264,7 +269,7 @@ class ChatPlan:
             params = params_from_state(state, params)
         self.state = state
         messages = apply_input_hooks(services, chat_messages(body), state)
-        model = services.manager.require_model()
+        model = services.manager.require_model(model_name)
         template_tools = None
         if self.tools:
             from modules.chat.templates import choose_template
@@ -280,7 +285,7 @@ class ChatPlan:
                 messages = tooling.with_fallback_system(messages, self.tools)
         else:
             messages = tooling.for_template(messages)
-        chat = build_chat_prompt(services, messages, body, params, state, template_tools)
+        chat = build_chat_prompt(services, messages, body, params, state, template_tools, model_name)
         self.prompt, self.add_bos = chat.prompt, chat.add_bos
         self.warnings += chat.warnings
         self.params = params.model_copy(update={"stop": list(dict.fromkeys([*params.stop, *chat.stops]))})
@@ -307,25 +312,26 @@ class ChatPlan:
              responses=STREAMED)
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
     services = api_state(request).services
-    autoload = api_state(request).params.autoload
-    model_name = await run_in_threadpool(check_model, services, body.model, autoload=autoload)
     check_template_str(api_state(request).params, body)
+    target = await resolve_target(request, body)
     try:
-        plan = await run_in_threadpool(ChatPlan, services, body)
+        plan = await run_in_threadpool(ChatPlan, services, body, target.model)
     except WorkbenchError as exc:
         raise api_error_from(exc, "messages") from None
-    run = await start_run(services, request, plan.prompt, plan.params, plan.add_bos)
+    run = await start_run(services, request, plan.prompt, plan.params, plan.add_bos,
+                          target=target.for_choice(0, body.n))
     first = await first_chunk(run)
     warnings = plan.warnings + run.generation.warnings
     created, ident = int(time.time()), f"chatcmpl-{uuid.uuid4().hex}"
     if body.stream:
         return StreamingResponse(guarded(_stream_chat(services, request, body, plan, run, first, ident, created,
-                                                      model_name), [run]),
+                                                      target), [run]),
                                  media_type="text/event-stream", headers=warnings_header(warnings))
     runs = [run]
     await run.collect()
     for index in range(1, body.n):
-        more = await start_run(services, request, plan.prompt, seeded(plan.params, index), plan.add_bos)
+        more = await start_run(services, request, plan.prompt, seeded(plan.params, index), plan.add_bos,
+                               target=target.for_choice(index, body.n))
         runs.append(more)
         await more.collect()
     choices = []
@@ -340,13 +346,16 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
                                   message=ResponseMessage(content=content,
                                                           tool_calls=[ToolCall(**c) for c in calls] or None),
                                   logprobs=chat_logprobs(item.tokens, plan.top_logprobs)))
-    response = ChatCompletionResponse(id=ident, created=created, model=model_name, choices=choices,
+    response = ChatCompletionResponse(id=ident, created=created, model=target.name, choices=choices,
                                       usage=usage_of(runs), warnings=warnings or None)
     return JSONResponse(response.model_dump(exclude_none=True), headers=warnings_header(warnings))
 
 
 async def _stream_chat(services: Any, request: Request, body: ChatCompletionRequest, plan: ChatPlan,
-                       run: GenerationRun, first: Any, ident: str, created: int, model: str) -> AsyncIterator[str]:
+                       run: GenerationRun, first: Any, ident: str, created: int, target: Target
+                       ) -> AsyncIterator[str]:
+    model = target.name
+
     def chunk(index: int, delta: Delta, reason: str | None = None, logprobs: Any = None) -> str:
         return sse(ChatCompletionChunk(id=ident, created=created, model=model, choices=[
             ChunkChoice(index=index, delta=delta, finish_reason=reason, logprobs=logprobs)]))
@@ -355,7 +364,8 @@ async def _stream_chat(services: Any, request: Request, body: ChatCompletionRequ
     try:
         for index in range(body.n):
             if index:
-                run = await start_run(services, request, plan.prompt, seeded(plan.params, index), plan.add_bos)
+                run = await start_run(services, request, plan.prompt, seeded(plan.params, index), plan.add_bos,
+                                      target=target.for_choice(index, body.n))
                 runs.append(run)
                 first = await run.next_chunk()
             yield chunk(index, Delta(role="assistant", content=""))

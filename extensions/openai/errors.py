@@ -2,9 +2,9 @@
 
 Every error has a kind, known by its type: bad input is a 400, a missing key 401, something that does not exist 404,
 a body over the limit 413; a bug (any exception nobody expected) is a 500 whose body and log line carry the same
-error id; 503 only means "try again later" (a model loading, no model yet, the server busy) and always comes with
-Retry-After. Bodies are OpenAI's `{"error": {"message", "type", "param", "code"}}`, and Anthropic's
-`{"type": "error", "error": {"type", "message"}}` under /v1/messages, where the type is Anthropic's own
+error id; 503 only means "try again later" (a model loading, no model yet, the server busy, a model's queue full)
+and always comes with Retry-After. Bodies are OpenAI's `{"error": {"message", "type", "param", "code"}}`, and
+Anthropic's `{"type": "error", "error": {"type", "message"}}` under /v1/messages, where the type is Anthropic's own
 (invalid_request_error, authentication_error, not_found_error, request_too_large, api_error, overloaded_error, ...).
 """
 from __future__ import annotations
@@ -22,13 +22,14 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from extensions.openai.streaming import ClientGone
-from modules.errors import (BusyError, ContextLengthExceeded, ModelLoading, NoModelLoaded, NotFound, WorkbenchError,
-                            validation_problems)
+from modules.errors import (BusyError, ContextLengthExceeded, ModelLoading, NoModelLoaded, NotFound, Overloaded,
+                            WorkbenchError, validation_problems)
 
 log = logging.getLogger(__name__)
 
-#: Seconds a client is told to wait (Retry-After) before asking again, by error code.
-RETRY_AFTER_S = {"model_loading": 5, "model_not_loaded": 10, "busy": 5}
+#: Seconds a client is told to wait (Retry-After) before asking again, by error code. A full queue frees a place
+#: as soon as any request ends, so "overloaded" asks again soon.
+RETRY_AFTER_S = {"model_loading": 5, "model_not_loaded": 10, "busy": 5, "overloaded": 1}
 
 _OPENAI_TYPES = {401: "invalid_request_error", 403: "permission_error", 429: "rate_limit_error"}
 _ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
@@ -108,6 +109,8 @@ def _kind_of(exc: WorkbenchError) -> _Kind:
         return _Kind(503, "model_not_loaded")
     if isinstance(exc, BusyError):
         return _Kind(503, "busy")
+    if isinstance(exc, Overloaded):
+        return _Kind(503, "overloaded")
     if isinstance(exc, ContextLengthExceeded):
         return _Kind(400, "context_length_exceeded")
     if isinstance(exc, NotFound):

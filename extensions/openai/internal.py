@@ -1,6 +1,7 @@
 """GET /v1/models(/{id}), text-generation-webui's /v1/internal/* routes and the seeds' POST /predict."""
 from __future__ import annotations
 
+import math
 import time
 from typing import Any
 
@@ -10,13 +11,16 @@ from fastapi.concurrency import run_in_threadpool
 from extensions.openai.completions import ERRORS, api_state, first_chunk, start_run
 from extensions.openai.embeddings import router as embeddings_router
 from extensions.openai.errors import ApiError, api_error_from
-from extensions.openai.mapping import check_token_ids, model_names_of
+from extensions.openai.mapping import check_token_ids
 from extensions.openai.protocol import (DecodeRequest, DecodeResponse, EncodeRequest, EncodeResponse, HealthResponse,
-                                        LoadModelRequest, LoadModelResponse, LoraLoadRequest, ModelCard,
-                                        ModelInfoResponse, ModelList, ModelNamesResponse, PredictRequest,
-                                        PredictResponse, StatusResponse, TokenCountRequest, TokenCountResponse)
+                                        LoadModelRequest, LoadModelResponse, LoraLoadRequest, LoraNamesResponse,
+                                        ModelCard, ModelInfoResponse, ModelList, ModelNamesResponse, PredictRequest,
+                                        PredictResponse, ResidentModel, ResidentModelsResponse, StatusResponse,
+                                        TokenCountRequest, TokenCountResponse, UnloadModelRequest)
+from extensions.openai.target import resolve_target
 from modules.errors import WorkbenchError
 from modules.generation_params import GenerationParams
+from modules.model_manager import names_of
 
 router = APIRouter(responses=ERRORS)
 #: Longest text /encode and /token-count take: more tokens than any context holds; tokenizing more would hold a
@@ -51,16 +55,21 @@ def _call(function: Any, *args: Any, param: str | None = None, **kwargs: Any) ->
 
 # --- models ------------------------------------------------------------------------------------------------------
 def _model_cards(manager: Any) -> list[ModelCard]:
-    names = manager.list_models()
-    info = manager.info()
-    if info is not None and not (model_names_of(manager) & set(names)):
-        names = [info.name, *names]  # a remote model is not in models/
-    cards = []
-    for name in names:
-        path = manager.model_dir / name
-        created = int(path.stat().st_mtime) if path.exists() else 0
-        cards.append(ModelCard(id=name, created=created))
+    """Resident models first (the default one, then by recent use), then the rest of models/; a resident model
+    that is not in models/ (a remote one) is listed under its own name."""
+    residents = manager.pool.all()
+    default = manager.resident()
+    residents.sort(key=lambda r: r is not default)
+    cards = [_card(manager, r.name if (manager.model_dir / r.name).exists() else r.model.name, True)
+             for r in residents]
+    listed = {card.id for card in cards}
+    cards += [_card(manager, name, False) for name in manager.list_models() if name not in listed]
     return cards
+
+
+def _card(manager: Any, name: str, resident: bool) -> ModelCard:
+    path = manager.model_dir / name
+    return ModelCard(id=name, created=int(path.stat().st_mtime) if path.exists() else 0, resident=resident)
 
 
 @router.get("/v1/models", response_model=ModelList)
@@ -72,26 +81,31 @@ async def list_models(request: Request) -> ModelList:
 async def get_model(model_id: str, request: Request) -> ModelCard:
     manager = _manager(request)
     cards = await run_in_threadpool(_model_cards, manager)
-    if cards and model_id in model_names_of(manager):
-        return cards[0]  # the loaded model, under any of its names
+    resident = manager.resident(model_id)
     for card in cards:
-        if card.id == model_id:
+        if card.id == model_id or (resident is not None and card.resident and card.id in
+                                   names_of(resident, manager.model_dir)):
             return card
     raise ApiError(404, f"The model {model_id!r} does not exist.", param="model", code="model_not_found")
 
 
 # --- internal ----------------------------------------------------------------------------------------------------
 @router.get("/v1/internal/model/info", response_model=ModelInfoResponse)
-async def model_info(request: Request) -> ModelInfoResponse:
+async def model_info(request: Request, model: str | None = None) -> ModelInfoResponse:
+    """The default model, or the resident model `?model=NAME`."""
     manager = _manager(request)
-    model = manager.model
-    if model is None:
+    resident = manager.resident(model or None)
+    if resident is None:
+        if model:
+            raise ApiError(404, f"The model {model[:200]!r} is not loaded; /v1/internal/models lists the loaded "
+                                "ones.", param="model", code="model_not_found")
         return ModelInfoResponse(model_name=None)
-    info = model.info()
+    loaded = resident.model
+    info = loaded.info()
     return ModelInfoResponse(model_name=info.name, lora_names=info.loras, loader=info.loader,
                              context_length=info.context_length, capabilities=list(info.capabilities),
-                             supported_params=sorted(model.supported_params), chat_template=model.chat_template,
-                             bos_token=model.bos_token, eos_token=model.eos_token)
+                             supported_params=sorted(loaded.supported_params), chat_template=loaded.chat_template,
+                             bos_token=loaded.bos_token, eos_token=loaded.eos_token)
 
 
 @router.get("/v1/internal/model/list", response_model=ModelNamesResponse)
@@ -99,8 +113,36 @@ async def model_list(request: Request) -> ModelNamesResponse:
     return ModelNamesResponse(model_names=await run_in_threadpool(_manager(request).list_models))
 
 
+@router.get("/v1/internal/models", response_model=ResidentModelsResponse)
+async def resident_models(request: Request) -> ResidentModelsResponse:
+    """The models in memory, with their slots, queue and memory, and the pool's limits."""
+    return await run_in_threadpool(_residents, _manager(request))
+
+
+def _residents(manager: Any) -> ResidentModelsResponse:
+    pool, default = manager.pool, manager.resident()
+    now, wall = time.monotonic(), time.time()
+    models = []
+    for resident in pool.all():
+        engine, info = resident.engine, resident.model.info()
+        idle = resident.idle
+        deadline = resident.keep_until if resident.keep_until is not None else (
+            resident.last_used + pool.idle_unload if pool.idle_unload else math.inf)
+        models.append(ResidentModel(
+            name=resident.name, default=resident is default, loader=info.loader, context_length=info.context_length,
+            memory_bytes=info.memory_bytes, loras=info.loras, slots=engine.slots, slots_busy=engine.busy_slots,
+            queued=engine.waiting, max_queue=engine.max_queue, loaded_seconds_ago=round(wall - resident.loaded_at, 1),
+            idle_seconds=round(now - resident.last_used, 1) if idle else None,
+            unloads_in_seconds=round(max(0.0, deadline - now), 1) if idle and deadline != math.inf else None))
+    loading = pool.loading
+    return ResidentModelsResponse(models=models, max_models=pool.max_models, memory_budget_bytes=pool.memory_budget,
+                                  loading=loading.name if loading is not None else None)
+
+
 @router.post("/v1/internal/model/load", response_model=LoadModelResponse)
 async def model_load(body: LoadModelRequest, request: Request) -> LoadModelResponse:
+    """Load a model (again, with these settings, when it is resident) and make it the default one; the other
+    resident models stay, as far as --max-models and --memory-budget allow (the least recently used go first)."""
     manager = _manager(request)
     result = await run_in_threadpool(_call, manager.load, body.model_name, body.loader, body.args,
                                      param="model_name", cancel_running=True)
@@ -109,9 +151,20 @@ async def model_load(body: LoadModelRequest, request: Request) -> LoadModelRespo
 
 
 @router.post("/v1/internal/model/unload", response_model=StatusResponse)
-async def model_unload(request: Request) -> StatusResponse:
-    await run_in_threadpool(_call, _manager(request).unload, cancel_running=True)
+async def model_unload(request: Request, body: UnloadModelRequest | None = None) -> StatusResponse:
+    """Unload `model_name` (default: the default model), cancelling its requests."""
+    manager = _manager(request)
+    name = body.model_name if body is not None else None
+    if name is not None and manager.resident(name) is None:
+        raise ApiError(404, f"The model {name[:200]!r} is not loaded; /v1/internal/models lists the loaded ones.",
+                       param="model_name", code="model_not_found")
+    await run_in_threadpool(_call, manager.unload, name, cancel_running=True)
     return StatusResponse(status="ok")
+
+
+@router.get("/v1/internal/lora/list", response_model=LoraNamesResponse)
+async def lora_list(request: Request) -> LoraNamesResponse:
+    return LoraNamesResponse(lora_names=await run_in_threadpool(_manager(request).list_loras))
 
 
 @router.post("/v1/internal/lora/load", response_model=ModelInfoResponse)
@@ -132,26 +185,31 @@ def _check_tokenizable(text: str) -> None:
 @router.post("/v1/internal/encode", response_model=EncodeResponse)
 async def encode(body: EncodeRequest, request: Request) -> EncodeResponse:
     _check_tokenizable(body.text)
-    tokens = await run_in_threadpool(_call, _manager(request).encode, body.text, add_bos=body.add_bos, param="text")
+    model = (await resolve_target(request, body)).model
+    tokens = await run_in_threadpool(_call, _manager(request).encode, body.text, add_bos=body.add_bos, model=model,
+                                     param="text")
     return EncodeResponse(tokens=tokens, length=len(tokens))
 
 
 @router.post("/v1/internal/decode", response_model=DecodeResponse)
 async def decode(body: DecodeRequest, request: Request) -> DecodeResponse:
     manager = _manager(request)
-    return DecodeResponse(text=await run_in_threadpool(_call, _checked_decode, manager, body.tokens, param="tokens"))
+    model = (await resolve_target(request, body)).model
+    return DecodeResponse(text=await run_in_threadpool(_call, _checked_decode, manager, body.tokens, model,
+                                                       param="tokens"))
 
 
-def _checked_decode(manager: Any, tokens: list[int]) -> str:
-    check_token_ids(manager, tokens, "tokens")
-    return manager.decode(tokens)
+def _checked_decode(manager: Any, tokens: list[int], model: str) -> str:
+    check_token_ids(manager, tokens, "tokens", model)
+    return manager.decode(tokens, model=model)
 
 
 @router.post("/v1/internal/token-count", response_model=TokenCountResponse)
 async def token_count(body: TokenCountRequest, request: Request) -> TokenCountResponse:
     _check_tokenizable(body.text)
+    model = (await resolve_target(request, body)).model
     return TokenCountResponse(length=await run_in_threadpool(_call, _manager(request).token_count, body.text,
-                                                             param="text"))
+                                                             model=model, param="text"))
 
 
 @router.post("/v1/internal/stop-generation", response_model=StatusResponse)
@@ -179,10 +237,10 @@ async def health(request: Request) -> HealthResponse:
 @router.post("/predict", response_model=PredictResponse)
 async def predict(body: PredictRequest, request: Request) -> PredictResponse:
     services = api_state(request).services
-    services.manager.require_model()
+    target = await resolve_target(request)
     params = GenerationParams(temperature=body.temperature, do_sample=body.temperature > 0,
                               max_new_tokens=body.max_new_tokens, stop=["\n### ", "### Instruction:"])
-    run = await start_run(services, request, alpaca_prompt(body.instruction, body.input), params)
+    run = await start_run(services, request, alpaca_prompt(body.instruction, body.input), params, target=target)
     try:
         await first_chunk(run)
         text = await run.collect()

@@ -1,15 +1,15 @@
-"""Requests onto the core: which model, which GenerationParams (preset < request knobs < OpenAI fields), and the
-chat prompt, built by modules.chat (the same builder as the Chat tab) with the extensions' hooks around it."""
+"""Requests onto the core: which GenerationParams (preset < request knobs < OpenAI fields), and the chat prompt,
+built by modules.chat (the same builder as the Chat tab) with the extensions' hooks around it. Which model, LoRAs
+and keep_alive a request gets: target.py."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
 from extensions.openai.errors import ApiError, api_error_from, validation_error
-from modules.errors import NoModelLoaded, WorkbenchError
+from modules.errors import WorkbenchError
 from modules.generation_params import GenerationParams
 from modules.presets import load_preset
 
@@ -18,55 +18,15 @@ _CHAT_FIELDS = {"mode", "character", "instruction_template", "instruction_templa
                 "chat_instruct_command", "continue_", "name1"}
 
 
-# --- which model --------------------------------------------------------------------------------------------------
-def model_names_of(manager: Any) -> set[str]:
-    """Names a request may use for the loaded model."""
-    model = manager.model
-    if model is None:
-        return set()
-    path = Path(model.path)
-    names = {model.name, path.name, path.stem}
-    if path.parent.resolve() != manager.model_dir.resolve():
-        names.add(path.parent.name)  # a GGUF inside a model folder is listed by the folder's name
-    return names
-
-
-def loaded_model_name(manager: Any) -> str:
-    info = manager.info()
-    return info.name if info is not None else ""
-
-
-def check_model(services: Any, requested: str | None, *, autoload: bool) -> str:
-    """The name of the model that will answer, loading `requested` first when autoload is on. Raises 404 for a
-    model that is not loaded (or not in models/), and the manager's ModelLoading or NoModelLoaded (503) while a
-    model loads or when none is loaded."""
-    manager = services.manager
-    if requested and requested not in model_names_of(manager):
-        if manager.model is None and manager.loading is not None:
-            raise manager.missing_model()
-        if requested not in manager.list_models():
-            raise ApiError(404, f"The model {requested[:200]!r} does not exist; GET /v1/models lists the models.",
-                           param="model", code="model_not_found")
-        if not autoload and manager.model is None:
-            raise NoModelLoaded(f"No model is loaded (the request names {requested!r}). Load it with "
-                                "/v1/internal/model/load, or start the API with --api-autoload.")
-        if not autoload:
-            raise ApiError(404, f"The model {requested!r} is not loaded (the loaded one is "
-                                f"{loaded_model_name(manager) or 'none'}). Load it with /v1/internal/model/load, or "
-                                "start the API with --api-autoload.", param="model", code="model_not_found")
-        manager.load(requested)
-    manager.require_model()
-    return loaded_model_name(manager)
-
-
+# --- token ids ----------------------------------------------------------------------------------------------------
 def vocab_size(model: Any) -> int | None:
     """The model's vocabulary size where its loader tells (llama.cpp aborts the process on an unknown id)."""
     value = getattr(model, "vocab_size", None)
     return value if isinstance(value, int) and value > 0 else None
 
 
-def check_token_ids(manager: Any, ids: list[int], param: str) -> None:
-    size = vocab_size(manager.require_model())
+def check_token_ids(manager: Any, ids: list[int], param: str, model: str | None = None) -> None:
+    size = vocab_size(manager.require_model(model))
     bad = [t for t in ids if t < 0 or (size is not None and t >= size)]
     if bad:
         raise ApiError(400, f"Token id(s) {bad[:5]} are outside the vocabulary (0 to {size - 1 if size else '?'}).",
@@ -162,10 +122,12 @@ class ChatPrompt:
 
 
 def build_chat_prompt(services: Any, messages: list[dict[str, Any]], request: Any, params: GenerationParams,
-                      state: dict[str, Any], tools: list[dict[str, Any]] | None) -> ChatPrompt:
+                      state: dict[str, Any], tools: list[dict[str, Any]] | None, model: str | None = None
+                      ) -> ChatPrompt:
     """The prompt for an OpenAI-style conversation through the Chat tab's own builder
-    (modules.chat.model_prompt), with the request's text-generation-webui chat fields over the chat settings.
-    Instruct mode unless the request asks for another; the conversation brings its own system message."""
+    (modules.chat.model_prompt) for the resident model `model` (None: the default one), with the request's
+    text-generation-webui chat fields over the chat settings. Instruct mode unless the request asks for another;
+    the conversation brings its own system message."""
     from modules.chat.model_prompt import build_model_prompt
 
     settings = services.settings
@@ -184,7 +146,7 @@ def build_chat_prompt(services: Any, messages: list[dict[str, Any]], request: An
         "chat_instruct_command": getattr(request, "chat_instruct_command", None),
     }.items() if value}
     chat = settings.chat.model_copy(update={"system_message": "", **overrides})
-    built = build_model_prompt(services.manager.require_model(), chat, messages, max_new_tokens=params.max_new_tokens,
+    built = build_model_prompt(services.manager.require_model(model), chat, messages, max_new_tokens=params.max_new_tokens,
                                template_dir=settings.template_dir, characters_dir=settings.character_dir,
                                template_override=getattr(request, "instruction_template_str", None), tools=tools,
                                continue_last=bool(getattr(request, "continue_", False)), drop_old_messages=False)

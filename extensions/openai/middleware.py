@@ -3,6 +3,7 @@ the key check, the body guard (size cap, strict JSON), and the last resort that 
 a 500 with an error id."""
 from __future__ import annotations
 
+import hashlib
 import hmac
 import json
 import math
@@ -68,6 +69,16 @@ def _presented_key(scope: Scope) -> str | None:
     if auth.lower().startswith("bearer "):
         return auth[7:].strip()
     return headers.get("x-api-key")
+
+
+def client_key(scope: Scope) -> str:
+    """Whose request this is, for fair turns on a model: the API key it presents (hashed, so the key itself is
+    kept nowhere), else the address it comes from."""
+    key = _presented_key(scope)
+    if key:
+        return "key:" + hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+    client = scope.get("client")
+    return f"address:{client[0]}" if client else "address:unknown"
 
 
 class BodyGuard:

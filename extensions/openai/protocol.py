@@ -20,6 +20,7 @@ MAX_N = 8  # most choices one request may ask for (each is a full generation on 
 MAX_ITEMS = 1024
 MAX_STOPS = 64  # most stop strings (stop, stopping_strings, stop_sequences)
 MAX_TOOLS = 128
+MAX_LORAS = 16  # most LoRAs one request may name
 INT32_MAX = 2**31 - 1  # integer knobs reach the native samplers as 32-bit ints
 
 #: Knobs named like an OpenAI field with another meaning or type; the request models declare those themselves.
@@ -53,6 +54,22 @@ def _knob_fields() -> dict[str, Any]:
     return fields
 
 
+class LoraRef(BaseModel):
+    """One LoRA of a request's `lora` list: by `name` (a folder of loras/), or by `id` as llama.cpp's server
+    writes it (the LoRA's place in /v1/internal/lora/list; a name is accepted there too), with its scale."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    name: str | None = Field(None, min_length=1)
+    id: Annotated[int, Field(ge=0)] | str | None = None
+    scale: float = Field(1.0, ge=-100, le=100)
+
+    @model_validator(mode="after")
+    def _one_name(self) -> LoraRef:
+        if (self.name is None) == (self.id is None):
+            raise ValueError("give a LoRA's name or its id (one of the two)")
+        return self
+
+
 class _Extras(BaseModel):
     # strict: a JSON value of the wrong type is refused (400), never coerced ("5" is not 5, true is not 1)
     model_config = ConfigDict(extra="allow", populate_by_name=True, strict=True)
@@ -60,6 +77,12 @@ class _Extras(BaseModel):
     preset: str | None = Field(None, description="A preset from presets/ to start from.")
     stopping_strings: Annotated[list[str], Field(max_length=MAX_STOPS)] | None = Field(
         None, description="text-generation-webui's name for extra stops.")
+    lora: str | Annotated[list[str | LoraRef], Field(max_length=MAX_LORAS)] | None = Field(
+        None, description="LoRAs for this request only, instead of the model's own: a name, a list of names, or "
+                          "[{\"name\" (or llama.cpp's \"id\"), \"scale\"}]; [] runs the bare model.")
+    keep_alive: float | str | None = Field(
+        None, description="How long the model stays loaded once idle after this request (Ollama's): a duration "
+                          "(\"5m\", \"1h30m\"), seconds, 0 = unload after this request, -1 = keep loaded.")
 
     @model_validator(mode="before")
     @classmethod
@@ -332,6 +355,7 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "workbench"
+    resident: bool = Field(False, description="Loaded now: a request naming it is answered without a load.")
 
 
 class ModelList(BaseModel):
@@ -457,6 +481,41 @@ class ModelNamesResponse(BaseModel):
     model_names: list[str]
 
 
+class LoraNamesResponse(BaseModel):
+    lora_names: list[str] = Field(description="LoRAs in loras/; a request's `lora` may name one by its place "
+                                              "here (llama.cpp's `id`).")
+
+
+class ResidentModel(BaseModel):
+    """A model in memory and what it is doing."""
+
+    name: str
+    default: bool = Field(description="Requests that name no model get this one.")
+    loader: str
+    context_length: int
+    memory_bytes: int
+    loras: list[str]
+    slots: int = Field(description="Requests it decodes at once.")
+    slots_busy: int
+    queued: int = Field(description="Requests waiting for a slot.")
+    max_queue: int = Field(description="Most requests that may wait (0: no limit); beyond it 503 overloaded.")
+    loaded_seconds_ago: float
+    idle_seconds: float | None = Field(description="Seconds since its last request ended; None while in use.")
+    unloads_in_seconds: float | None = Field(
+        description="When idle, seconds until it is unloaded (keep_alive or --idle-unload); None: it stays.")
+
+
+class ResidentModelsResponse(BaseModel):
+    models: list[ResidentModel] = Field(description="Most recently used first.")
+    max_models: int = Field(description="Most models resident at once (0: no limit).")
+    memory_budget_bytes: int = Field(description="Memory the resident models may use (0: no limit).")
+    loading: str | None = Field(None, description="A model being loaded now.")
+
+
+class UnloadModelRequest(_Model):
+    model_name: str | None = Field(None, min_length=1, description="The model to unload; empty = the default one.")
+
+
 class LoadModelRequest(_Model):
     model_name: str = Field(min_length=1)
     loader: str | None = None
@@ -479,6 +538,7 @@ class LoraLoadRequest(_Model):
 class EncodeRequest(_Model):
     text: str
     add_bos: bool = False
+    model: str | None = Field(None, description="A resident model; empty = the default one.")
 
 
 class EncodeResponse(BaseModel):
@@ -488,6 +548,7 @@ class EncodeResponse(BaseModel):
 
 class DecodeRequest(_Model):
     tokens: list[Annotated[int, Field(ge=0, lt=2**31)]]
+    model: str | None = Field(None, description="A resident model; empty = the default one.")
 
 
 class DecodeResponse(BaseModel):
@@ -496,6 +557,7 @@ class DecodeResponse(BaseModel):
 
 class TokenCountRequest(_Model):
     text: str
+    model: str | None = Field(None, description="A resident model; empty = the default one.")
 
 
 class TokenCountResponse(BaseModel):

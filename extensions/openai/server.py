@@ -25,13 +25,16 @@ class ApiState:
     params: Any
     embedder: Any = None
     lock: threading.Lock = field(default_factory=threading.Lock)
+    #: The Prometheus registry GET /metrics renders (extensions/openai/metrics.py).
+    metrics: Any = None
 
 
 def install(app: FastAPI, services: Any, params: Any) -> None:
     """Add the API (routes, errors, security) to `app`."""
-    from extensions.openai import anthropic, completions, internal
+    from extensions.openai import anthropic, completions, internal, metrics
 
-    app.state.api = ApiState(services=services, params=params)
+    app.state.api = ApiState(services=services, params=params,
+                             metrics=metrics.metrics_registry(services.manager))
     install_error_handlers(app)
     # add_middleware puts each one outside the ones before: the key check runs first, then the body guard
     app.add_middleware(InternalErrors)
@@ -40,7 +43,7 @@ def install(app: FastAPI, services: Any, params: Any) -> None:
     if params.cors_origins:  # added last = outermost, so preflight requests never need a key
         app.add_middleware(CORSMiddleware, allow_origins=list(params.cors_origins), allow_methods=["*"],
                            allow_headers=["*"])
-    for module in (completions, anthropic, internal):
+    for module in (completions, anthropic, internal, metrics):
         app.include_router(module.router)
     _openapi_without_422(app)
 

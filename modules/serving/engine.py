@@ -21,6 +21,7 @@ from loaders.base import LoadedModel
 from loaders.batching import BatchDecoder, SequenceRequest, SerialDecoder, StepOutput
 from modules.errors import GenerationError, Overloaded, WorkbenchError
 from modules.generation_params import TokenEvent
+from modules.serving.metrics import ServingMetrics
 
 log = logging.getLogger(__name__)
 
@@ -98,10 +99,11 @@ class ClientQueues:
 class Engine:
     """Serves one loaded model from a thread of its own (started at once, stopped by `close`)."""
 
-    def __init__(self, model: LoadedModel, *, name: str, max_queue: int = 0):
+    def __init__(self, model: LoadedModel, *, name: str, max_queue: int = 0, metrics: ServingMetrics | None = None):
         self.model = model
         self.name = name
         self.max_queue = max_queue  # 0: no limit
+        self.metrics = metrics or ServingMetrics()  # told how long each request waited for its slot
         self._batch: BatchDecoder | None = model.batch_decoder() if model.slots > 1 else None
         self._serial = SerialDecoder(model)
         self._decoder: BatchDecoder | None = None  # the one the active sequences are in
@@ -241,6 +243,7 @@ class Engine:
                 ticket.deliver(Done("error", exc))
                 continue
             ticket.key, ticket.started = key, time.monotonic()
+            self.metrics.admitted(self.name, ticket.started - ticket.submitted)
             self._active[key] = ticket
             self._decoder = decoder
 

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from loaders.base import Capability, LoadedModel
 from loaders.batching import Adapter, SequenceRequest
-from modules.errors import ContextLengthExceeded, GenerationError, InvalidInput, WorkbenchError
+from modules.errors import ContextLengthExceeded, GenerationError, InvalidInput, Overloaded, WorkbenchError
 from modules.generation_params import GenerationParams, GenerationStats, TokenEvent, check_supported
 from modules.serving.engine import Done, Ticket
 from modules.stopping import StopStringFilter, StreamChunk
@@ -104,13 +104,30 @@ class Generation:
                         self.client)
         manager.pool.begin(resident)
         self._resident = resident
+        outcome = "error"  # until it is queued; then the reply's own finish reason
         try:
-            resident.engine.submit(ticket)
+            try:
+                resident.engine.submit(ticket)
+            except Overloaded:
+                outcome = "overloaded"
+                raise
+            outcome = ""
             yield from self._receive(inbox)
         finally:
             self.cancel_event.set()  # the caller left (or the reply ended): the engine drops it if still there
             resident.engine.wake()
             manager.pool.end(resident, self.keep_alive)
+            self._count(resident.name, outcome or self.stats.finish_reason, queued=not outcome)
+
+    def _count(self, model: str, outcome: str, *, queued: bool) -> None:
+        """Tell the manager's metrics how this request ended. Its prompt counts once it was queued; its latency
+        once it got a token or ended normally (a request cancelled while it waited has none)."""
+        stats = self.stats
+        timed = stats.time_to_first_token_s is not None or outcome in ("stop", "length")
+        self._manager.metrics.request_ended(
+            model, outcome, prompt_tokens=stats.prompt_tokens if queued else 0,
+            generated_tokens=stats.completion_tokens, time_to_first_token=stats.time_to_first_token_s,
+            seconds=stats.seconds if queued and timed else None)
 
     def _receive(self, inbox: queue.SimpleQueue[TokenEvent | Done]) -> Iterator[StreamChunk]:
         params, stats = self.params, self.stats

@@ -16,6 +16,7 @@ from loaders.base import LoadedModel
 from modules.errors import ModelLoadError
 from modules.memory import release_memory
 from modules.serving.engine import Engine
+from modules.serving.metrics import ServingMetrics
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +53,9 @@ class Residents:
     """The pool; `on_unload(name)` is told after a model is gone (listeners, the default model)."""
 
     def __init__(self, on_unload: Callable[[str], None], *, max_models: int = 1, memory_budget: int = 0,
-                 idle_unload: float = 0, max_queue: int = 0):
+                 idle_unload: float = 0, max_queue: int = 0, metrics: ServingMetrics | None = None):
         self._on_unload = on_unload
+        self.metrics = metrics or ServingMetrics()  # told of loads and unloads; handed to each engine
         self.max_models = max_models  # 0: no limit
         self.memory_budget = memory_budget  # bytes; 0: no limit
         self.idle_unload = idle_unload  # seconds; 0: never
@@ -107,8 +109,10 @@ class Residents:
             if replace:
                 self.unload(name, cancel_running=cancel_running)
             self._make_room(name, size_hint, cancel_running)
+            started = time.perf_counter()
             model = build()
-            resident = Resident(name, model, Engine(model, name=name, max_queue=self.max_queue))
+            self.metrics.loaded(name, time.perf_counter() - started)
+            resident = Resident(name, model, Engine(model, name=name, max_queue=self.max_queue, metrics=self.metrics))
             with self._lock:
                 self._residents[name] = resident
             self._start_reaper()
@@ -119,12 +123,14 @@ class Residents:
                 self._loading_since.pop(name, None)
                 self._lock.notify_all()
 
-    def unload(self, name: str, *, cancel_running: bool = False) -> bool:
-        """Unload `name` once its requests are done (or cancelled); False when it was not resident."""
+    def unload(self, name: str, *, cancel_running: bool = False, reason: str = "requested") -> bool:
+        """Unload `name` once its requests are done (or cancelled); False when it was not resident. `reason`
+        ("requested", "evicted", "idle") is what the metrics count it as."""
         with self._lock:
             resident = self._residents.pop(name, None)
         if resident is None:
             return False
+        self.metrics.unloaded(name, reason)
         try:
             resident.engine.close(cancel_running=cancel_running)
             resident.model.unload()
@@ -150,7 +156,7 @@ class Residents:
                 victim = self._victim()
             log.info("unloading %s to make room for %s", victim.name, name)
             self.evictions += 1
-            self.unload(victim.name, cancel_running=cancel_running)
+            self.unload(victim.name, cancel_running=cancel_running, reason="evicted")
 
     def _victim(self) -> Resident:
         """The least recently used idle model, or, when every one is busy, the least recently used (its running
@@ -203,7 +209,7 @@ class Residents:
                     continue
             for resident in due:
                 log.info("unloading %s: idle", resident.name)
-                self.unload(resident.name)
+                self.unload(resident.name, reason="idle")
 
     def close(self) -> None:
         """Unload every model (at shutdown)."""
