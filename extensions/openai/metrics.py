@@ -19,11 +19,12 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
+from extensions.openai.errors import documented_errors
 from modules.serving.metrics import Histogram
 
 PREFIX = "workbench:"
 
-router = APIRouter()
+router = APIRouter(responses=documented_errors())
 
 
 class ServingCollector(Collector):
