@@ -27,6 +27,7 @@ from modules.settings import load_settings
 
 ALPHA, BETA, GAMMA = "alpha.gguf", "beta.gguf", "gamma.gguf"  # one file under three names
 HI = [{"role": "user", "content": "Say hi."}]
+slow = pytest.mark.slow  # a served model answering real clients
 
 
 @pytest.fixture(scope="module")
@@ -92,6 +93,7 @@ def metric(api: str, name: str, **labels: str) -> float:
 
 
 # --- requests name their model ------------------------------------------------------------------------------------
+@slow
 def test_two_resident_models_answer_the_requests_that_name_them(api: str, client: openai.OpenAI) -> None:
     make_resident(api, BETA, ALPHA)
     before = {name: requests_of(api, name) for name in (ALPHA, BETA)}
@@ -113,6 +115,7 @@ def test_two_resident_models_answer_the_requests_that_name_them(api: str, client
     assert [c.resident for c in cards] == [True, True, False]
 
 
+@slow
 def test_tokenizer_and_info_routes_take_a_model(api: str) -> None:
     make_resident(api, BETA, ALPHA)
     encoded = httpx.post(api + "/v1/internal/encode", json={"text": "Hello world", "model": BETA}).json()
@@ -127,6 +130,7 @@ def test_tokenizer_and_info_routes_take_a_model(api: str) -> None:
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
 
 
+@slow
 def test_a_model_that_is_not_resident_is_a_404_saying_how_to_load_it(api: str, client: openai.OpenAI) -> None:
     make_resident(api, BETA, ALPHA)
     with pytest.raises(openai.NotFoundError) as info:
@@ -138,6 +142,7 @@ def test_a_model_that_is_not_resident_is_a_404_saying_how_to_load_it(api: str, c
     assert GAMMA not in resident(api)
 
 
+@slow
 def test_jit_loads_a_named_model_and_evicts_the_least_recently_used(served, api: str, client: openai.OpenAI) -> None:
     make_resident(api, BETA, ALPHA)
     client.completions.create(model=ALPHA, prompt="Hello", max_tokens=1)  # beta is now the least recently used
@@ -153,6 +158,7 @@ def test_jit_loads_a_named_model_and_evicts_the_least_recently_used(served, api:
     assert metric(api, "workbench:model_loads_total", model_name=GAMMA) >= 1
 
 
+@slow
 def test_unload_takes_a_model_name(api: str) -> None:
     make_resident(api, BETA, ALPHA)
     assert httpx.post(api + "/v1/internal/model/unload", json={"model_name": BETA}, timeout=60).json() == {
@@ -171,6 +177,7 @@ def test_jit_and_its_old_name_are_flags(tmp_path: Path) -> None:
 
 
 # --- keep_alive -----------------------------------------------------------------------------------------------------
+@slow
 def test_keep_alive_zero_unloads_the_model_after_the_request(api: str, client: openai.OpenAI) -> None:
     make_resident(api, BETA, ALPHA)
     reply = client.completions.create(model=BETA, prompt="Hello", max_tokens=2, extra_body={"keep_alive": 0})
@@ -179,6 +186,7 @@ def test_keep_alive_zero_unloads_the_model_after_the_request(api: str, client: o
     assert resident(api) == [ALPHA]
 
 
+@slow
 def test_keep_alive_durations(api: str, client: openai.OpenAI) -> None:
     make_resident(api, BETA, ALPHA)
 
@@ -212,6 +220,7 @@ def test_the_lora_field_takes_names_and_llama_cpp_ids(tmp_path: Path) -> None:
         Adapter("tone", 0.5), Adapter("style", 0.25), Adapter("tone", 1.0))
 
 
+@slow
 @pytest.mark.parametrize("lora", ["nope", ["tone-that-is-not-there"], [{"name": "nope", "scale": 0.5}],
                                   [{"id": 7, "scale": 1.0}], [{"id": "nope"}]])
 def test_an_unknown_lora_is_a_404(api: str, lora: Any) -> None:
@@ -224,12 +233,14 @@ def test_an_unknown_lora_is_a_404(api: str, lora: Any) -> None:
         anthropic_client.messages.create(model=ALPHA, max_tokens=1, messages=HI, extra_body={"lora": lora})
 
 
+@slow
 @pytest.mark.parametrize("lora", [[{"name": "a", "id": 0}], [{"scale": 0.5}], [{"name": "a", "weight": 1}], 5])
 def test_a_malformed_lora_field_is_a_400(api: str, lora: Any) -> None:
     response = httpx.post(api + "/v1/chat/completions", json={"model": ALPHA, "messages": HI, "lora": lora})
     assert response.status_code == 400 and response.json()["error"]["param"].startswith("lora"), response.text
 
 
+@slow
 def test_an_empty_lora_list_reaches_the_generation(served, api: str, client: openai.OpenAI) -> None:
     make_resident(api, BETA, ALPHA)
     generations = recording_generations(served[1].manager)
@@ -242,6 +253,7 @@ def test_an_empty_lora_list_reaches_the_generation(served, api: str, client: ope
 
 
 # --- fairness and backpressure --------------------------------------------------------------------------------------
+@slow
 def test_requests_carry_their_client(served, api: str) -> None:
     make_resident(api, BETA, ALPHA)
     generations = recording_generations(served[1].manager)
@@ -256,6 +268,7 @@ def test_requests_carry_their_client(served, api: str) -> None:
     assert by_key.startswith("key:") and "secret-one" not in by_key
 
 
+@slow
 def test_a_full_queue_is_a_503_that_the_openai_client_retries_until_served(served, api: str) -> None:
     make_resident(api, BETA, ALPHA)
     engine = served[1].manager.resident(ALPHA).engine
@@ -293,6 +306,7 @@ def test_a_full_queue_is_a_503_that_the_openai_client_retries_until_served(serve
 
 
 # --- /metrics -------------------------------------------------------------------------------------------------------
+@slow
 def test_metrics_parse_and_move_after_a_request(api: str, client: openai.OpenAI) -> None:
     make_resident(api, BETA, ALPHA)
     families = {f.name: f for f in text_string_to_metric_families(httpx.get(api + "/metrics").text)}
@@ -314,6 +328,7 @@ def test_metrics_parse_and_move_after_a_request(api: str, client: openai.OpenAI)
     assert metric(api, "workbench:slots", model_name=ALPHA) >= 1
 
 
+@slow
 def test_metrics_need_the_api_key(served) -> None:
     with serving_api(served[1], Params(api_key="metrics-key")) as url:
         assert httpx.get(url + "/metrics").status_code == 401
