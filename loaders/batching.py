@@ -12,8 +12,10 @@ import threading
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
+from modules.errors import UnsupportedParameter
 from modules.generation_params import GenerationParams, TokenEvent
 
 if TYPE_CHECKING:
@@ -26,17 +28,19 @@ Finish = Literal["stop", "length"]
 
 @dataclass(frozen=True)
 class Adapter:
-    """A LoRA adapter a request asks for: its name in the LoRA folder and its scale."""
+    """A LoRA adapter a request asks for: its name in the LoRA folder and its scale, and where it lives (the
+    manager resolves it inside the LoRA folder; a loader has no folder of its own). Equal by name and scale."""
 
     name: str
     scale: float = 1.0
+    path: Path | None = field(default=None, compare=False)
 
 
 @dataclass
 class SequenceRequest:
     """What a sequence needs to start: its prompt as token ids (or text, for loaders without a tokenizer), its
-    knobs, the adapters it runs with (empty: the model's own applied adapters) and a cancel flag the decoder may
-    read during long work (a prompt's evaluation)."""
+    knobs, the adapters it runs with (None: the model's own applied adapters; empty: none at all) and a cancel
+    flag the decoder may read during long work (a prompt's evaluation)."""
 
     prompt: list[int] | str
     params: GenerationParams
@@ -118,9 +122,16 @@ class SerialDecoder(BatchDecoder):
         return 0 if self._key is None else 1
 
     def accepts(self, adapters: tuple[Adapter, ...] | None) -> bool:
-        return adapters is None  # this seam has no per-sequence adapters: the model's own apply
+        return True  # one sequence at a time: add() says whether its adapters can be served
 
     def add(self, key: int, request: SequenceRequest) -> None:
+        adapters = request.adapters
+        if adapters is not None and ([a.name for a in adapters] != self.model.loras
+                                     or any(a.scale != 1.0 for a in adapters)):
+            raise UnsupportedParameter(
+                f"{self.model.name} serves one request at a time here, with the LoRAs applied to it in the Model tab "
+                f"({', '.join(self.model.loras) or 'none'}); a request's own LoRAs need a loader that batches "
+                "(--parallel 2 or more) and knobs it can batch.")
         self._tokens = self.model.stream(request.prompt, request.params, request.cancel)
         self._key, self._request, self._count = key, request, 0
 

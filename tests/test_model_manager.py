@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, wait_until
-from modules.errors import ContextLengthExceeded, ModelLoadError, NoModelLoaded, PathError, WorkbenchError
+from modules.errors import (ContextLengthExceeded, ModelLoadError, NoModelLoaded, PathError, UnsupportedParameter,
+                            WorkbenchError)
 from modules.generation_params import GenerationParams
 from modules.model_manager import ModelManager
 from modules.starter import STARTER_GGUF
@@ -305,3 +306,12 @@ def test_a_long_chat_tokenizes_in_pieces_to_the_same_ids_as_whole(manager: Model
         whole = llama.tokenize(chat.encode("utf-8"), add_bos=add_bos, special=True)
         assert len(chat.encode("utf-8")) > 10 * 16 * 1024  # long enough to be cut in several pieces
         assert manager.encode(chat, add_bos=add_bos) == whole
+
+
+def test_a_request_with_its_own_loras_on_a_model_serving_one_at_a_time_is_refused(manager: ModelManager):
+    """One slot means no per-request adapters (the model's own LoRAs apply to everyone): said, never ignored."""
+    from loaders.batching import Adapter
+
+    with pytest.raises(UnsupportedParameter, match="--parallel"):
+        manager.complete("Hi", GenerationParams(max_new_tokens=2), adapters=(Adapter("some-lora"),))
+    assert manager.complete("Hi", GenerationParams(max_new_tokens=2), adapters=()).text is not None
