@@ -44,11 +44,11 @@ def check_names(settings: Any) -> None:
 
 
 def check_model(settings: Any, manager: Any) -> None:
-    """The loader and the model the settings name must exist. With a forced loader it runs once the extensions
-    started: they may add loaders."""
+    """The loader and the model the settings name must exist (a name or alias of user_data/models.yaml counts),
+    with good options. With a forced loader it runs once the extensions started: they may add loaders."""
     loader = manager.registry.get(settings.loader) if settings.loader else None
     if settings.model and settings.model.lower() != "none" and (loader is None or loader.local_files):
-        manager.model_path(settings.model)
+        manager.check(settings.model, settings.loader)
 
 
 def main(argv: list[str] | None = None) -> int:

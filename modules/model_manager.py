@@ -15,14 +15,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from loaders.base import Capability, LoadedModel, LoaderRegistry, ModelInfo
+from loaders.base import Capability, LoadedModel, Loader, LoaderOptions, LoaderRegistry, ModelInfo
 from loaders.batching import Adapter
 from modules.constraints import ConstraintChecker
 from modules.cpu_threads import in_short_lived_thread
-from modules.errors import (InvalidInput, ModelLoadError, ModelLoading, NoModelLoaded, UnsupportedParameter,
-                            WorkbenchError)
+from modules.errors import (ConfigError, InvalidInput, ModelLoadError, ModelLoading, NoModelLoaded,
+                            UnsupportedParameter, WorkbenchError)
 from modules.generation_params import GenerationParams
 from modules.memory import release_memory, weights_in_mmap
+from modules.model_settings import ModelSettings, ModelSpec
 from modules.paths import resolve_inside
 from modules.serving.metrics import ServingMetrics
 from modules.serving.request import Generation, check_text_fits, encode_prompt
@@ -31,6 +32,21 @@ from modules.serving.residents import Loading, Resident, Residents
 __all__ = ["Generation", "LoadResult", "Loading", "ModelManager", "check_text_fits", "encode_prompt"]
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoadPlan:
+    """How a model loads: the one resolution of a name (an alias of models.yaml resolved), its loader and options
+    (loader defaults < settings.yaml < models.yaml < flags < the caller's own), and the template models.yaml gives
+    it, that every load path goes through."""
+
+    name: str
+    loader: type[Loader]
+    path: Path
+    size: int
+    options: LoaderOptions
+    template: str | None
+    spec: ModelSpec
 
 
 @dataclass
@@ -43,13 +59,18 @@ class LoadResult:
 class ModelManager:
     def __init__(self, model_dir: Path, lora_dir: Path, *, registry: LoaderRegistry | None = None,
                  loader_options: dict[str, Any] | None = None, max_models: int = 1, memory_budget: int = 0,
-                 idle_unload: float = 0, max_queue: int = 0):
+                 idle_unload: float = 0, max_queue: int = 0, model_settings: ModelSettings | None = None,
+                 pinned_options: dict[str, Any] | None = None):
         self.model_dir = Path(model_dir)
         self.lora_dir = Path(lora_dir)
         self.registry = registry or LoaderRegistry()
         #: Loader options from settings/flags (flat: each loader takes the keys its Options type has); a load
         #: request's own options override them.
         self.loader_options = loader_options or {}
+        #: Per-model settings (user_data/models.yaml), over loader_options; None: no such file is read.
+        self.model_settings = model_settings
+        #: Loader options given as flags: they win over models.yaml too.
+        self.pinned_options = pinned_options or {}
         #: What the pool, the engines and each Generation report (requests, tokens, times, loads, unloads).
         self.metrics = ServingMetrics()
         self.pool = Residents(self._unloaded, max_models=max_models, memory_budget=memory_budget,
@@ -65,6 +86,11 @@ class ModelManager:
         if name is None:
             return self.pool.get(self._default) if self._default is not None else None
         found = self.pool.get(name)
+        if found is None and self.model_settings is not None:
+            try:
+                found = self.pool.get(self.model_settings.canonical(name))
+            except ConfigError:  # a broken models.yaml: its aliases name nothing; a load says why
+                pass
         if found is not None:
             return found
         return next((r for r in self.pool.all() if name in names_of(r, self.model_dir)), None)
@@ -108,6 +134,11 @@ class ModelManager:
         names = sorted(p.name for p in self.model_dir.iterdir()
                        if not p.name.startswith(".") and not p.name.endswith((".part", ".converting"))
                        and (p.suffix.lower() == ".gguf" or (p.is_dir() and _looks_like_model(p))))
+        if self.model_settings is not None:  # remote engines: no file stands for them
+            try:
+                names = sorted({*names, *self.model_settings.configured_names(local_files=False)})
+            except ConfigError:  # a broken models.yaml: loading names it
+                pass
         model = self.model
         loaded = model.path.name if model is not None else None
         return sorted(names, key=lambda n: n != loaded)
@@ -138,10 +169,13 @@ class ModelManager:
              cancel_running: bool = False, loras: list[str] | None = None) -> LoadResult:
         """Load `name` (again, with these options, when it is resident already) and make it the default model.
         Models unloaded to make room (--max-models, --memory-budget) finish their requests first, or have them
-        cancelled with `cancel_running`. `loading` names it meanwhile."""
-        build, size = self._builder(name, loader, options)
+        cancelled with `cancel_running`. `loading` names it meanwhile. Whatever the caller leaves unset comes from
+        models.yaml (see plan)."""
+        plan = self.plan(name, loader, options)
+        name = plan.name
         started = time.perf_counter()
-        resident = self.pool.ensure(name, build, size_hint=size, cancel_running=cancel_running, replace=True)
+        resident = self.pool.ensure(name, self._builder(plan), size_hint=plan.size, cancel_running=cancel_running,
+                                    replace=True)
         self._default = name
         if loras:
             self.apply_loras(loras, notify=False)
@@ -154,21 +188,33 @@ class ModelManager:
         return LoadResult(model.info(), time.perf_counter() - started, warnings)
 
     def ensure(self, name: str) -> Resident:
-        """The resident model `name`, loaded now with its default settings if it is not (just-in-time loading)."""
+        """The resident model `name` (or an alias), loaded now if it is not (just-in-time loading), with its settings
+        from models.yaml."""
         resident = self.resident(name)
         if resident is not None:
             return resident
-        build, size = self._builder(name, None, None)
-        resident = self.pool.ensure(name, build, size_hint=size)
+        plan = self.plan(name)
+        name = plan.name
+        resident = self.pool.ensure(name, self._builder(plan), size_hint=plan.size)
         if self._default is None:
             self._default = name
         self._notify("loaded", resident.model.info())
         return resident
 
-    def _builder(self, name: str, loader: str | None, options: dict[str, Any] | None
-                 ) -> tuple[Callable[[], LoadedModel], int]:
-        """The function that loads `name` (checked now: the path, the loader, its options) and its size on disk."""
-        loader_cls = self.registry.get(loader) if loader else None
+    def plan(self, name: str, loader: str | None = None, options: dict[str, Any] | None = None, *,
+             own_entry: bool = True) -> LoadPlan:
+        """How `name` loads, checked now (the path, the loader, its options): the caller's loader and options win,
+        then the flags, then models.yaml (its exact entry, left out with `own_entry` False, then its globs), then
+        settings.yaml's loader options and the loader's defaults. An alias of models.yaml names its model."""
+        spec = self.model_settings.resolve(name, own_entry=own_entry) if self.model_settings else ModelSpec(name)
+        name = spec.name
+        try:
+            loader_cls = self.registry.get(loader or spec.loader) if loader or spec.loader else None
+        except WorkbenchError as exc:
+            if loader or self.model_settings is None:
+                raise
+            raise ConfigError(f"{self.model_settings.path}, model {spec.origin['loader']!r}: bad value for "
+                              f"'loader': {exc}") from None
         if loader_cls is not None and not loader_cls.local_files:  # a remote engine: the name is the server's
             path, size = Path(name), 0
         else:
@@ -176,13 +222,27 @@ class ModelManager:
             loader_cls = loader_cls or self.registry.detect(path)
             size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else \
                 path.stat().st_size
-        defaults = {k: v for k, v in self.loader_options.items() if k in loader_cls.Options.model_fields}
+        layered = {**self.loader_options, **spec.options, **self.pinned_options}
+        defaults = {k: v for k, v in layered.items() if k in loader_cls.Options.model_fields}
         parsed = loader_cls.parse_options({**defaults, **(options or {})})
+        template = self.model_settings.template_text(spec) if self.model_settings else None
+        return LoadPlan(name, loader_cls, path, size, parsed, template, spec)
+
+    def check(self, name: str, loader: str | None = None) -> None:
+        """Raise what loading `name` would raise before any weights are read (a bad name, loader or option)."""
+        self.plan(name, loader)
+
+    def _builder(self, plan: LoadPlan) -> Callable[[], LoadedModel]:
+        """The function that loads what `plan` says; a template from models.yaml replaces the model's own."""
+        name, loader_cls, path, parsed = plan.name, plan.loader, plan.path, plan.options
 
         def build() -> LoadedModel:
             try:
                 with weights_in_mmap():
-                    return in_short_lived_thread(lambda: loader_cls.load(path, parsed), "model-load")
+                    model = in_short_lived_thread(lambda: loader_cls.load(path, parsed), "model-load")
+                if plan.template is not None:
+                    model.chat_template = plan.template
+                return model
             except WorkbenchError:
                 release_memory()
                 raise
@@ -195,7 +255,7 @@ class ModelManager:
                 raise ModelLoadError(f"{loader_cls.name} could not load {name}: {type(exc).__name__}: {exc}") \
                     from None
 
-        return build, size
+        return build
 
     def unload(self, name: str | None = None, *, cancel_running: bool = False) -> None:
         """Unload `name` (None: the default model) once its requests are done, or cancel them."""
@@ -238,9 +298,9 @@ class ModelManager:
         """A request's LoRAs (names in the LoRA folder, checked now) as the engine takes them."""
         if scales is not None and len(scales) != len(names):
             raise InvalidInput("Give one scale per LoRA.")
-        for name in names:
-            resolve_inside(self.lora_dir, name, what="LoRA", must_exist=True)
-        return tuple(Adapter(name, scale) for name, scale in zip(names, scales or [1.0] * len(names)))
+        paths = [resolve_inside(self.lora_dir, name, what="LoRA", must_exist=True) for name in names]
+        return tuple(Adapter(name, scale, path) for name, scale, path in zip(names, scales or [1.0] * len(names),
+                                                                            paths))
 
     # --- generation ----------------------------------------------------------------------------------------------
     def check_constraint(self, params: GenerationParams, model: str | None = None) -> None:

@@ -1,5 +1,6 @@
 """The services an app hands to its tabs, routes and extensions: built once in webui.py, passed explicitly,
-never imported as globals."""
+never imported as globals. Also the defaults a model's requests get: the settings' preset and chat settings, with
+the per-model layer of models.yaml (modules.model_settings) over them."""
 from __future__ import annotations
 
 import logging
@@ -7,11 +8,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from modules.errors import WorkbenchError
+from loaders.base import LoaderRegistry
+from modules.errors import ConfigError, WorkbenchError
 from modules.generation_params import GenerationParams
 from modules.model_manager import ModelManager
+from modules.model_settings import MODELS_FILE, ModelEntry, ModelSettings, ModelSpec, is_jinja
 from modules.presets import load_preset, params_from_mapping
-from modules.settings import Settings
+from modules.settings import ChatSettings, Settings
 from modules.starter import STARTER_GGUF
 
 log = logging.getLogger(__name__)
@@ -26,8 +29,32 @@ class Services:
     #: Messages for the person at the UI (a model that failed to load at start, ...).
     startup_messages: list[str] = field(default_factory=list)
 
-    def default_params(self) -> GenerationParams:
-        """The preset named in settings, with settings.generation on top."""
+    @property
+    def model_settings(self) -> ModelSettings | None:
+        """models.yaml, or None for a manager built without it."""
+        return self.manager.model_settings
+
+    def model_spec(self, model: str | None) -> ModelSpec | None:
+        """What models.yaml says for `model` (a name or an alias); None for None or without models.yaml."""
+        if model is None or self.model_settings is None:
+            return None
+        return self.model_settings.resolve(model)
+
+    def model_preset(self, model: str | None) -> str | None:
+        """The preset models.yaml gives `model` (checked), unless --preset was given on the command line."""
+        spec = self.model_spec(model)
+        if spec is None or spec.preset is None or self.settings.from_command_line("preset"):
+            return None
+        assert self.model_settings is not None
+        self.model_settings.check_preset(spec)
+        return spec.preset
+
+    def default_params(self, model: str | None = None) -> GenerationParams:
+        """The generation defaults for requests to `model` (a name or alias; None: the settings' alone): the preset
+        models.yaml gives that model; else the preset named in settings, with settings.generation on top."""
+        preset = self.model_preset(model)
+        if preset is not None:
+            return load_preset(self.settings.preset_dir, preset)
         base = GenerationParams()
         try:
             base = load_preset(self.settings.preset_dir, self.settings.preset)
@@ -36,15 +63,54 @@ class Services:
         merged = {**base.non_default(), **self.settings.generation}
         return params_from_mapping(merged, "settings.generation")
 
+    def chat_settings(self, model: str | None = None) -> ChatSettings:
+        """The chat settings for requests to `model`: a template models.yaml gives it became the model's own
+        (LoadedModel.chat_template, set at load), and the settings' instruction_template does not cover it."""
+        spec = self.model_spec(model)
+        if spec is None or spec.template is None:
+            return self.settings.chat
+        return self.settings.chat.model_copy(update={"instruction_template": ""})
+
+    def save_model_settings(self, name: str, loader: str, options: dict[str, Any], *, preset: str | None = None,
+                            template: str | None = None, aliases: list[str] | None = None) -> ModelEntry:
+        """Write to models.yaml, under `name`, the loader and the options that differ from what it would get
+        without an entry of its own, and the preset, template (a name; None keeps a Jinja template the entry
+        holds) and aliases. Returns what was written."""
+        settings_file = self.model_settings
+        if settings_file is None:
+            raise ConfigError("This server reads no models.yaml.")
+        name = settings_file.canonical(name)
+        loader_cls = self.manager.registry.get(loader)
+        chosen = loader_cls.parse_options(options).model_dump(mode="json")
+        inherited = self.manager.plan(name, loader_cls.name, own_entry=False).options.model_dump(mode="json")
+        current = settings_file.entries().get(name)
+        if not template and current is not None and current.template and is_jinja(current.template):
+            template = current.template
+        entry = ModelEntry.model_validate({
+            "loader": loader_cls.name, "options": {k: v for k, v in chosen.items() if inherited.get(k) != v},
+            "preset": preset or None, "template": template or None, "aliases": aliases or []})
+        check = ModelSpec(name, preset=entry.preset, template=entry.template)
+        settings_file.check_preset(check)
+        settings_file.template_text(check)
+        settings_file.save(name, entry)
+        return entry
+
     @property
     def chat_root(self) -> Path:
         return self.settings.user_data_dir / "logs" / "chat"
 
 
 def build_services(settings: Settings) -> Services:
-    manager = ModelManager(settings.model_dir, settings.lora_dir, loader_options=settings.loader_options,
-                           max_models=settings.max_models, memory_budget=settings.memory_budget_bytes,
-                           idle_unload=settings.idle_unload, max_queue=settings.max_queue)
+    """The services for these settings; a bad models.yaml stops here (ConfigError naming the file and key)."""
+    registry = LoaderRegistry()
+    model_settings = ModelSettings(settings.user_data_dir / MODELS_FILE, registry, preset_dir=settings.preset_dir,
+                                   template_dir=settings.template_dir)
+    model_settings.check()
+    manager = ModelManager(settings.model_dir, settings.lora_dir, registry=registry,
+                           loader_options=settings.loader_options, max_models=settings.max_models,
+                           memory_budget=settings.memory_budget_bytes, idle_unload=settings.idle_unload,
+                           max_queue=settings.max_queue, model_settings=model_settings,
+                           pinned_options=settings.command_line_loader_options)
     return Services(settings=settings, manager=manager)
 
 

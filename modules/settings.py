@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from loaders.base import BUILTIN_LOADERS, LoaderOptions
 from modules.cli import ArgumentParser
@@ -91,6 +91,9 @@ class Settings(BaseModel):
     # --- misc -------------------------------------------------------------------------------------------------
     settings: Path | None = Field(None, description="Settings YAML to read (default: user_data/settings.yaml).")
     verbose: bool = Field(False, description="Log more (prompts, timings).")
+    #: The settings and loader options ("loader_options.NAME") given on the command line: they win over the
+    #: per-model settings of models.yaml too (modules.model_settings), which settings.yaml does not.
+    _command_line: frozenset[str] = PrivateAttr(default_factory=frozenset)
 
     @field_validator("extensions", mode="before")
     @classmethod
@@ -167,6 +170,15 @@ class Settings(BaseModel):
             except ValidationError as exc:
                 raise ValueError(describe_validation_error(exc, f"{name} loader")) from None
         return value
+
+    def from_command_line(self, name: str) -> bool:
+        """Whether the setting `name` (or "loader_options.NAME") was given as a flag."""
+        return name in self._command_line
+
+    @property
+    def command_line_loader_options(self) -> dict[str, Any]:
+        """The loader options given as flags."""
+        return {k: v for k, v in self.loader_options.items() if self.from_command_line(f"loader_options.{k}")}
 
     @property
     def memory_budget_bytes(self) -> int:
@@ -302,9 +314,11 @@ def load_settings(argv: list[str] | None = None) -> Settings:
     merged["loader_options"] = {**base.loader_options, **loader_flags}
     merged["settings"] = settings_path
     try:
-        return Settings(**merged)
+        settings = Settings(**merged)
     except ValidationError as exc:
         raise ConfigError(describe_validation_error(exc, "command line")) from None
+    settings._command_line = frozenset(flags) | {f"loader_options.{k}" for k in loader_flags}
+    return settings
 
 
 def save_settings(settings: Settings, path: Path, *, only: set[str] | None = None) -> None:
