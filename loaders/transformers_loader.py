@@ -3,9 +3,11 @@
 Generation steps the model in the caller's thread (transformers_support.decode_loop), with our own
 logits-processor chain (modules.samplers) as the whole sampler, in the order GenerationParams gives; what only
 `model.generate` does (beam search, prompt lookup, guidance, the compiled static cache) runs it in a worker thread.
+With `parallel` above 1, the serving engine decodes several requests together (loaders.transformers_batch).
 """
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 from collections.abc import Callable, Iterator
@@ -15,8 +17,17 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from loaders.base import Capability, LoadedModel, Loader, LoaderOptions, ModelInfo, gguf_files
-from loaders.transformers_support import (IncrementalDetokenizer, LogprobRecorder, TokenStreamer,
-                                          check_memory, decode_loop, pick_dtype, weight_files)
+from loaders.batching import BatchDecoder
+from loaders.transformers_lora import PeftLoras
+from loaders.transformers_support import (
+    LogprobRecorder,
+    TokenEvents,
+    TokenStreamer,
+    check_memory,
+    decode_loop,
+    pick_dtype,
+    weight_files,
+)
 from modules.constraints import TrialCompiler
 from modules.cuda_attention import avoid_cudnn_attention
 from modules.errors import GenerationError, ModelLoadError, WorkbenchError
@@ -25,6 +36,8 @@ from modules.memory import release_memory
 from modules.thread_pump import Ended, pump
 
 DType = Literal["auto", "float32", "bfloat16", "float16"]
+
+log = logging.getLogger(__name__)
 
 
 class TransformersOptions(LoaderOptions):
@@ -49,9 +62,13 @@ class TransformersOptions(LoaderOptions):
     static_cache: bool = Field(False, description="Static KV cache with a compiled decode step (faster after a "
                                                   "warm-up compile).")
     max_seq_len: int = Field(0, ge=0, description="Context length; 0 = the model's max_position_embeddings.")
+    parallel: int = Field(4, ge=1, le=256, description=(
+        "Slots: requests decoded together in one batch (continuous batching). A slot holds one request's KV cache "
+        "(its prompt and reply so far, padded to the longest in the batch) and its own sampler chain; more requests "
+        "wait in the queue. 1: one request at a time. Beam search, guidance and prompt lookup run alone."))
 
     @model_validator(mode="after")
-    def _one_quantization(self) -> "TransformersOptions":
+    def _one_quantization(self) -> TransformersOptions:
         if self.load_in_4bit and self.load_in_8bit:
             raise ValueError("choose load_in_4bit or load_in_8bit, not both")
         return self
@@ -69,12 +86,12 @@ class TransformersLoader(Loader):
         return bool(gguf_files(path))
 
     @classmethod
-    def load(cls, path: Path, options: LoaderOptions) -> "TransformersModel":
+    def load(cls, path: Path, options: LoaderOptions) -> TransformersModel:
         assert isinstance(options, TransformersOptions)
         return TransformersModel(path, options)
 
 
-class TransformersModel(LoadedModel):
+class TransformersModel(PeftLoras, LoadedModel):
     loader_name = "transformers"
     capabilities = frozenset({Capability.TOKENIZE, Capability.LOGPROBS, Capability.GRAMMAR, Capability.LORA,
                               Capability.LOGITS_PROCESSORS})
@@ -91,6 +108,9 @@ class TransformersModel(LoadedModel):
         self.name = path.name
         self.options = options
         self._loras: list[str] = []
+        self._request_adapters = {}
+        # The compiled static cache is one sequence's: with it every request runs alone.
+        self.slots = 1 if options.static_cache else options.parallel
         self.extra_processors: list[Any] = []  # logits processors added by extensions
         source, kwargs = self._from_pretrained_args(path, options)
         model = None
@@ -181,6 +201,11 @@ class TransformersModel(LoadedModel):
                 bnb_4bit_compute_dtype=getattr(torch, options.compute_dtype))
         return source, kwargs
 
+    @property
+    def lock(self) -> threading.Lock:
+        """Held while the model runs (a generation's step, a batch's step, loading an adapter for a request)."""
+        return self._lock
+
     # --- tokens ------------------------------------------------------------------------------------------------
     def encode(self, text: str, *, add_bos: bool = False) -> list[int]:
         ids = list(self.tokenizer.encode(text, add_special_tokens=False))
@@ -207,18 +232,18 @@ class TransformersModel(LoadedModel):
         with self._lock:
             yield from self._generate(ids, params, cancel)
 
-    def _generate(self, ids: list[int], params: GenerationParams, cancel: threading.Event) -> Iterator[TokenEvent]:
-        from transformers import LogitsProcessorList, set_seed
+    def sampling_chain(self, params: GenerationParams, prompt_length: int, draws: Any
+                       ) -> tuple[Any, LogprobRecorder | None]:
+        """One sequence's logits processors (the knobs' chain, then the extensions' processors) and the recorder
+        of its log-probabilities when asked for; `draws` are its own generators (None: torch's global RNG)."""
+        from transformers import LogitsProcessorList
 
-        from modules.samplers import build_logits_processors, generate_kwargs
+        from modules.samplers import build_logits_processors
         from modules.samplers.mirostat import Mirostat
 
-        torch = self._torch
-        if params.seed >= 0:
-            set_seed(params.seed)
         processors = LogitsProcessorList(build_logits_processors(
             params, tokenizer=self.tokenizer, vocab_size=self._vocab_size, eos_token_ids=self._eos_ids,
-            prompt_length=len(ids)))
+            prompt_length=prompt_length, draws=draws))
         processors.extend(self.extra_processors)
         recorder = None
         if params.logprobs and params.num_beams == 1:
@@ -226,17 +251,38 @@ class TransformersModel(LoadedModel):
             # Before mirostat, which leaves a single finite logit: report the distribution it drew from.
             position = next((i for i, p in enumerate(processors) if isinstance(p, Mirostat)), len(processors))
             processors.insert(position, recorder)
-        device = _input_device(self.model)
+        return processors, recorder
+
+    def token_events(self, params: GenerationParams, recorder: LogprobRecorder | None) -> TokenEvents:
+        """What turns one reply's token ids into events; the end-of-sequence tokens end it (unless banned)."""
+        stop_ids = set() if params.ban_eos_token else set(self._eos_ids)
+        return TokenEvents(self.tokenizer, skip_special_tokens=params.skip_special_tokens, recorder=recorder,
+                           stop_ids=stop_ids)
+
+    def _generate(self, ids: list[int], params: GenerationParams, cancel: threading.Event) -> Iterator[TokenEvent]:
+        from transformers import set_seed
+
+        from modules.samplers import SeededDraws, generate_kwargs, only_generate
+
+        torch = self._torch
+        if params.seed >= 0:
+            set_seed(params.seed)
+        own_loop = not only_generate(params) and not self.options.static_cache
+        # Our loop draws from the request's own generators (the same numbers set_seed would give, whatever else
+        # runs); generate() draws from the global ones.
+        draws = SeededDraws(params.seed) if own_loop and params.seed >= 0 else None
+        processors, recorder = self.sampling_chain(params, len(ids), draws)
+        device = input_device(self.model)
         input_ids = torch.tensor([ids], dtype=torch.long, device=device)
         kwargs = generate_kwargs(params, tokenizer=self.tokenizer, eos_token_ids=self._eos_ids, device=device)
-        stop_ids = set() if params.ban_eos_token else set(self._eos_ids)
-        own_loop = (params.num_beams == 1 and "prompt_lookup_num_tokens" not in kwargs
-                    and "guidance_scale" not in kwargs and not self.options.static_cache)
+        events = self.token_events(params, recorder)
+        stop_ids = events.stop_ids
         if own_loop:
             tokens = decode_loop(self.model, input_ids, processors, sampling=kwargs["do_sample"],
-                                 max_new_tokens=params.max_new_tokens, stop_ids=stop_ids, cancel=cancel.is_set)
+                                 max_new_tokens=params.max_new_tokens, stop_ids=stop_ids, cancel=cancel.is_set,
+                                 draws=draws)
             try:
-                yield from self._events(tokens, params, recorder, stop_ids)
+                yield from _events(tokens, events)
             except WorkbenchError:
                 raise
             except Exception as exc:  # a failure inside the model or a processor: one clear message
@@ -253,19 +299,20 @@ class TransformersModel(LoadedModel):
             compile_config = CompileConfig()
             compile_config._compile_all_devices = True  # CPU too; bench/generation.py --static-cache measures it
             kwargs.update(cache_implementation="static", compile_config=compile_config)
-        yield from self._events(self._generate_in_thread(kwargs, params, cancel, len(ids)), params, recorder,
-                                stop_ids)
+        yield from _events(self._generate_in_thread(kwargs, params, cancel, len(ids)), events)
 
-    def _events(self, tokens: Iterator[int], params: GenerationParams, recorder: LogprobRecorder | None,
-                stop_ids: set[int]) -> Iterator[TokenEvent]:
-        detok = IncrementalDetokenizer(self.tokenizer, skip_special_tokens=params.skip_special_tokens)
-        for token in tokens:
-            if token in stop_ids:
-                return
-            event = TokenEvent(token_id=token, text=detok.push(token))
-            if recorder is not None:
-                recorder.fill(event, self.tokenizer)
-            yield event
+    def batch_decoder(self) -> BatchDecoder | None:
+        """Up to `slots` requests decoded together; None (one at a time) when this model's cache cannot be
+        batched by rows (loaders.transformers_batch.unbatchable says why)."""
+        if self.slots <= 1:
+            return None
+        from loaders.transformers_batch import TransformersBatch, unbatchable
+
+        reason = unbatchable(self.model)
+        if reason is not None:
+            log.warning("%s: requests run one at a time: %s", self.name, reason)
+            return None
+        return TransformersBatch(self, self.slots)
 
     def _generate_in_thread(self, kwargs: dict[str, Any], params: GenerationParams, cancel: threading.Event,
                             prompt_length: int) -> Iterator[int]:
@@ -305,58 +352,6 @@ class TransformersModel(LoadedModel):
                 raise item.error
             raise GenerationError(f"Generation failed: {type(item.error).__name__}: {item.error}") from item.error
 
-    # --- LoRA --------------------------------------------------------------------------------------------------
-    def apply_loras(self, paths: list[Path], scales: list[float] | None = None) -> None:
-        from peft import PeftModel
-
-        self.remove_loras()
-        base = self.model
-        try:
-            for index, path in enumerate(paths):
-                if not (path / "adapter_config.json").is_file():
-                    raise ModelLoadError(f"{path.name} is not a PEFT LoRA folder (no adapter_config.json).")
-                if not (path / "adapter_model.safetensors").is_file():
-                    raise ModelLoadError(f"{path.name} has no adapter_model.safetensors; pickle adapters are "
-                                         "refused.")
-                name = _adapter_name(path.name)
-                if index == 0:
-                    self.model = PeftModel.from_pretrained(base, str(path), adapter_name=name, is_trainable=False)
-                else:
-                    self.model.load_adapter(str(path), adapter_name=name, is_trainable=False)
-            if len(paths) > 1:
-                self.model.base_model.set_adapter([_adapter_name(p.name) for p in paths])
-        except ModelLoadError:
-            self._restore_base(base)
-            raise
-        except (OSError, ValueError, RuntimeError, KeyError) as exc:
-            self._restore_base(base)
-            raise ModelLoadError(f"Could not apply the LoRA: {exc}") from None
-        if scales:
-            for path, scale in zip(paths, scales):
-                self.model.base_model.set_scale(_adapter_name(path.name), scale) if hasattr(
-                    self.model.base_model, "set_scale") else None
-        self._loras = [p.name for p in paths]
-
-    def _restore_base(self, base: Any) -> None:
-        from peft import PeftModel
-
-        if isinstance(self.model, PeftModel):
-            self.model = self.model.unload()
-        else:
-            self.model = base
-        self._loras = []
-
-    def remove_loras(self) -> None:
-        from peft import PeftModel
-
-        if isinstance(self.model, PeftModel):
-            self.model = self.model.unload()
-        self._loras = []
-
-    @property
-    def loras(self) -> list[str]:
-        return list(self._loras)
-
     # --- lifecycle ---------------------------------------------------------------------------------------------
     def info(self) -> ModelInfo:
         model = self.model
@@ -381,7 +376,7 @@ class TransformersModel(LoadedModel):
         release_memory()
 
 
-def _input_device(model: Any) -> Any:
+def input_device(model: Any) -> Any:
     """Where inputs go: the first GPU of a device map, else the CPU (a model offloaded to disk reports 'meta')."""
     device_map = getattr(model, "hf_device_map", None)
     if device_map:
@@ -392,8 +387,12 @@ def _input_device(model: Any) -> Any:
     return model.device
 
 
-def _adapter_name(folder: str) -> str:
-    return folder.replace(".", "_")
+def _events(tokens: Iterator[int], events: TokenEvents) -> Iterator[TokenEvent]:
+    for token in tokens:
+        event = events.event(token)
+        if event is None:
+            return
+        yield event
 
 
 def _eos_ids(model: Any, tokenizer: Any) -> list[int]:

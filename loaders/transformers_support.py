@@ -1,15 +1,18 @@
-"""Small pieces the Transformers loader needs: streaming, incremental detokenization, log-probabilities,
-weight-file discovery and a memory check before loading."""
+"""Small pieces the Transformers loader needs: the single-sequence decode loop, streaming, token events
+(incremental detokenization, log-probabilities), weight-file discovery and a memory check before loading."""
 from __future__ import annotations
 
 import json
 import queue
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from modules.errors import ModelLoadError
 from modules.generation_params import TokenEvent, TopLogprob
+
+if TYPE_CHECKING:  # torch is imported when a model loads, not when the loader is listed (--help)
+    from modules.samplers.draws import SeededDraws
 
 _SAFE = ("*.safetensors",)
 _PICKLE = ("*.bin", "*.pt", "*.pth", "*.ckpt")
@@ -95,6 +98,27 @@ class IncrementalDetokenizer:
         return ""
 
 
+class TokenEvents:
+    """One reply's token ids -> TokenEvents: the text each adds, and its log-probabilities when asked for. The one
+    place both decode paths (a sequence alone, a row of a batch) turn a token into what the caller sees."""
+
+    def __init__(self, tokenizer: Any, *, skip_special_tokens: bool, recorder: LogprobRecorder | None,
+                 stop_ids: set[int]):
+        self._tokenizer = tokenizer
+        self._detok = IncrementalDetokenizer(tokenizer, skip_special_tokens=skip_special_tokens)
+        self._recorder = recorder
+        self.stop_ids = stop_ids
+
+    def event(self, token: int) -> TokenEvent | None:
+        """The event for `token`; None for an end-of-sequence token, which ends the reply unseen."""
+        if token in self.stop_ids:
+            return None
+        event = TokenEvent(token_id=token, text=self._detok.push(token))
+        if self._recorder is not None:
+            self._recorder.fill(event, self._tokenizer)
+        return event
+
+
 class LogprobRecorder:
     """The last logits processor: remembers the final distribution of each step so the streamed token can be
     paired with its log-probability and the top alternatives."""
@@ -123,18 +147,22 @@ class LogprobRecorder:
 
 
 def decode_loop(model: Any, input_ids: Any, processors: Any, *, sampling: bool, max_new_tokens: int,
-                stop_ids: set[int], cancel: Any) -> Iterator[int]:
+                stop_ids: set[int], cancel: Any, draws: SeededDraws | None = None) -> Iterator[int]:
     """Token ids, one forward step at a time, in the caller's thread.
 
     Why not generate() with a streamer: that needs a second thread running the model, which bench/generation.py
     measured ~10% slower than generate() itself on 2 cores (modules/cpu_threads.py has the likely reason).
     This loop does what generate()'s sampling loop does for one sequence and our processor chain (which
     generate_kwargs() makes the whole sampler anyway): scores = processors(ids, logits); argmax or a draw from
-    softmax(scores). Beam search, prompt lookup, guidance and the static cache keep using generate()."""
+    softmax(scores), drawn with the request's own generator (`draws`; None: torch's global one). Beam search,
+    prompt lookup, guidance and the static cache keep using generate(); loaders.transformers_batch does the same
+    for each row of a batch."""
     import torch
     from transformers import DynamicCache
 
-    keep_one = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
+    from modules.samplers.draws import generator_on
+
+    keep_one = {"logits_to_keep": 1} if accepts_keyword(model, "logits_to_keep") else {}
     cache = DynamicCache(config=model.config)
     ids = input_ids  # the whole sequence so far: penalties and grammars read it
     step_input = input_ids
@@ -148,7 +176,8 @@ def decode_loop(model: Any, input_ids: Any, processors: Any, *, sampling: bool, 
             if not torch.isfinite(scores).any():
                 return  # nothing may come next (a grammar with no way on, everything banned): the reply ends
             if sampling:
-                token = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1)
+                token = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1,
+                                          generator=generator_on(draws, scores.device))
             else:
                 token = scores.argmax(dim=-1, keepdim=True)
             token = token.to(ids.device)
@@ -160,7 +189,7 @@ def decode_loop(model: Any, input_ids: Any, processors: Any, *, sampling: bool, 
         step_input = token
 
 
-def _accepts(model: Any, name: str) -> bool:
+def accepts_keyword(model: Any, name: str) -> bool:
     """Whether the model's own forward takes `name` (a PEFT wrapper passes extra keywords on to it)."""
     import inspect
 

@@ -30,6 +30,7 @@ from transformers import (
 
 from modules.errors import ConfigError
 from modules.generation_params import GenerationParams
+from modules.samplers.draws import SeededDraws
 from modules.samplers.grammar import GrammarConstraint, compile_constraint
 from modules.samplers.mirostat import Mirostat
 from modules.samplers.penalties import AdditivePenalty, DRYPenalty, PromptRepetitionPenalty, RangedRepetitionPenalty
@@ -69,10 +70,13 @@ _MOVED_BY_TEMPERATURE_LAST = ("temperature", "dynamic_temperature", "quadratic_s
 
 
 def build_logits_processors(params: GenerationParams, *, tokenizer: Any, vocab_size: int,
-                            eos_token_ids: list[int], prompt_length: int) -> LogitsProcessorList:
-    """The processors for one generate() call (several are stateful: build a fresh list per call).
+                            eos_token_ids: list[int], prompt_length: int,
+                            draws: SeededDraws | None = None) -> LogitsProcessorList:
+    """The processors for one generate() call or one row of a batch (several are stateful: build a fresh list per
+    sequence).
 
-    `vocab_size` is the width of the model's logits, which may exceed the tokenizer's vocabulary."""
+    `vocab_size` is the width of the model's logits, which may exceed the tokenizer's vocabulary. `draws`: the
+    request's own generators for the processors that draw (XTC, mirostat); None uses torch's global RNG."""
     _check_combinations(params)
     chain = LogitsProcessorList()
     bias = _sequence_bias(params, tokenizer=tokenizer, vocab_size=vocab_size, eos_token_ids=eos_token_ids)
@@ -83,7 +87,7 @@ def build_logits_processors(params: GenerationParams, *, tokenizer: Any, vocab_s
                                       grammar=params.grammar_string, json_schema=params.json_schema)
         chain.append(GrammarConstraint(compiled, prompt_length))
     min_keep = 1 if params.num_beams == 1 else len(eos_token_ids) + 1
-    context = _Context(params, tokenizer, vocab_size, eos_token_ids, prompt_length, min_keep)
+    context = _Context(params, tokenizer, vocab_size, eos_token_ids, prompt_length, min_keep, draws)
     for name in sampler_order(params):
         if params.greedy and name not in _PENALTIES:
             continue
@@ -92,7 +96,7 @@ def build_logits_processors(params: GenerationParams, *, tokenizer: Any, vocab_s
             chain.append(processor)
     if not params.greedy and params.mirostat_mode:
         chain.append(Mirostat(params.mirostat_mode, params.mirostat_tau, params.mirostat_eta, vocab_size,
-                              prompt_length))
+                              prompt_length, draws))
     return chain
 
 
@@ -111,8 +115,7 @@ def generate_kwargs(params: GenerationParams, *, tokenizer: Any, eos_token_ids: 
     (from its defaults, such as top_k=50, or from the model's generation_config.json).
 
     `device` is where negative_prompt_ids must live (the model's device); CPU when None."""
-    # Mirostat draws the token itself and leaves one finite logit: generate() need only take the argmax.
-    sampling = not params.greedy and not params.mirostat_mode
+    sampling = draws_token(params)
     kwargs: dict[str, Any] = {
         "do_sample": sampling,
         "num_beams": params.num_beams,
@@ -140,12 +143,26 @@ def generate_kwargs(params: GenerationParams, *, tokenizer: Any, eos_token_ids: 
     return kwargs
 
 
+def draws_token(params: GenerationParams) -> bool:
+    """Whether the token is drawn from the processed distribution (else it is the argmax). Mirostat draws the token
+    itself and leaves one finite logit: then the argmax is its pick."""
+    return not params.greedy and not params.mirostat_mode
+
+
+def only_generate(params: GenerationParams) -> bool:
+    """Whether these knobs need Transformers' generate() on a batch of one: beam search (it picks among several
+    hypotheses at the end), prompt-lookup decoding (several tokens a step) and classifier-free guidance (a second,
+    negative-prompt pass). Every other knob runs in our own step loop, alone or batched."""
+    return params.num_beams > 1 or params.prompt_lookup_num_tokens > 0 or params.guidance_scale != 1
+
+
 class _Context:
     """What the sampler factories need besides the params."""
 
     def __init__(self, params: GenerationParams, tokenizer: Any, vocab_size: int, eos_token_ids: list[int],
-                 prompt_length: int, min_keep: int):
+                 prompt_length: int, min_keep: int, draws: SeededDraws | None):
         self.p = params
+        self.draws = draws
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
         self.eos_token_ids = eos_token_ids
@@ -204,7 +221,7 @@ class _Context:
             newline = last_token(self.tokenizer, "\n")
             if newline is not None:
                 protected.add(newline)
-            return ExcludeTopChoices(p.xtc_threshold, p.xtc_probability, protected)
+            return ExcludeTopChoices(p.xtc_threshold, p.xtc_probability, protected, self.draws)
         return None
 
 

@@ -1,8 +1,8 @@
 """Mirostat v1 and v2: sampling that steers the surprise of each token towards a target `tau`.
 
-Mirostat is a sampler, not a filter: this processor draws the token itself (torch's global RNG, so
-transformers.set_seed reproduces it) and leaves every other logit at -inf, so whatever generate() does next
-(argmax or a draw) yields that token. It keeps `mu` across steps and learns from the token that was actually
+Mirostat is a sampler, not a filter: this processor draws the token itself (from the request's own generator
+when it has one, else torch's global RNG, which transformers.set_seed reproduces) and leaves every other logit
+at -inf, so whatever generate() does next (argmax or a draw) yields that token. It keeps `mu` across steps and learns from the token that was actually
 chosen: the last of input_ids at the next call, scored against the distribution it sampled from.
 """
 from __future__ import annotations
@@ -10,13 +10,16 @@ from __future__ import annotations
 import torch
 from transformers import LogitsProcessor
 
+from modules.samplers.draws import SeededDraws, generator_on
+
 NEG_INF = float("-inf")
 #: Mirostat v1 estimates the Zipf exponent from this many of the most likely tokens (llama.cpp's m).
 V1_CANDIDATES = 100
 
 
 class Mirostat(LogitsProcessor):
-    def __init__(self, mode: int, tau: float, eta: float, vocab_size: int, prompt_length: int):
+    def __init__(self, mode: int, tau: float, eta: float, vocab_size: int, prompt_length: int,
+                 draws: SeededDraws | None = None):
         if mode not in (1, 2):
             raise ValueError(f"mirostat mode must be 1 or 2, not {mode}")
         self.mode = mode
@@ -24,6 +27,7 @@ class Mirostat(LogitsProcessor):
         self.eta = eta
         self.vocab_size = vocab_size
         self.prompt_length = prompt_length
+        self.draws = draws
         self.mu: torch.Tensor | None = None  # per row, in bits; starts at 2 * tau
         self._surprise: torch.Tensor | None = None  # bits of each token in the last sampled distribution
 
@@ -38,7 +42,7 @@ class Mirostat(LogitsProcessor):
         keep.scatter_(-1, probs.argmax(dim=-1, keepdim=True), True)  # never an empty row
         kept = probs.masked_fill(~keep, 0.0)
         kept = kept / kept.sum(dim=-1, keepdim=True)
-        chosen = torch.multinomial(kept, 1)
+        chosen = torch.multinomial(kept, 1, generator=generator_on(self.draws, kept.device))
         self._surprise = -kept.log2()  # +inf where truncated
         out = torch.full_like(scores, NEG_INF)
         return out.scatter(-1, chosen, scores.gather(-1, chosen))

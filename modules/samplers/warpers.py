@@ -11,6 +11,8 @@ from collections.abc import Iterable
 import torch
 from transformers import LogitsProcessor
 
+from modules.samplers.draws import SeededDraws, generator_on
+
 NEG_INF = float("-inf")
 
 
@@ -127,17 +129,20 @@ class QuadraticSmoothing(LogitsProcessor):
 
 
 class ExcludeTopChoices(LogitsProcessor):
-    """XTC: with chance `probability` (drawn per row from torch's global RNG, so transformers.set_seed
-    reproduces it), drop every token at or above `threshold` probability except the least likely of them.
-    Rows where that would drop a protected token (the newline or an end-of-sequence token) are left as they are."""
+    """XTC: with chance `probability` (drawn per row on the CPU, from the request's own generator when it has one,
+    else from torch's global RNG, which transformers.set_seed reproduces), drop every token at or above `threshold`
+    probability except the least likely of them. Rows where that would drop a protected token (the newline or an
+    end-of-sequence token) are left as they are."""
 
-    def __init__(self, threshold: float, probability: float, protected_ids: Iterable[int]):
+    def __init__(self, threshold: float, probability: float, protected_ids: Iterable[int],
+                 draws: SeededDraws | None = None):
         self.threshold = threshold
         self.probability = probability
         self.protected = torch.tensor(sorted(set(protected_ids)), dtype=torch.long)
+        self.draws = draws
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
-        act = torch.rand(scores.shape[0]) < self.probability
+        act = torch.rand(scores.shape[0], generator=generator_on(self.draws, "cpu")) < self.probability
         if not bool(act.any()):
             return scores
         probs = scores.softmax(dim=-1)
