@@ -55,7 +55,7 @@ def build_app(services: Services) -> gr.Blocks:
                         preset=gr.Dropdown(choices=list_presets(settings.preset_dir), value=first.preset,
                                            label="Preset", scale=3, render=False, elem_id="preset-select"),
                         chat=_chat_panel(settings, first.chat), defaults=defaults)
-        with gr.Tabs(elem_id="tabs"):
+        with gr.Tabs(elem_id="tabs") as tabs:
             with gr.Tab("Chat", id="chat", elem_id="tab-chat"):
                 chat_view = build_chat_tab(ctx)
             with gr.Tab("Default", id="default", elem_id="tab-default"):
@@ -65,7 +65,7 @@ def build_app(services: Services) -> gr.Blocks:
             with gr.Tab("Parameters", id="parameters", elem_id="tab-parameters"):
                 build_parameters_tab(ctx)
             with gr.Tab("Model", id="model", elem_id="tab-model"):
-                build_model_tab(ctx)
+                build_model_tab(ctx, tabs)
             if _TRAINING_TAB.exists():
                 from modules.ui.training_tab import build_training_tab
 
