@@ -14,7 +14,7 @@ import yaml
 from api_helpers import serving_api
 from conftest import ROOT
 from modules.chat.templates import load_template
-from modules.errors import ConfigError, ModelLoadError
+from modules.errors import ConfigError, ModelLoadError, NotFound
 from modules.model_manager import ModelManager
 from modules.model_settings import ModelSettings
 from modules.presets import load_preset
@@ -22,6 +22,7 @@ from modules.services import Services, build_services, load_startup_model
 from modules.settings import load_settings
 from modules.starter import STARTER_GGUF
 from test_entry_points import assert_bad_input, webui
+from webui import check_model
 
 TEMPLATES = ROOT / "instruction-templates"
 PRESETS = ROOT / "presets"
@@ -147,6 +148,9 @@ def test_start_up_loads_the_model_as_the_file_says(folders: Path, managers) -> N
     write_models(folders, f"smol:\n  n_ctx: 1024\n'{STARTER_GGUF}':\n  n_ctx: 1536\n  aliases: [s]\n")
     services = services_for(folders, "--model", "s")
     manager_of(services, managers)
+    check_model(services.settings, services.manager)  # webui.py's check before anything starts
+    with pytest.raises(NotFound, match="No model named 'nope"):
+        check_model(services.settings.model_copy(update={"model": "nope"}), services.manager)
     load_startup_model(services)
     assert services.startup_messages == []
     info = services.manager.info()
