@@ -120,6 +120,7 @@ def test_two_resident_models_are_listed_with_unload_buttons(page: Page, browser:
 
     # these pages had no model event: an open Model tab refreshes the list by itself
     expect(second).to_contain_text("(default)")
+    expect(page.locator("#model-info")).to_contain_text(SECOND)
     expect(resident_row(bob.page, SECOND)).to_contain_text("(default)")
     assert bob.page.locator(".resident-unload").count() == 0
     for row in (first, second):

@@ -336,8 +336,10 @@ def build_model_tab(ctx: UiContext, tabs: gr.Tabs | None = None) -> None:
     loader.input(form_for, [model, loader], form)
     save.click(on_save, {model, loader, preset_box, template_box, aliases_box, *all_options}, settings_note,
                api_name="save_model_settings")
-    # queued (a State changed by an unqueued event does not re-render), and never behind generations
-    timer.tick(current_rows, None, rows, show_progress="hidden", concurrency_limit=None)
+    # the list and the default model; queued (a State changed by an unqueued event does not re-render), and
+    # never behind generations
+    timer.tick(lambda: (current_rows(), info_markdown(manager.info())), None, [rows, info], show_progress="hidden",
+               concurrency_limit=None)
     if tabs is not None:  # the timer runs while the Model tab is open
         def follow_tab(event: gr.SelectData) -> Any:
             return gr.Timer(active=_is_model_tab(event))
