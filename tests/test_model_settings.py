@@ -200,6 +200,27 @@ def test_the_preset_and_template_become_the_models_defaults(folders: Path, manag
     assert flagged.default_params("smol") == load_preset(PRESETS, "Top-P")
 
 
+def test_api_requests_start_from_the_preset_of_the_model_they_name(folders: Path, managers, tmp_path) -> None:
+    """A request that sets no knob gets its model's preset from models.yaml (here: 3 tokens at most)."""
+    presets = tmp_path / "presets"
+    presets.mkdir()
+    (presets / "Default.yaml").write_text("max_new_tokens: 40\nban_eos_token: true\n")
+    (presets / "Short.yaml").write_text("max_new_tokens: 3\nban_eos_token: true\n")
+    write_models(folders, f"{SECOND}:\n  preset: Short\n")
+    services = services_for(folders, "--preset-dir", str(presets), "--max-models", "2")
+    manager = manager_of(services, managers)
+    manager.load(STARTER_GGUF, options={"n_ctx": 512})
+    manager.load(SECOND, options={"n_ctx": 512})
+    with serving_api(services) as url:
+        def tokens(model: str) -> int:
+            answer = httpx.post(url + "/v1/completions", json={"model": model, "prompt": "Once upon a time"},
+                                timeout=120)
+            assert answer.status_code == 200, answer.text
+            return answer.json()["usage"]["completion_tokens"]
+
+        assert (tokens(SECOND), tokens(STARTER_GGUF)) == (3, 40)
+
+
 def test_a_jinja_template_in_the_file_is_the_models_template(folders: Path, managers) -> None:
     jinja = "{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}[assistant] "
     write_models(folders, yaml.safe_dump({SECOND: {"template": jinja}}))

@@ -118,7 +118,8 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
         await run_in_threadpool(check_token_ids, services.manager, prompt, "prompt", target.model)
     if body.best_of not in (None, body.n):
         raise ApiError(400, "best_of is not supported (ask for n choices instead).", param="best_of")
-    params, warnings = build_params(services, body, max_tokens=body.max_tokens, logprobs=body.logprobs or 0)
+    params, warnings = build_params(services, body, max_tokens=body.max_tokens, logprobs=body.logprobs or 0,
+                                    model=target.model)
     registry = services.extensions
     if registry is not None:
         hook_state = registry.modify_state(state_of(params))
@@ -241,7 +242,7 @@ class ChatPlan:
         max_tokens = body.max_completion_tokens or body.max_tokens
         top = body.top_logprobs or 0
         params, self.warnings = build_params(services, body, max_tokens=max_tokens,
-                                             logprobs=max(top, 1) if body.logprobs else 0)
+                                             logprobs=max(top, 1) if body.logprobs else 0, model=model_name)
         self.tools = tooling.tool_dicts(body.tools) if body.tool_choice != "none" else []
         try:
             schema = tooling.constraint_schema(self.tools, body.tool_choice.model_dump()
@@ -275,7 +276,8 @@ class ChatPlan:
             from modules.chat.templates import choose_template
 
             template = body.instruction_template_str or choose_template(
-                model.chat_template, body.instruction_template or services.settings.chat.instruction_template,
+                model.chat_template,
+                body.instruction_template or services.chat_settings(model_name).instruction_template,
                 templates_dir=services.settings.template_dir).template
             if tooling.template_takes_tools(template, self.tools, bos_token=model.bos_token or "",
                                             eos_token=model.eos_token or ""):

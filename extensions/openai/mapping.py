@@ -39,9 +39,11 @@ def _set(request: BaseModel, name: str) -> Any:
 
 
 def build_params(services: Any, request: BaseModel, *, max_tokens: int | None = None,
-                 stops: list[str] | None = None, logprobs: int = 0) -> tuple[GenerationParams, list[str]]:
-    """GenerationParams for a request: the settings' preset (or the request's `preset`), then every knob the
-    request set under GenerationParams' names, then the OpenAI fields. Returns (params, warnings)."""
+                 stops: list[str] | None = None, logprobs: int = 0,
+                 model: str | None = None) -> tuple[GenerationParams, list[str]]:
+    """GenerationParams for a request to `model`: its preset (models.yaml, else the settings'; or the request's
+    `preset`), then every knob the request set under GenerationParams' names, then the OpenAI fields. Returns
+    (params, warnings)."""
     settings = services.settings
     warnings: list[str] = []
     if getattr(request, "preset", None):
@@ -50,7 +52,7 @@ def build_params(services: Any, request: BaseModel, *, max_tokens: int | None = 
         except WorkbenchError as exc:
             raise api_error_from(exc, "preset") from None
     else:
-        values = services.default_params().model_dump()
+        values = services.default_params(model).model_dump()
     for name in GenerationParams.model_fields:
         if name in _OPENAI_FIELDS or name in ("stop", "logit_bias", "logprobs"):
             continue
@@ -145,8 +147,9 @@ def build_chat_prompt(services: Any, messages: list[dict[str, Any]], request: An
         "user_bio": getattr(request, "user_bio", None),
         "chat_instruct_command": getattr(request, "chat_instruct_command", None),
     }.items() if value}
-    chat = settings.chat.model_copy(update={"system_message": "", **overrides})
-    built = build_model_prompt(services.manager.require_model(model), chat, messages, max_new_tokens=params.max_new_tokens,
+    chat = services.chat_settings(model).model_copy(update={"system_message": "", **overrides})
+    built = build_model_prompt(services.manager.require_model(model), chat, messages,
+                               max_new_tokens=params.max_new_tokens,
                                template_dir=settings.template_dir, characters_dir=settings.character_dir,
                                template_override=getattr(request, "instruction_template_str", None), tools=tools,
                                continue_last=bool(getattr(request, "continue_", False)), drop_old_messages=False)

@@ -15,7 +15,7 @@ from extensions.openai.errors import ApiError, api_error_from
 from extensions.openai.middleware import client_key
 from extensions.openai.protocol import LoraRef
 from loaders.batching import Adapter
-from modules.errors import NoModelLoaded, WorkbenchError
+from modules.errors import NoModelLoaded, NotFound, WorkbenchError
 from modules.serving.residents import Resident
 
 
@@ -80,9 +80,13 @@ def choose_model(manager: Any, requested: str | None, *, jit: bool) -> Resident:
             raise manager.missing_model(requested)
         if not manager.pool.all():  # the start-up model loads: the name may be one of its own
             raise manager.missing_model()
-    if requested not in manager.list_models():
+    try:
+        manager.check(requested)  # a name in models/, an alias or a remote engine of models.yaml
+    except NotFound:
         raise ApiError(404, f"The model {requested[:200]!r} does not exist; GET /v1/models lists the models.",
-                       param="model", code="model_not_found")
+                       param="model", code="model_not_found") from None
+    except WorkbenchError as exc:
+        raise api_error_from(exc, "model") from None
     if not jit:
         how = "Load it with POST /v1/internal/model/load, or start the API with --jit to load models on demand."
         residents = [r.name for r in manager.pool.all()]
