@@ -20,7 +20,7 @@ from api_helpers import server_settings, serving_api
 from conftest import ROOT
 from extensions.openai.tools import constraint_schema
 from loaders.llama_cpp_sampling import trial_compiler as llama_trial_compiler
-from modules.constraints import CompileWorker, limits, trial_compiler_of
+from modules.constraints import CompileWorker, ConstraintChecker, limits, trial_compiler_of
 from modules.errors import ConstraintError
 from modules.generation_params import GenerationParams
 from modules.model_manager import ModelManager
@@ -241,7 +241,9 @@ def test_a_constraint_seen_before_is_not_compiled_again(managers, loader) -> Non
 
 @pytest.mark.slow  # compiles the largest accepted inputs with every compiler
 def test_the_largest_accepted_inputs_compile(managers) -> None:
-    """At each limit, what is accepted passes every compiler (the limits are not tighter than the tools)."""
+    """At each limit, what is accepted passes every compiler (the limits are not tighter than the tools). How long
+    they take is a measurement (docs/constraints.md), not this test's business: its checker waits for as long as
+    a loaded machine needs, where the server's gives up after limits.COMPILE_SECONDS."""
     worst = [
         {"json_schema": nested_schema(limits.MAX_NESTING_DEPTH // 2 - 1)},
         {"json_schema": {"type": "string", "maxLength": limits.MAX_TEXT_REPEAT}},
@@ -256,8 +258,12 @@ def test_the_largest_accepted_inputs_compile(managers) -> None:
         {"grammar_string": "root ::= " + "(" * limits.MAX_NESTING_DEPTH + '"a"' + ")" * limits.MAX_NESTING_DEPTH},
     ]
     for manager in managers.values():
-        for fields in worst:
-            manager.constraints.check(GenerationParams(**fields), manager.model)
+        patient = ConstraintChecker(CompileWorker(compile_seconds=600))
+        try:
+            for fields in worst:
+                patient.check(GenerationParams(**fields), manager.model)
+        finally:
+            patient.close()
 
 
 # --- the compiler process: what it crashes on or hangs over costs only the child -------------------------------
