@@ -287,3 +287,40 @@ def test_an_unknown_lora_folder_fails_that_request_alone(manager: ModelManager, 
     with pytest.raises(ModelLoadError, match="not a PEFT LoRA folder"):
         broken.join()
     assert other.join().ids == alone(manager, ids, params)
+
+
+def test_a_model_with_sliding_window_layers_batches_rows_of_any_length(tmp_path: Path, starter_hf: Path):
+    """Sliding-window layers keep only the window's end of the timeline: rows longer and shorter than the window,
+    joining a batch at different steps, each give what they give alone (a tiny random Mistral, window 16)."""
+    from transformers import AutoTokenizer, MistralConfig, MistralForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(starter_hf)
+    config = MistralConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                           sliding_window=16, bos_token_id=tokenizer.bos_token_id,
+                           eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    MistralForCausalLM(config).save_pretrained(tmp_path / "tiny-mistral")
+    tokenizer.save_pretrained(tmp_path / "tiny-mistral")
+    manager = ModelManager(tmp_path, tmp_path / "loras")
+    manager.load("tiny-mistral", "transformers", {"dtype": "float32", "parallel": 4})
+    try:
+        model = manager.require_model()
+        assert manager.resident().engine._batch is not None  # batched, not one at a time
+
+        def row(words: int, tokens: int) -> tuple[list[int], GenerationParams]:
+            return (model.encode(" ".join(["Once upon a time there was a"] * words)),
+                    GenerationParams(do_sample=False, max_new_tokens=tokens, ban_eos_token=True))
+
+        # A short row, then a longer one (the cache grows past the window: the first row is padded), then the
+        # longest with a short reply: when it leaves, the two others (close in length: padding inside the window)
+        # go on alone in the trimmed cache.
+        rows = [row(2, 40), row(3, 40), row(9, 6)]
+        expected = [alone(manager, ids, params) for ids, params in rows]
+        runs = []
+        for ids, params in rows:  # each joins once the one before has generated
+            runs.append(start(manager, ids, params))
+            wait_until(lambda: len(runs[-1].tokens) >= 3 or runs[-1].done, "the new row generates")
+        assert [run.join().ids for run in runs] == expected
+    finally:
+        manager.unload()
