@@ -173,6 +173,17 @@ def test_rows_with_different_knobs_each_get_their_own(manager: ModelManager):
     assert got[2] != got[3]  # the penalty changed that row and only that row
 
 
+def test_a_row_with_no_way_on_ends_and_the_others_go_on(manager: ModelManager):
+    ids = chat_ids(manager, "Count to five.")
+    greedy = GenerationParams(do_sample=False, max_new_tokens=12)
+    dead_ends = [GenerationParams(max_new_tokens=6, do_sample=sampling, seed=1,
+                                  grammar_string="root ::= [^\\x00-\\U0010FFFF]") for sampling in (False, True)]
+    runs = [start(manager, ids, greedy), *[start(manager, ids, params) for params in dead_ends]]
+    assert runs[0].join().ids == alone(manager, ids, greedy)
+    for run in runs[1:]:
+        assert run.join().ids == [] and run.generation.stats.finish_reason == "stop"
+
+
 def test_logprobs_of_a_row_match_its_logprobs_alone(manager: ModelManager):
     ids = chat_ids(manager, "Tell me about the moon.")
     params = GenerationParams(do_sample=False, max_new_tokens=8, logprobs=3, ban_eos_token=True)
@@ -322,5 +333,15 @@ def test_a_model_with_sliding_window_layers_batches_rows_of_any_length(tmp_path:
             runs.append(start(manager, ids, params))
             wait_until(lambda: len(runs[-1].tokens) >= 3 or runs[-1].done, "the new row generates")
         assert [run.join().ids for run in runs] == expected
+    finally:
+        manager.unload()
+
+
+def test_the_static_cache_makes_the_model_one_slot(tiny_llama_dir: Path):
+    """The compiled static cache holds one sequence: every request runs alone, whatever parallel says."""
+    manager = ModelManager(tiny_llama_dir.parent, tiny_llama_dir.parent / "loras")
+    manager.load(tiny_llama_dir.name, "transformers", {"static_cache": True, "parallel": 4})
+    try:
+        assert manager.require_model().slots == 1 and manager.resident().engine._batch is None
     finally:
         manager.unload()
