@@ -134,6 +134,19 @@ def open_app(browser: Browser, url: str, **context_options) -> tuple[Page, PageE
     return page, errors
 
 
+def sign_in(browser: Browser, url: str, user: str, password: str) -> Page:
+    """A page, in a browser context of its own, where `user` signed in (--gradio-auth), once the app is ready."""
+    context = browser.new_context(viewport={"width": 1400, "height": 1000})
+    context.set_default_timeout(EVENT_TIMEOUT_MS)
+    page = context.new_page()
+    page.goto(url)
+    page.get_by_label("username").fill(user)
+    page.get_by_label("password").fill(password)
+    page.get_by_role("button", name="Login").click()
+    wait_ready(page)
+    return page
+
+
 def wait_ready(page: Page) -> None:
     """The app has rendered and its start-up events (the session, the open chat) have finished."""
     page.wait_for_selector("#chat-input textarea", timeout=EVENT_TIMEOUT_MS)
@@ -176,11 +189,21 @@ _WATCH = """([selector, lock]) => {
 _FINISHED = "() => window.__eventStarted && !window.__eventBusy()"
 
 
+def watch_event(page: Page, status_selector: str = "#chat-status", *, lock: str | None = None) -> None:
+    """Watch for the next event of the page (see run_event): `event_finished` says when it started and ended."""
+    page.evaluate(_WATCH, [status_selector, lock])
+
+
+def event_finished(page: Page) -> bool:
+    """Whether the event `watch_event` waits for has started and finished."""
+    return bool(page.evaluate(_FINISHED))
+
+
 def run_event(page: Page, action, status_selector: str = "#chat-status", *, lock: str | None = None) -> str:
     """Do `action()` (a click...) and wait until the event it starts has finished; returns the text of the
     element at `status_selector`. A streaming event is followed through the button it disables while it runs
     (`lock`); any other through the progress indicator Gradio shows on `status_selector`, one of its outputs."""
-    page.evaluate(_WATCH, [status_selector, lock])
+    watch_event(page, status_selector, lock=lock)
     action()
     page.wait_for_function(_FINISHED, timeout=EVENT_TIMEOUT_MS)
     return page.inner_text(status_selector)

@@ -1,8 +1,10 @@
 """One chat turn for the Chat tab: history -> modules.chat.build_prompt -> ModelManager -> history on disk.
 
 Prompt building itself lives in modules/chat (the API uses the same builder); this module only gathers its
-inputs from the chat settings and the loaded model, streams the reply into the open chat and saves it.
-Nothing here imports Gradio, so the same turns can be driven from a test or another front end.
+inputs from the chat settings and the chat's model (modules.ui.model_choice: the one the page picked, with that
+model's template and tokenizer), streams the reply into the open chat and saves it, recording on the messages
+which model (and LoRAs) wrote them. Nothing here imports Gradio, so the same turns can be driven from a test or
+another front end.
 """
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from loaders.base import Capability
+from loaders.base import Capability, LoadedModel
 from modules.chat.history import ChatHistory, ChatMessage
 from modules.chat.model_prompt import build_model_prompt, chat_character
 from modules.chat.prompt import PromptResult
@@ -18,7 +20,9 @@ from modules.errors import ConfigError
 from modules.generation_params import GenerationParams
 from modules.services import Services
 from modules.settings import ChatSettings
+from modules.ui.access import may_administer
 from modules.ui.extension_hooks import RequestHooks, visible_text, with_visible
+from modules.ui.model_choice import ModelChoice, find_resident, page_client
 from modules.ui.session_state import UiSession
 from modules.ui.streaming import stream_batches
 
@@ -27,13 +31,15 @@ Action = Literal["send", "regenerate", "continue", "impersonate"]
 
 @dataclass
 class TurnUpdate:
-    """What the page shows while a turn streams: the chat, the text of an impersonation, a status line."""
+    """What the page shows while a turn streams: the chat, the text of an impersonation, a status line. A
+    `loading` update comes before the turn starts, while the chat's model loads."""
 
     messages: list[dict[str, Any]]
     impersonation: str | None = None
     status: str = ""
     warnings: list[str] = field(default_factory=list)
     done: bool = False
+    loading: bool = False
 
 
 def greeting_messages(services: Services, chat: ChatSettings) -> list[ChatMessage]:
@@ -52,10 +58,11 @@ def shown_messages(services: Services, session: UiSession, chat: ChatSettings) -
 
 
 def build_turn_prompt(services: Services, chat: ChatSettings, params: GenerationParams,
-                      messages: list[dict[str, Any]], *, continue_last: bool = False, impersonate: bool = False,
-                      impersonate_prefix: str = "") -> tuple[PromptResult, list[str], int]:
-    """(prompt, warnings to show, context length in force) through the builder the API uses too."""
-    built = build_model_prompt(services.manager.require_model(), chat, messages,
+                      messages: list[dict[str, Any]], *, model: LoadedModel | None = None, continue_last: bool = False,
+                      impersonate: bool = False, impersonate_prefix: str = "") -> tuple[PromptResult, list[str], int]:
+    """(prompt, warnings to show, context length in force) for `model` (None: the default model) through the
+    builder the API uses too."""
+    built = build_model_prompt(model if model is not None else services.manager.require_model(), chat, messages,
                                max_new_tokens=params.max_new_tokens, template_dir=services.settings.template_dir,
                                characters_dir=services.settings.character_dir, continue_last=continue_last,
                                impersonate=impersonate, impersonate_prefix=impersonate_prefix)
@@ -63,9 +70,11 @@ def build_turn_prompt(services: Services, chat: ChatSettings, params: Generation
 
 
 def run_turn(services: Services, session: UiSession, chat: ChatSettings, params: GenerationParams,
-             action: Action, text: str = "") -> Iterator[TurnUpdate]:
-    """Stream one turn. The chat is saved when the user's message is added and again when the reply ends
-    (also when it is stopped: a cut reply is kept). Extensions' hooks apply (modules.extensions).
+             action: Action, text: str = "", choice: ModelChoice | None = None) -> Iterator[TurnUpdate]:
+    """Stream one turn, answered by the model `choice` names (loaded first when it is not resident and the page
+    may load models; else refused, before anything is saved). The chat is saved when the user's message is added
+    and again when the reply ends (also when it is stopped: a cut reply is kept); both record the model and LoRAs.
+    Extensions' hooks apply (modules.extensions).
 
     Another page may have the same chat open: each save merges what it added meanwhile, or raises
     ChatChangedError. Until a save succeeds `session.history` keeps the chat as it was, so a refused message is
@@ -73,11 +82,18 @@ def run_turn(services: Services, session: UiSession, chat: ChatSettings, params:
     kept as a new chat named in the error (a reply has no box to wait in, and writing it again takes time)."""
     if session.busy:
         raise ConfigError("A reply is still being written on this page: wait for it or press Stop.")
-    services.manager.require_model()
+    manager, choice = services.manager, choice or ModelChoice()
+    resident = find_resident(manager, choice.model, may_load=may_administer(services.settings, session.user))
+    adapters = choice.adapters(manager)  # a LoRA that is gone is refused before a model loads for it
+    if resident is None:
+        yield TurnUpdate(_show(session.history, chat, services), status=f"Loading {choice.model}…", loading=True)
+        resident = manager.ensure(str(choice.model))
+    model, name = resident.model, resident.name
+    stamp = choice.stamp(name)
     hooks = RequestHooks(services, params, chat)
     params = hooks.params
-    services.manager.check_constraint(params)  # a refused grammar must not leave the message without a reply
-    history = _prepare(services, session, chat, action, text, hooks)
+    manager.check_constraint(params, model=name)  # a refused grammar must not leave the message without a reply
+    history = _prepare(services, session, chat, action, text, hooks, stamp)
     prompt_messages = history.prompt_messages() if history is not None else [
         m.model_dump(include={"role", "content"}) for m in greeting_messages(services, chat)]
     impersonate, continue_last = action == "impersonate", action == "continue"
@@ -91,26 +107,28 @@ def run_turn(services: Services, session: UiSession, chat: ChatSettings, params:
     prompt_messages = hooks.history(prompt_messages)
     custom = hooks.custom_prompt(prompt_messages) if action in ("send", "regenerate") else None
     if custom is not None:  # an extension built the whole prompt
-        model = services.manager.require_model()
         counted = model.token_count(custom) if Capability.TOKENIZE in model.capabilities else None
         result = PromptResult(custom, prompt_messages, prompt_tokens=counted)
         warnings, context = [], model.context_length
     else:
-        result, warnings, context = build_turn_prompt(services, chat, params, prompt_messages,
+        result, warnings, context = build_turn_prompt(services, chat, params, prompt_messages, model=model,
                                                       continue_last=continue_last, impersonate=impersonate,
                                                       impersonate_prefix=text)
     stops = list(dict.fromkeys([*params.stop, *result.stop_strings, *chat.custom_stopping_strings]))
-    generation = services.manager.generate(result.prompt, params.model_copy(update={"stop": stops}),
-                                           add_bos=False if result.starts_with_bos else None)
+    generation = manager.generate(result.prompt, params.model_copy(update={"stop": stops}),
+                                  add_bos=False if result.starts_with_bos else None, model=name, adapters=adapters,
+                                  client=page_client(session))
     warnings += generation.warnings
-    if history is not None and action in ("send", "regenerate") and history.messages[-1].role != "assistant":
+    added = history is not None and action in ("send", "regenerate") and history.messages[-1].role != "assistant"
+    if added:
         history.messages.append(ChatMessage(role="assistant", content=""))
-    status_head = f"Prompt: {result.prompt_tokens if result.prompt_tokens is not None else '?'} of {context} tokens"
+    status_head = (f"Model: {choice.describe(name)} · Prompt: "
+                   f"{result.prompt_tokens if result.prompt_tokens is not None else '?'} of {context} tokens")
     if result.dropped_messages:
         status_head += f" ({result.dropped_messages} oldest messages left out to fit)"
     session.generation = generation
-    set_reply = _reply_setter(history, action)
-    reply, tokens = "", []
+    set_reply = _reply_setter(history, action, stamp)
+    reply, tokens, failed = "", [], True
     try:
         for batch in stream_batches(generation):  # the first one shows the user's message (and the first words)
             for chunk in batch:
@@ -121,11 +139,15 @@ def run_turn(services: Services, session: UiSession, chat: ChatSettings, params:
             yield TurnUpdate(_show(history, chat, services), impersonation=base + reply if impersonate else None,
                              status=status_head + " · writing…", warnings=warnings)
             warnings = []
+        failed = False
     finally:
         generation.cancel()  # no-op once it ended; stops it when the page went away mid-reply
         session.generation = None
         if history is not None and not impersonate:
-            set_reply(base + reply, hooks.output(base + reply, tokens))
+            if failed and added and not reply:  # it failed (or the page left) before a word: no empty reply kept
+                history.messages.pop()
+            else:
+                set_reply(base + reply, hooks.output(base + reply, tokens))
             session.history = session.store.save(history, keep_copy_on_conflict=True)
     stats = generation.stats
     ending = {"cancelled": " · stopped", "length": " · hit max_new_tokens", "error": " · failed"}.get(
@@ -137,16 +159,17 @@ def run_turn(services: Services, session: UiSession, chat: ChatSettings, params:
 
 
 def _prepare(services: Services, session: UiSession, chat: ChatSettings, action: Action, text: str,
-             hooks: RequestHooks) -> ChatHistory | None:
+             hooks: RequestHooks, stamp: dict[str, Any]) -> ChatHistory | None:
     """The chat the reply goes into (a copy of the page's open chat), after adding and saving the user's message
-    (send) or checking there is something to regenerate or continue."""
+    (send; its metadata records `stamp`, the model it was sent to) or checking there is something to regenerate or
+    continue."""
     history = session.history.model_copy(deep=True) if session.history is not None else None
     messages = history.messages if history is not None else greeting_messages(services, chat)
     if action == "send":
         if not text.strip():
             raise ConfigError("Type a message first.")
         model_text, visible = hooks.user_text(text)
-        user = ChatMessage(role="user", content=model_text, metadata=with_visible({}, model_text, visible))
+        user = ChatMessage(role="user", content=model_text, metadata=with_visible(stamp, model_text, visible))
         if history is None:
             history = session.store.new(session.character, [*messages, user], mode=chat.mode)
         else:
@@ -162,10 +185,11 @@ def _prepare(services: Services, session: UiSession, chat: ChatSettings, action:
     return history
 
 
-def _reply_setter(history: ChatHistory | None, action: Action):
+def _reply_setter(history: ChatHistory | None, action: Action, stamp: dict[str, Any]):
     """A function `set_reply(text, visible)` that shows `text` as the last reply: `visible` None while it
-    streams, and the text to show (after extensions' output_modifier) when it ends. A regenerated reply
-    streams over a preview of the last message and, when it ends, becomes a new alternative ("swipe") of it."""
+    streams, and the text to show (after extensions' output_modifier) when it ends, when the reply's metadata
+    records `stamp` (the model that wrote it). A regenerated reply streams over a preview of the last message
+    and, when it ends, becomes a new alternative ("swipe") of it."""
     if history is None:
         return lambda text, visible: None
     index = len(history.messages) - 1
@@ -185,7 +209,7 @@ def _reply_setter(history: ChatHistory | None, action: Action):
             return
         message = history.messages[index]
         history.messages[index] = message.model_copy(
-            update={"metadata": with_visible(message.metadata, text, visible)})
+            update={"metadata": {**with_visible(message.metadata, text, visible), **stamp}})
 
     return set_reply
 

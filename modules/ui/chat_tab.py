@@ -1,5 +1,7 @@
-"""Chat tab: a streaming chatbot over modules/chat, with the chat actions, the chat settings, past chats and
-characters (the last two in their own files). Turns run through modules.ui.chat_runner."""
+"""Chat tab: a streaming chatbot over modules/chat, with the chat actions, the chat's model and LoRAs, the chat
+settings, past chats and characters (the last two in their own files). Turns run through modules.ui.chat_runner.
+
+The model picker holds the page's choice; opening a chat shows the model (and LoRAs) its last turn ran with."""
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -15,6 +17,8 @@ from modules.ui.chat_histories_panel import build_chat_histories_panel
 from modules.ui.chat_runner import Action, run_turn, shown_messages
 from modules.ui.chat_view import ChatView, refused, show
 from modules.ui.common import UiContext, session_of, stream_locked, user_errors, warn
+from modules.ui.model_choice import ModelChoice
+from modules.ui.model_picker import ModelPicker, build_model_picker, picker_updates, refreshed
 from modules.ui.session_state import UiSession
 
 
@@ -46,56 +50,84 @@ def build_chat_tab(ctx: UiContext) -> ChatView:
                 new_chat = gr.Button("Start new chat", size="sm", elem_id="chat-new")
                 branch = gr.Button("Branch here", size="sm", elem_id="chat-branch")
         with gr.Column(scale=2, min_width=280):
+            picker = build_model_picker(ctx, "chat", what="this chat")
             ctx.chat.render(["mode", "character"])
             with gr.Accordion("You and the instructions", open=False):
                 ctx.chat.render(["user_name", "user_bio", "system_message", "chat_instruct_command"])
             chats = build_chat_histories_panel(ctx, chatbot)
             view = ChatView(chatbot, chats, status, message, reload)
             build_character_panel(ctx, view)
-    _wire_turns(ctx, view, send, regenerate, continue_, impersonate, stop)
+    _wire_turns(ctx, view, picker, send, regenerate, continue_, impersonate, stop)
     _wire_edits(ctx, view, remove_last, replace_last, copy_last, dummy_message, dummy_reply, new_chat, branch)
     _wire_reload(ctx, view)
     ctx.session_listeners.append((lambda data: _on_start(ctx, data), {ctx.session, *ctx.chat.inputs},
-                                  [chatbot, chats, status]))
+                                  [chatbot, chats, status, *picker.inputs]))
+    # Whatever opened another chat (past chats, a character, a new chat, a delete) changed the chats list's value.
+    chats.change(user_errors(lambda session, chat_id: _chat_choice(ctx, session, chat_id)), [ctx.session, chats],
+                 picker.inputs, show_progress="hidden")
     return view
 
 
-def _on_start(ctx: UiContext, data: dict[Any, Any]) -> tuple[Any, Any, str]:
-    """Open the latest chat of a new page and say what is loaded (also the page's "ready" sign)."""
+def _on_start(ctx: UiContext, data: dict[Any, Any]) -> tuple[Any, ...]:
+    """Open the latest chat of a new page, show its model, and say what is loaded (also the page's "ready"
+    sign)."""
     session = data[ctx.session]
     warn(session.open_latest())
     messages, chats = show(ctx, session, ctx.read_chat(data))
     info = ctx.services.manager.info()
     notes = [f"Ready: {info.name} ({info.loader})"] if info else []
     notes += ctx.services.startup_messages
-    return messages, chats, " · ".join(notes) or "No model loaded: load one in the Model tab."
+    recorded = ModelChoice.of_chat(session.history.messages) if session.history is not None else None
+    return (messages, chats, " · ".join(notes) or "No model loaded: load one in the Model tab.",
+            *picker_updates(ctx, session, recorded))
 
 
-def _wire_turns(ctx: UiContext, view: ChatView, send: gr.Button, regenerate: gr.Button, continue_: gr.Button,
-                impersonate: gr.Button, stop: gr.Button) -> None:
-    inputs = {*ctx.generation_inputs, view.message}
-    outputs = [view.chatbot, view.message, view.status, view.chats, view.reload]
+def _chat_choice(ctx: UiContext, session: UiSession | None, chat_id: str | None) -> list[Any]:
+    """The pickers once the chats list names another chat: the model and LoRAs its last turn ran with; a chat
+    that records none (new, or older than the picker) keeps the page's choice. The chat is read from the list's
+    value, not from the session: a pick in the list reaches this handler and the one that opens the chat at
+    once."""
+    if session is None or not chat_id:
+        return [gr.skip(), gr.skip(), gr.skip()]
+    history = session.history
+    if history is None or history.id != chat_id:
+        try:
+            history = session.store.load(session.character, chat_id)
+        except (ConfigError, OSError):  # gone or damaged: the panel that opened it says so
+            return [gr.skip(), gr.skip(), gr.skip()]
+    recorded = ModelChoice.of_chat(history.messages)
+    if recorded is None:
+        return [gr.skip(), gr.skip(), gr.skip()]
+    return picker_updates(ctx, session, recorded)
+
+
+def _wire_turns(ctx: UiContext, view: ChatView, picker: ModelPicker, send: gr.Button, regenerate: gr.Button,
+                continue_: gr.Button, impersonate: gr.Button, stop: gr.Button) -> None:
+    inputs = {*ctx.generation_inputs, view.message, *picker.inputs}
+    outputs = [view.chatbot, view.message, view.status, view.chats, view.reload, picker.model]
 
     def turn(action: Action):
         @user_errors
-        def handler(data: dict[Any, Any]) -> Iterator[tuple[Any, Any, str, Any, Any]]:
+        def handler(data: dict[Any, Any]) -> Iterator[tuple[Any, ...]]:
             session = session_of(data[ctx.session])
             chat, params = ctx.read_chat(data), ctx.read_params(data)
             text = data[view.message]
-            first = True
+            first, started = True, False  # the box is cleared once the turn starts (after a load of its model)
             try:
-                for update in run_turn(ctx.services, session, chat, params, action, text):
+                for update in run_turn(ctx.services, session, chat, params, action, text, picker.read(data)):
                     warn(update.warnings)
                     if update.impersonation is not None:
                         box = update.impersonation
                     else:
-                        box = "" if first and action == "send" else gr.skip()
+                        box = "" if not started and not update.loading and action == "send" else gr.skip()
+                    started = started or not update.loading
                     chats = show(ctx, session, chat)[1] if update.done else gr.skip()
                     reload = gr.update(visible=False) if first else gr.skip()
+                    models = refreshed(ctx, session, data[picker.model]) if update.done else gr.skip()
                     first = False
-                    yield update.messages, box, update.status, chats, reload
+                    yield update.messages, box, update.status, chats, reload, models
             except ChatChangedError as exc:  # the typed message stays in the box; a reply was kept as a copy
-                yield gr.skip(), gr.skip(), *refused(ctx, session, chat, exc)
+                yield gr.skip(), gr.skip(), *refused(ctx, session, chat, exc), gr.skip()
         handler.__name__ = f"chat_{action}"
         return handler
 
