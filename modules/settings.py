@@ -42,6 +42,32 @@ class ChatSettings(BaseModel):
     truncation_length: int = Field(0, ge=0, description="Prompt budget in tokens; 0 = the model's context.")
 
 
+class McpServerSettings(BaseModel):
+    """One MCP server whose tools the chat may use (modules/tools/mcp_client.py): a command started over stdio
+    (command, args, env, cwd) or a streamable HTTP endpoint (url, headers)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$", description="Name shown with the server's tools.")
+    command: str | None = Field(None, description="stdio: the program that runs the server.")
+    args: list[str] = Field(default_factory=list, description="stdio: its arguments.")
+    env: dict[str, str] = Field(default_factory=dict, description="stdio: environment variables added to ours.")
+    cwd: Path | None = Field(None, description="stdio: its working folder.")
+    url: str | None = Field(None, pattern=r"^https?://", description="Streamable HTTP: the endpoint, e.g. "
+                                                                     "http://127.0.0.1:8000/mcp.")
+    headers: dict[str, str] = Field(default_factory=dict, description="Streamable HTTP: headers sent with every "
+                                                                      "request (e.g. Authorization).")
+    tool_prefix: str = Field("", pattern=r"^[A-Za-z0-9_-]*$", description="Put before each tool name the model "
+                             "sees, when two servers (or a server and a tool file) name a tool alike.")
+    startup_timeout: float = Field(30, gt=0, description="Seconds to connect and list the tools.")
+
+    @model_validator(mode="after")
+    def _one_transport(self) -> "McpServerSettings":
+        if (self.command is None) == (self.url is None):
+            raise ValueError(f"MCP server {self.name!r} needs either a command (stdio) or a url (streamable HTTP)")
+        return self
+
+
 class Settings(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -71,6 +97,14 @@ class Settings(BaseModel):
     preset: str = Field("Default", description="Generation preset (a name in --preset-dir).")
     generation: dict[str, Any] = Field(default_factory=dict, description="GenerationParams overriding the preset.")
     chat: ChatSettings = Field(default_factory=ChatSettings)
+    # --- tools in the chat (modules/tools) --------------------------------------------------------------------
+    tools_dir: Path = Field(Path("user_data/tools"), description="Folder of one-file Python tools; their code "
+                                                                 "runs when they are loaded.")
+    tool_timeout: float = Field(30, gt=0, description="Seconds a tool call may take; then the model gets a "
+                                                      "'timed out' error result.")
+    tool_max_rounds: int = Field(5, ge=1, description="Rounds of tool calls one chat turn may make.")
+    mcp_servers: list[McpServerSettings] = Field(default_factory=list, description="MCP servers whose tools the "
+                                                 "chat may use (settings.yaml only).")
     # --- web UI -----------------------------------------------------------------------------------------------
     listen: bool = Field(False, description="Listen on the network (0.0.0.0 or --listen-host), not just 127.0.0.1.")
     listen_host: str | None = Field(None, description="Address to bind with --listen.")
@@ -140,6 +174,15 @@ class Settings(BaseModel):
                     continue
                 finder.validated_params(name, module)  # a ValueError names the key
         return self
+
+    @field_validator("mcp_servers")
+    @classmethod
+    def _unique_servers(cls, value: list[McpServerSettings]) -> list[McpServerSettings]:
+        names = [server.name for server in value]
+        twice = sorted({name for name in names if names.count(name) > 1})
+        if twice:
+            raise ValueError(f"MCP server names must differ; {twice} appear more than once")
+        return value
 
     @field_validator("memory_budget")
     @classmethod
@@ -230,7 +273,7 @@ def read_settings_file(path: Path) -> dict[str, Any]:
 
 
 # --- command line ---------------------------------------------------------------------------------------------
-_SKIP_FLAGS = {"loader_options", "generation", "chat", "extension_params"}
+_SKIP_FLAGS = {"loader_options", "generation", "chat", "extension_params", "mcp_servers"}
 
 
 def build_parser() -> argparse.ArgumentParser:
