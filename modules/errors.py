@@ -37,7 +37,12 @@ class NotFound(PathError, ConfigError):
 
 
 class InvalidInput(WorkbenchError):
-    """A request's own value cannot be used as given (an empty prompt, a token id outside the vocabulary)."""
+    """A request's own value cannot be used as given (an empty prompt, a token id outside the vocabulary).
+    `field` names the request's field it is about, when one is (the API reports it as the error's param)."""
+
+    def __init__(self, message: str, *, field: str | None = None):
+        super().__init__(message)
+        self.field = field
 
 
 class ContextLengthExceeded(InvalidInput):
