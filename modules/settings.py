@@ -59,6 +59,7 @@ class McpServerSettings(BaseModel):
                                                                       "request (e.g. Authorization).")
     tool_prefix: str = Field("", pattern=r"^[A-Za-z0-9_-]*$", description="Put before each tool name the model "
                              "sees, when two servers (or a server and a tool file) name a tool alike.")
+    needs_approval: bool = Field(False, description="Ask the user before each call of this server's tools.")
     startup_timeout: float = Field(30, gt=0, description="Seconds to connect and list the tools.")
 
     @model_validator(mode="after")
