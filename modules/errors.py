@@ -148,3 +148,13 @@ class ChatChangedError(WorkbenchError):
         super().__init__(message)
         self.chat_id = chat_id
         self.kept_id = kept_id
+
+
+class ToolError(WorkbenchError):
+    """A tool call could not be run (modules/tools). The chat turn never sees it raised: the tool runner turns it
+    into an error result for the model. `kind` says why: unknown_tool, bad_arguments, timed_out, failed,
+    declined (approval refused) or round_limit (the turn's rounds of tool calls were used up)."""
+
+    def __init__(self, message: str, *, kind: str):
+        super().__init__(message)
+        self.kind = kind
