@@ -10,9 +10,14 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from modules.cli import ArgumentParser, report
 from modules.errors import ConfigError, WorkbenchError
+
+if TYPE_CHECKING:
+    from modules.chat.request import ChatRequest
+    from modules.generation_params import GenerationParams
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -26,8 +31,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, help="Random seed.")
     parser.add_argument("--temperature", type=float, help="Sampling temperature (0 = greedy).")
     parser.add_argument("--stop", action="append", default=None, help="Stop string (repeatable).")
-    parser.add_argument("--chat", action="store_true", help="Wrap the prompt as a user turn in the model's chat "
-                                                           "template.")
+    parser.add_argument("--chat", action="store_true", help="Send the prompt as a user message through the chat path "
+                                                           "the web UI and the API take (the model's chat template "
+                                                           "and its stop strings).")
     parser.add_argument("--system", help="System message, with --chat.")
     parser.add_argument("--json-schema", type=Path, help="File with a JSON schema the output must follow.")
     parser.add_argument("--grammar", type=Path, help="File with a GBNF grammar the output must follow.")
@@ -50,12 +56,25 @@ def _loader_options(pairs: list[str]) -> dict[str, object]:
     return options
 
 
+def chat_request(prompt: str, params: GenerationParams, system: str | None = None) -> ChatRequest:
+    """--chat: the prompt as the user's message (after a system message) in instruct mode with the model's own
+    template, refused when it does not fit the context rather than cut."""
+    from modules.chat.request import ChatRequest
+    from modules.settings import ChatSettings
+
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    return ChatRequest(messages=messages, chat=ChatSettings(), params=params, fit="refuse", new_user_message=True,
+                       source="cli")
+
+
 def run(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from modules.chat.templates import choose_template, render_chat
+    from modules.chat.request import prepare_chat
     from modules.generation_params import GenerationParams
     from modules.model_manager import ModelManager
     from modules.presets import load_preset, params_from_mapping
+    from modules.services import Services
+    from modules.settings import Settings
 
     params = load_preset(Path(args.preset_dir), args.preset) if args.preset else GenerationParams()
     updates: dict[str, object] = {}
@@ -82,16 +101,15 @@ def run(argv: list[str] | None = None) -> int:
 
     manager = ModelManager(Path(args.model_dir), Path("loras"))
     manager.load(args.model, args.loader, _loader_options(args.option))
-    model = manager.require_model()
     if args.chat:
-        messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
-                   [{"role": "user", "content": prompt}]
-        chosen = choose_template(model.chat_template)
-        if chosen.warning:
-            print(f"warning: {chosen.warning}", file=sys.stderr)
-        prompt = render_chat(chosen.template, messages, add_generation_prompt=True, bos_token=model.bos_token,
-                             eos_token=model.eos_token)
-    generation = manager.generate(prompt, params)
+        services = Services(settings=Settings(model_dir=Path(args.model_dir), preset_dir=Path(args.preset_dir)),
+                            manager=manager)
+        prepared = prepare_chat(services, chat_request(prompt, params, args.system))
+        for warning in prepared.warnings:
+            print(f"warning: {warning}", file=sys.stderr)
+        generation = prepared.generate(manager, cut_to_fit=False)
+    else:
+        generation = manager.generate(prompt, params)
     for warning in generation.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     for chunk in generation:

@@ -15,7 +15,7 @@ import pytest
 
 from api_helpers import loaded_manager, models_folder, server_settings, serving_extensions
 from conftest import FRANCE
-from extensions.openai.tool_calls import parse_tool_calls, scan_reply
+from modules.chat.tool_calls import parse_tool_calls, scan_reply
 from modules.services import Services
 from modules.starter import STARTER_GGUF
 

@@ -76,6 +76,21 @@ def test_chat_answers_paris(client: openai.OpenAI) -> None:
     assert reply.model == MODEL
 
 
+def test_the_chat_settings_stopping_strings_end_api_replies(served, client: openai.OpenAI) -> None:
+    """chat.custom_stopping_strings (the Chat tab's setting) end an API reply too: the chat path is one."""
+    services = served[1]
+    before = services.settings.chat
+    services.settings.chat = before.model_copy(update={"custom_stopping_strings": ["Paris"]})
+    try:
+        cut = client.chat.completions.create(model=MODEL, messages=ask(), max_tokens=30, temperature=0)
+    finally:
+        services.settings.chat = before
+    whole = client.chat.completions.create(model=MODEL, messages=ask(), max_tokens=30, temperature=0)
+    assert "Paris" in whole.choices[0].message.content
+    assert whole.choices[0].message.content.startswith(cut.choices[0].message.content)
+    assert "Paris" not in cut.choices[0].message.content and cut.usage.completion_tokens < 30
+
+
 def test_chat_stream_equals_the_whole_reply(client: openai.OpenAI) -> None:
     whole = client.chat.completions.create(model=MODEL, messages=ask(), max_tokens=30, temperature=0)
     chunks = list(client.chat.completions.create(model=MODEL, messages=ask(), max_tokens=30, temperature=0,

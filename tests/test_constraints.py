@@ -18,8 +18,8 @@ import pytest
 
 from api_helpers import server_settings, serving_api
 from conftest import ROOT
-from extensions.openai.tools import constraint_schema
 from loaders.llama_cpp_sampling import trial_compiler as llama_trial_compiler
+from modules.chat.tool_prompt import constraint_schema
 from modules.constraints import CompileWorker, ConstraintChecker, limits, trial_compiler_of
 from modules.errors import ConstraintError
 from modules.generation_params import GenerationParams

@@ -148,10 +148,7 @@ async def messages(body: MessagesRequest, request: Request) -> Any:
         return StreamingResponse(guarded(_stream(plan, run, first, ident, model_name, body.stop_sequences), [run]),
                                  media_type="text/event-stream", headers=warnings_header(warnings))
     await run.collect()
-    text = run.generation.text
-    if services.extensions is not None:
-        text = services.extensions.modify_output(text, plan.state, run.tokens)
-    content, calls = plan.result(text)
+    content, calls = plan.result(run)
     stats = run.generation.stats
     reason, sequence = stop_reason(run, calls, body.stop_sequences)
     response = MessagesResponse(id=ident, model=model_name, content=content_blocks(content, calls),

@@ -1,4 +1,5 @@
-"""POST /v1/completions and POST /v1/chat/completions: thin handlers over the ModelManager, with SSE streaming."""
+"""POST /v1/completions and POST /v1/chat/completions: thin handlers over the ModelManager (chat through the core's
+one chat path, modules.chat.request), with SSE streaming."""
 from __future__ import annotations
 
 import time
@@ -10,10 +11,8 @@ from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from extensions.openai import tools as tooling
 from extensions.openai.errors import ApiError, api_error_from, documented_errors
-from extensions.openai.mapping import (apply_input_hooks, build_chat_prompt, build_params, check_template_str,
-                                       check_token_ids, params_from_state, state_of)
+from extensions.openai.mapping import build_params, chat_request, check_template_str, check_token_ids
 from extensions.openai.protocol import (ChatChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse,
                                         ChoiceLogprobs, ChunkChoice, CompletionChoice, CompletionLogprobs,
                                         CompletionRequest, CompletionResponse, Delta, DeltaFunction, DeltaToolCall,
@@ -21,9 +20,10 @@ from extensions.openai.protocol import (ChatChoice, ChatCompletionChunk, ChatCom
 from extensions.openai.streaming import (CallStart, ClientGone, GenerationRun, HeldBackText, ReplyEvent, TextPiece,
                                         guarded, sse)
 from extensions.openai.target import Target, resolve_target
-from extensions.openai.tool_calls import parse_tool_calls
+from modules.chat.request import PreparedChat, finish_reply, prepare_chat
 from modules.errors import WorkbenchError
 from modules.generation_params import GenerationParams, TokenEvent
+from modules.request_hooks import RequestHooks
 
 ERRORS = documented_errors()
 #: One server-sent event (its `data` holds a JSON chunk, or [DONE]).
@@ -120,12 +120,10 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
         raise ApiError(400, "best_of is not supported (ask for n choices instead).", param="best_of")
     params, warnings = build_params(services, body, max_tokens=body.max_tokens, logprobs=body.logprobs or 0,
                                     model=target.model)
-    registry = services.extensions
-    if registry is not None:
-        hook_state = registry.modify_state(state_of(params))
-        params = params_from_state(hook_state, params)
-        if isinstance(prompt, str):
-            prompt = registry.modify_input(prompt, hook_state)
+    hooks = RequestHooks(services, params, source="api")  # state_modifier and input_modifier
+    params = hooks.params
+    if isinstance(prompt, str):
+        prompt = hooks.prompt_text(prompt)
     if body.suffix:
         prompt = await run_in_threadpool(fill_in_the_middle, services, prompt, body.suffix, target.model)
     echo = ""
@@ -214,100 +212,36 @@ def fill_in_the_middle(services: Any, prompt: Any, suffix: str, model: str | Non
 
 
 # --- /v1/chat/completions ---------------------------------------------------------------------------------------------
-def chat_messages(body: ChatCompletionRequest) -> list[dict[str, Any]]:
-    messages = []
-    for message in body.messages:
-        data = message.model_dump(exclude_none=True)
-        if data["role"] == "developer":
-            data["role"] = "system"
-        elif data["role"] == "function":
-            data["role"] = "tool"
-        content = data.get("content")
-        if isinstance(content, list):
-            texts = [part.get("text") or "" for part in content if part.get("type") == "text"]
-            if len(texts) != len(content):
-                raise ApiError(400, "Only text content parts are supported (this model reads no images or audio).",
-                               param="messages")
-            data["content"] = "".join(texts)
-        data.setdefault("content", "")
-        messages.append(data)
-    return messages
-
-
 class ChatPlan:
-    """Everything a chat request needs before generating: prompt, params, tools, warnings; built for the resident
-    model `model_name` (None: the default one)."""
+    """A chat body prepared by the core (modules.chat.request) for the resident model `model_name` (None: the
+    default one), with what the API's answer adds: the warnings about the body and the logprobs asked for."""
 
     def __init__(self, services: Any, body: ChatCompletionRequest, model_name: str | None = None):
-        max_tokens = body.max_completion_tokens or body.max_tokens
-        top = body.top_logprobs or 0
-        params, self.warnings = build_params(services, body, max_tokens=max_tokens,
-                                             logprobs=max(top, 1) if body.logprobs else 0, model=model_name)
-        self.tools = tooling.tool_dicts(body.tools) if body.tool_choice != "none" else []
-        try:
-            schema = tooling.constraint_schema(self.tools, body.tool_choice.model_dump()
-                                               if hasattr(body.tool_choice, "model_dump") else body.tool_choice)
-        except ValueError as exc:
-            raise ApiError(400, str(exc), param="tool_choice") from None
-        if body.tool_choice == "required" and not self.tools:
-            raise ApiError(400, "tool_choice is 'required' but no tools were given.", param="tool_choice")
-        fmt = body.response_format
-        if schema is None and fmt is not None and fmt.type != "text":
-            if fmt.type == "json_schema":
-                if fmt.json_schema is None:
-                    raise ApiError(400, "response_format of type json_schema needs a json_schema.",
-                                   param="response_format")
-                schema = fmt.json_schema.schema_ or {"type": "object"}
-            else:
-                schema = {"type": "object"}
-        if schema is not None:
-            params = params.model_copy(update={"json_schema": schema, "grammar_string": ""})
-        self.forced_tool = bool(self.tools) and body.tool_choice not in (None, "auto")
-        registry = services.extensions
-        state = state_of(params, mode=body.mode or "instruct")
-        if registry is not None:
-            state = registry.modify_state(state)
-            params = params_from_state(state, params)
-        self.state = state
-        messages = apply_input_hooks(services, chat_messages(body), state)
-        model = services.manager.require_model(model_name)
-        template_tools = None
-        if self.tools:
-            from modules.chat.templates import choose_template
-
-            template = body.instruction_template_str or choose_template(
-                model.chat_template,
-                body.instruction_template or services.chat_settings(model_name).instruction_template,
-                templates_dir=services.settings.template_dir).template
-            if tooling.template_takes_tools(template, self.tools, bos_token=model.bos_token or "",
-                                            eos_token=model.eos_token or ""):
-                template_tools = self.tools
-                messages = tooling.for_template(messages)
-            else:
-                messages = tooling.with_fallback_system(messages, self.tools)
-        else:
-            messages = tooling.for_template(messages)
-        chat = build_chat_prompt(services, messages, body, params, state, template_tools, model_name)
-        self.prompt, self.add_bos = chat.prompt, chat.add_bos
-        self.warnings += chat.warnings
-        self.params = params.model_copy(update={"stop": list(dict.fromkeys([*params.stop, *chat.stops]))})
-        self.top_logprobs = top if body.logprobs else None
+        request, warnings = chat_request(services, body, model_name)
+        self.prepared: PreparedChat = prepare_chat(services, request)
+        self.warnings = warnings + self.prepared.warnings
+        self.top_logprobs = (body.top_logprobs or 0) if body.logprobs else None
 
     @property
-    def tool_names(self) -> set[str] | None:
-        """The functions a reply may call (None: the request offers no tools)."""
-        return {t["function"]["name"] for t in self.tools} if self.tools else None
+    def prompt(self) -> str:
+        return self.prepared.prompt
+
+    @property
+    def params(self) -> GenerationParams:
+        return self.prepared.params
+
+    @property
+    def add_bos(self) -> bool | None:
+        return self.prepared.add_bos
 
     def reply_stream(self, run: GenerationRun, first: Any) -> HeldBackText:
         """The run's reply as a stream of content and tool calls."""
-        return HeldBackText(run, first, self.tool_names, forced=self.forced_tool)
+        return HeldBackText(run, first, self.prepared.tool_names, forced=self.prepared.forced_tool)
 
-    def result(self, text: str) -> tuple[str | None, list[dict[str, Any]]]:
-        """(content, tool calls) of a finished reply."""
-        if not self.tools:
-            return text, []
-        content, calls = parse_tool_calls(text, self.tool_names or set())
-        return (content or None) if calls else text, calls
+    def result(self, run: GenerationRun) -> tuple[str | None, list[dict[str, Any]]]:
+        """(content, tool calls) of a finished run."""
+        reply = finish_reply(self.prepared, run.generation.text, run.tokens)
+        return reply.content, reply.tool_calls
 
 
 @router.post("/v1/chat/completions", response_model=ChatCompletionResponse, response_model_exclude_none=True,
@@ -337,12 +271,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
         runs.append(more)
         await more.collect()
     choices = []
-    registry = services.extensions
     for index, item in enumerate(runs):
-        text = item.generation.text
-        if registry is not None:
-            text = registry.modify_output(text, plan.state, item.tokens)
-        content, calls = plan.result(text)
+        content, calls = plan.result(item)
         reason = "tool_calls" if calls else finish_reason(item)
         choices.append(ChatChoice(index=index, finish_reason=reason,
                                   message=ResponseMessage(content=content,

@@ -126,6 +126,7 @@ def api_error_from(exc: BaseException, param: str | None = None, *, where: str =
     if isinstance(exc, ApiError):
         return exc
     if isinstance(exc, WorkbenchError):
+        param = getattr(exc, "field", None) or param
         kind = _kind_of(exc)
         if kind.status < 500:
             return ApiError(kind.status, str(exc), param=param, code=kind.code,

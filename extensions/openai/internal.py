@@ -18,6 +18,7 @@ from extensions.openai.protocol import (DecodeRequest, DecodeResponse, EncodeReq
                                         PredictResponse, ResidentModel, ResidentModelsResponse, StatusResponse,
                                         TokenCountRequest, TokenCountResponse, UnloadModelRequest)
 from extensions.openai.target import resolve_target
+from modules.chat.request import ChatRequest, finish_reply, prepare_chat
 from modules.errors import WorkbenchError
 from modules.generation_params import GenerationParams
 from modules.model_manager import names_of
@@ -27,18 +28,6 @@ router = APIRouter(responses=ERRORS)
 #: worker thread for many seconds.
 MAX_TOKENIZE_CHARS = 2 * 2**20
 router.include_router(embeddings_router)
-
-#: The prompt format of the instruction data the seeds train on (Alpaca).
-ALPACA_HEAD = ("Below is an instruction that describes a task. Write a response that appropriately completes the "
-               "request.")
-
-
-def alpaca_prompt(instruction: str, input_text: str = "") -> str:
-    prompt = f"{ALPACA_HEAD}\n\n### Instruction:\n{instruction}"
-    if input_text.strip():
-        prompt += f"\n\n### Input:\n{input_text}"
-    return prompt + "\n\n### Response:\n"
-
 
 def _manager(request: Request) -> Any:
     return api_state(request).services.manager
@@ -234,16 +223,29 @@ async def health(request: Request) -> HealthResponse:
 
 
 # --- the seeds' instruction endpoint ------------------------------------------------------------------------------
+def predict_request(services: Any, body: PredictRequest, model: str | None = None) -> ChatRequest:
+    """A /predict body as a chat request in the Alpaca layout, which training writes the instruction data in:
+    the same formatter (modules.training.formatting) makes the prompt, so an Alpaca-trained LoRA is asked the way
+    it was trained. Neutral sampling, not the server's preset: the seeds' endpoint asks for exactly this."""
+    params = GenerationParams(temperature=body.temperature, do_sample=body.temperature > 0,
+                              max_new_tokens=body.max_new_tokens)
+    return ChatRequest(messages=[{"role": "user", "content": body.instruction, "input": body.input}],
+                       chat=services.chat_settings(model), params=params, model=model, prompt_format="alpaca",
+                       fit="refuse", new_user_message=True, source="api")
+
+
 @router.post("/predict", response_model=PredictResponse)
 async def predict(body: PredictRequest, request: Request) -> PredictResponse:
     services = api_state(request).services
     target = await resolve_target(request)
-    params = GenerationParams(temperature=body.temperature, do_sample=body.temperature > 0,
-                              max_new_tokens=body.max_new_tokens, stop=["\n### ", "### Instruction:"])
-    run = await start_run(services, request, alpaca_prompt(body.instruction, body.input), params, target=target)
+    try:
+        prepared = await run_in_threadpool(prepare_chat, services, predict_request(services, body, target.model))
+    except WorkbenchError as exc:
+        raise api_error_from(exc, "instruction") from None
+    run = await start_run(services, request, prepared.prompt, prepared.params, prepared.add_bos, target=target)
     try:
         await first_chunk(run)
         text = await run.collect()
     except WorkbenchError as exc:
         raise api_error_from(exc) from None
-    return PredictResponse(answer=text.strip())
+    return PredictResponse(answer=finish_reply(prepared, text, run.tokens).shown.strip())

@@ -1,14 +1,14 @@
-"""Requests onto the core: which GenerationParams (preset < request knobs < OpenAI fields), and the chat prompt,
-built by modules.chat (the same builder as the Chat tab) with the extensions' hooks around it. Which model, LoRAs
-and keep_alive a request gets: target.py."""
+"""Requests onto the core: which GenerationParams (preset < request knobs < OpenAI fields), and a chat request as
+the core's ChatRequest (modules.chat.request, the one chat path the Chat tab and the CLI take too): the route maps
+the body, the core builds the prompt. Which model, LoRAs and keep_alive a request gets: target.py."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
 from extensions.openai.errors import ApiError, api_error_from, validation_error
+from modules.chat.request import ChatRequest
 from modules.errors import WorkbenchError
 from modules.generation_params import GenerationParams
 from modules.presets import load_preset
@@ -87,22 +87,6 @@ def build_params(services: Any, request: BaseModel, *, max_tokens: int | None = 
     return params, warnings
 
 
-def state_of(params: GenerationParams, **extra: Any) -> dict[str, Any]:
-    """The `state` dict extensions' hooks receive: the knobs by name plus the request's other settings."""
-    return {**params.model_dump(), "source": "api", **extra}
-
-
-def params_from_state(state: dict[str, Any], params: GenerationParams) -> GenerationParams:
-    """Apply what a state_modifier changed among the knobs."""
-    changed = {k: v for k, v in state.items() if k in GenerationParams.model_fields and v != getattr(params, k)}
-    if not changed:
-        return params
-    try:
-        return params.model_copy(update=GenerationParams(**{**params.model_dump(), **changed}).model_dump())
-    except ValidationError as exc:
-        raise validation_error(exc, prefix="An extension's state_modifier set a bad value: ") from None
-
-
 # --- the chat prompt ------------------------------------------------------------------------------------------------
 def check_template_str(params: Any, request: Any) -> None:
     """Refuse a client's own Jinja template (instruction_template_str) unless the server allows it: rendering it
@@ -115,57 +99,52 @@ def check_template_str(params: Any, request: Any) -> None:
                        param="instruction_template_str", code="template_str_disabled")
 
 
-@dataclass
-class ChatPrompt:
-    prompt: str
-    stops: list[str]
-    add_bos: bool | None
-    warnings: list[str] = field(default_factory=list)
+def chat_messages(request: Any) -> list[dict[str, Any]]:
+    """An OpenAI conversation as the core's messages: developer -> system, function -> tool, text parts joined."""
+    messages = []
+    for message in request.messages:
+        data = message.model_dump(exclude_none=True)
+        if data["role"] == "developer":
+            data["role"] = "system"
+        elif data["role"] == "function":
+            data["role"] = "tool"
+        content = data.get("content")
+        if isinstance(content, list):
+            texts = [part.get("text") or "" for part in content if part.get("type") == "text"]
+            if len(texts) != len(content):
+                raise ApiError(400, "Only text content parts are supported (this model reads no images or audio).",
+                               param="messages")
+            data["content"] = "".join(texts)
+        data.setdefault("content", "")
+        messages.append(data)
+    return messages
 
 
-def build_chat_prompt(services: Any, messages: list[dict[str, Any]], request: Any, params: GenerationParams,
-                      state: dict[str, Any], tools: list[dict[str, Any]] | None, model: str | None = None
-                      ) -> ChatPrompt:
-    """The prompt for an OpenAI-style conversation through the Chat tab's own builder
-    (modules.chat.model_prompt) for the resident model `model` (None: the default one), with the request's
-    text-generation-webui chat fields over the chat settings. Instruct mode unless the request asks for another;
-    the conversation brings its own system message."""
-    from modules.chat.model_prompt import build_model_prompt
-
-    settings = services.settings
-    registry = services.extensions
-    if registry is not None:
-        messages = registry.modify_history(messages)
-        custom = registry.custom_chat_prompt(messages, state, services)
-        if custom is not None:
-            return ChatPrompt(custom, [], None)
+def chat_request(services: Any, request: Any, model: str | None = None) -> tuple[ChatRequest, list[str]]:
+    """A /v1/chat/completions body as the core's ChatRequest for the resident model `model` (None: the default
+    one), and the warnings about the body (unknown fields). The chat settings are the server's for that model,
+    with the request's text-generation-webui chat fields over them, in instruct mode unless it asks for another;
+    the conversation brings its own system message. A conversation too long for the context is refused, as
+    OpenAI does."""
+    top = request.top_logprobs or 0
+    params, warnings = build_params(services, request, max_tokens=request.max_completion_tokens or request.max_tokens,
+                                    logprobs=max(top, 1) if request.logprobs else 0, model=model)
+    fmt = request.response_format
+    if fmt is not None and fmt.type != "text":  # a tool_choice that forces a call takes precedence (the core's)
+        if fmt.type == "json_schema" and fmt.json_schema is None:
+            raise ApiError(400, "response_format of type json_schema needs a json_schema.", param="response_format")
+        schema = (fmt.json_schema.schema_ if fmt.json_schema is not None else None) or {"type": "object"}
+        params = params.model_copy(update={"json_schema": schema, "grammar_string": ""})
     overrides = {key: value for key, value in {
-        "mode": getattr(request, "mode", None) or "instruct",
-        "character": getattr(request, "character", None),
-        "instruction_template": getattr(request, "instruction_template", None),
-        "user_name": getattr(request, "user_name", None),
-        "user_bio": getattr(request, "user_bio", None),
-        "chat_instruct_command": getattr(request, "chat_instruct_command", None),
+        "mode": request.mode or "instruct", "character": request.character,
+        "instruction_template": request.instruction_template, "user_name": request.user_name,
+        "user_bio": request.user_bio, "chat_instruct_command": request.chat_instruct_command,
     }.items() if value}
     chat = services.chat_settings(model).model_copy(update={"system_message": "", **overrides})
-    built = build_model_prompt(services.manager.require_model(model), chat, messages,
-                               max_new_tokens=params.max_new_tokens,
-                               template_dir=settings.template_dir, characters_dir=settings.character_dir,
-                               template_override=getattr(request, "instruction_template_str", None), tools=tools,
-                               continue_last=bool(getattr(request, "continue_", False)), drop_old_messages=False)
-    result = built.result
-    return ChatPrompt(result.prompt, result.stop_strings, False if result.starts_with_bos else None, built.warnings)
-
-
-def apply_input_hooks(services: Any, messages: list[dict[str, Any]], state: dict[str, Any]) -> list[dict[str, Any]]:
-    """chat_input_modifier and input_modifier on the last user message (text content only)."""
-    registry = services.extensions
-    if registry is None:
-        return messages
-    for index in range(len(messages) - 1, -1, -1):
-        message = messages[index]
-        if message["role"] == "user" and isinstance(message.get("content"), str):
-            text, _visible = registry.modify_chat_input(message["content"], message["content"], state)
-            text = registry.modify_input(text, state)
-            return [*messages[:index], {**message, "content": text}, *messages[index + 1:]]
-    return messages
+    choice = request.tool_choice
+    return ChatRequest(
+        messages=chat_messages(request), chat=chat, params=params,
+        tools=[t.model_dump(exclude_none=True) for t in request.tools or []],
+        tool_choice=choice.model_dump() if isinstance(choice, BaseModel) else choice,
+        continue_last=request.continue_, model=model, template=request.instruction_template_str, fit="refuse",
+        new_user_message=True, source="api"), warnings

@@ -11,7 +11,7 @@ from typing import Any
 from fastapi import Request
 from pydantic import BaseModel
 
-from extensions.openai.tool_calls import new_call_id, scan_reply
+from modules.chat.tool_calls import new_call_id, scan_reply
 from modules.model_manager import Generation
 from modules.stopping import StreamChunk
 from modules.thread_pump import Ended, pump_items

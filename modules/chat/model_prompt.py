@@ -1,9 +1,10 @@
-"""The chat prompt for the loaded model from chat settings: the one function the Chat tab and the API both call.
+"""The chat prompt for a loaded model from chat settings, as modules.chat.request renders it for every caller.
 
-It picks the template (the user's, the model's, or the stated default), loads the character for the chat modes,
-fills PromptOptions from the settings and the model's special tokens, and fits the conversation to the context
-(the model's, or a shorter truncation_length) minus max_new_tokens: by dropping the oldest turns (the Chat tab), or
-not at all (the API, which refuses a prompt too long, as OpenAI does).
+It picks the template (the user's, the model's, or the stated default), puts the tools in (through the template
+when it takes them, else a system message), loads the character for the chat modes, fills PromptOptions from the
+settings and the model's special tokens, and fits the conversation to the context (the model's, or a shorter
+truncation_length) minus max_new_tokens: by dropping the oldest turns (the Chat tab), or not at all (the API,
+which refuses a prompt too long, as OpenAI does).
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from loaders.base import Capability, LoadedModel
 from modules.chat.characters import Character, load_character
 from modules.chat.prompt import DEFAULT_CHAT_INSTRUCT_COMMAND, PromptOptions, PromptResult, build_prompt
 from modules.chat.templates import choose_template
+from modules.chat.tool_prompt import for_template, template_takes_tools, with_fallback_system
 from modules.errors import ContextLengthExceeded
 from modules.model_manager import check_text_fits
 from modules.settings import ChatSettings
@@ -43,7 +45,8 @@ def build_model_prompt(model: LoadedModel, chat: ChatSettings, messages: list[di
                        impersonate_prefix: str = "", drop_old_messages: bool = True) -> ModelPrompt:
     """`messages` is the whole conversation with the new user message appended. `template_override` is a Jinja
     template given inline (the API's instruction_template_str); otherwise chat.instruction_template names one
-    in `template_dir`, and an empty name means the model's own.
+    in `template_dir`, and an empty name means the model's own. `tools` (OpenAI function tools) reach a template
+    that renders them; for one that ignores them they are described in the system message.
 
     `drop_old_messages` False keeps every message: the prompt is rendered once, uncounted (the generation counts
     it and refuses it when too long), after refusing at once, with ContextLengthExceeded, a conversation whose
@@ -58,11 +61,19 @@ def build_model_prompt(model: LoadedModel, chat: ChatSettings, messages: list[di
         template = chosen.template
         if chosen.warning:
             warnings.append(chosen.warning)
+    template_tools = None
+    if tools and template_takes_tools(template, tools, bos_token=model.bos_token or "",
+                                      eos_token=model.eos_token or ""):
+        template_tools, messages = tools, for_template(messages)
+    elif tools:
+        messages = with_fallback_system(messages, tools)
+    else:
+        messages = for_template(messages)
     options = PromptOptions(
         mode=chat.mode, instruction_template=template, system_message=chat.system_message,
         chat_instruct_command=chat.chat_instruct_command or DEFAULT_CHAT_INSTRUCT_COMMAND,
         user_name=chat.user_name, user_bio=chat.user_bio, character=chat_character(chat, characters_dir),
-        bos_token=model.bos_token, eos_token=model.eos_token, tools=tools)
+        bos_token=model.bos_token, eos_token=model.eos_token, tools=template_tools)
     context = model.context_length
     if chat.truncation_length:
         context = min(context, chat.truncation_length)

@@ -1,10 +1,10 @@
-"""One chat turn for the Chat tab: history -> modules.chat.build_prompt -> ModelManager -> history on disk.
+"""One chat turn for the Chat tab: the page's open chat -> modules.chat.request (the one chat path every caller
+takes) -> ModelManager -> the chat on disk.
 
-Prompt building itself lives in modules/chat (the API uses the same builder); this module only gathers its
-inputs from the chat settings and the chat's model (modules.ui.model_choice: the one the page picked, with that
-model's template and tokenizer), streams the reply into the open chat and saves it, recording on the messages
-which model (and LoRAs) wrote them. Nothing here imports Gradio, so the same turns can be driven from a test or
-another front end.
+This module only does the page's part: it picks the chat's model (modules.ui.model_choice: the one the page picked,
+loaded first when the page may load it), adds and saves the user's message, maps the turn onto a ChatRequest,
+streams the reply into the open chat and saves it, recording on the messages which model (and LoRAs) wrote them.
+Nothing here imports Gradio, so the same turns can be driven from a test or another front end.
 """
 from __future__ import annotations
 
@@ -12,16 +12,16 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from loaders.base import Capability, LoadedModel
+from loaders.batching import Adapter
 from modules.chat.history import ChatHistory, ChatMessage
-from modules.chat.model_prompt import build_model_prompt, chat_character
-from modules.chat.prompt import PromptResult
+from modules.chat.model_prompt import chat_character
+from modules.chat.request import ChatRequest, finish_reply, prepare_chat
 from modules.errors import ConfigError
 from modules.generation_params import GenerationParams
+from modules.request_hooks import RequestHooks, visible_text, with_visible
 from modules.services import Services
 from modules.settings import ChatSettings
 from modules.ui.access import may_administer
-from modules.ui.extension_hooks import RequestHooks, visible_text, with_visible
 from modules.ui.model_choice import ModelChoice, find_resident, page_client
 from modules.ui.session_state import UiSession
 from modules.ui.streaming import stream_batches
@@ -57,16 +57,16 @@ def shown_messages(services: Services, session: UiSession, chat: ChatSettings) -
     return list(session.history.messages)
 
 
-def build_turn_prompt(services: Services, chat: ChatSettings, params: GenerationParams,
-                      messages: list[dict[str, Any]], *, model: LoadedModel | None = None, continue_last: bool = False,
-                      impersonate: bool = False, impersonate_prefix: str = "") -> tuple[PromptResult, list[str], int]:
-    """(prompt, warnings to show, context length in force) for `model` (None: the default model) through the
-    builder the API uses too."""
-    built = build_model_prompt(model if model is not None else services.manager.require_model(), chat, messages,
-                               max_new_tokens=params.max_new_tokens, template_dir=services.settings.template_dir,
-                               characters_dir=services.settings.character_dir, continue_last=continue_last,
-                               impersonate=impersonate, impersonate_prefix=impersonate_prefix)
-    return built.result, built.warnings, built.context
+def turn_request(chat: ChatSettings, params: GenerationParams, messages: list[dict[str, Any]], action: Action,
+                 text: str = "", *, model: str | None = None,
+                 adapters: tuple[Adapter, ...] | None = None) -> ChatRequest:
+    """The ChatRequest of a turn on `messages` (the chat as the model reads it: for "send" with the user's message,
+    already through the input hooks, at the end; for "regenerate" with or without the reply to replace)."""
+    if action == "regenerate" and messages and messages[-1]["role"] == "assistant":
+        messages = messages[:-1]
+    return ChatRequest(messages=messages, chat=chat, params=params, continue_last=action == "continue",
+                       impersonate=action == "impersonate", impersonate_prefix=text if action == "impersonate" else "",
+                       model=model, adapters=adapters, source="ui")
 
 
 def run_turn(services: Services, session: UiSession, chat: ChatSettings, params: GenerationParams,
@@ -88,44 +88,27 @@ def run_turn(services: Services, session: UiSession, chat: ChatSettings, params:
     if resident is None:
         yield TurnUpdate(_show(session.history, chat, services), status=f"Loading {choice.model}…", loading=True)
         resident = manager.ensure(str(choice.model))
-    model, name = resident.model, resident.name
+    name = resident.name
     stamp = choice.stamp(name)
-    hooks = RequestHooks(services, params, chat)
-    params = hooks.params
-    manager.check_constraint(params, model=name)  # a refused grammar must not leave the message without a reply
+    hooks = RequestHooks(services, params, chat, source="ui")
+    manager.check_constraint(hooks.params, model=name)  # a refused grammar must not leave the message unanswered
     history = _prepare(services, session, chat, action, text, hooks, stamp)
     prompt_messages = history.prompt_messages() if history is not None else [
         m.model_dump(include={"role", "content"}) for m in greeting_messages(services, chat)]
-    impersonate, continue_last = action == "impersonate", action == "continue"
-    base = ""
-    if action == "regenerate" and prompt_messages[-1]["role"] == "assistant":
-        prompt_messages = prompt_messages[:-1]
-    elif continue_last:
-        base = prompt_messages[-1]["content"]
-    elif impersonate:
-        base = text
-    prompt_messages = hooks.history(prompt_messages)
-    custom = hooks.custom_prompt(prompt_messages) if action in ("send", "regenerate") else None
-    if custom is not None:  # an extension built the whole prompt
-        counted = model.token_count(custom) if Capability.TOKENIZE in model.capabilities else None
-        result = PromptResult(custom, prompt_messages, prompt_tokens=counted)
-        warnings, context = [], model.context_length
-    else:
-        result, warnings, context = build_turn_prompt(services, chat, params, prompt_messages, model=model,
-                                                      continue_last=continue_last, impersonate=impersonate,
-                                                      impersonate_prefix=text)
-    stops = list(dict.fromkeys([*params.stop, *result.stop_strings, *chat.custom_stopping_strings]))
-    generation = manager.generate(result.prompt, params.model_copy(update={"stop": stops}),
-                                  add_bos=False if result.starts_with_bos else None, model=name, adapters=adapters,
-                                  client=page_client(session))
-    warnings += generation.warnings
+    impersonate = action == "impersonate"
+    base = prompt_messages[-1]["content"] if action == "continue" else text if impersonate else ""
+    prepared = prepare_chat(services, turn_request(chat, params, prompt_messages, action, text, model=name,
+                                                   adapters=adapters), hooks=hooks)
+    generation = prepared.generate(manager, client=page_client(session))
+    warnings = prepared.warnings + generation.warnings
     added = history is not None and action in ("send", "regenerate") and history.messages[-1].role != "assistant"
     if added:
         history.messages.append(ChatMessage(role="assistant", content=""))
     status_head = (f"Model: {choice.describe(name)} · Prompt: "
-                   f"{result.prompt_tokens if result.prompt_tokens is not None else '?'} of {context} tokens")
-    if result.dropped_messages:
-        status_head += f" ({result.dropped_messages} oldest messages left out to fit)"
+                   f"{prepared.prompt_tokens if prepared.prompt_tokens is not None else '?'} of {prepared.context} "
+                   "tokens")
+    if prepared.dropped_messages:
+        status_head += f" ({prepared.dropped_messages} oldest messages left out to fit)"
     session.generation = generation
     set_reply = _reply_setter(history, action, stamp)
     reply, tokens, failed = "", [], True
@@ -147,7 +130,7 @@ def run_turn(services: Services, session: UiSession, chat: ChatSettings, params:
             if failed and added and not reply:  # it failed (or the page left) before a word: no empty reply kept
                 history.messages.pop()
             else:
-                set_reply(base + reply, hooks.output(base + reply, tokens))
+                set_reply(base + reply, finish_reply(prepared, base + reply, tokens).shown)
             session.history = session.store.save(history, keep_copy_on_conflict=True)
     stats = generation.stats
     ending = {"cancelled": " · stopped", "length": " · hit max_new_tokens", "error": " · failed"}.get(

@@ -10,9 +10,9 @@ from dataclasses import dataclass, field
 from loaders.base import Capability
 from modules.errors import ConfigError
 from modules.generation_params import GenerationParams, TokenEvent
+from modules.request_hooks import RequestHooks
 from modules.services import Services
 from modules.ui.access import may_administer
-from modules.ui.extension_hooks import RequestHooks
 from modules.ui.model_choice import ModelChoice, find_resident, page_client
 from modules.ui.session_state import UiSession
 from modules.ui.streaming import stream_batches

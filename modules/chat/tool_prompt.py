@@ -1,13 +1,13 @@
-"""Function calling: tools go into the prompt through the model's own chat template (or, for a template that
-ignores them, a Hermes-style system message), and a tool_choice that names a function (or "required") constrains
-the output with a JSON schema. Reading the calls back out of a reply is tool_calls.py's."""
+"""Tools in the prompt: they go in through the model's own chat template (or, for a template that ignores them, a
+Hermes-style system message), and a tool_choice that names a function (or "required") constrains the output with a
+JSON schema. Reading the calls back out of a reply is modules.chat.tool_calls'."""
 from __future__ import annotations
 
 import json
 from typing import Any
 
 from modules.chat.templates import render_chat
-from modules.errors import ConfigError
+from modules.errors import ConfigError, InvalidInput
 
 _FALLBACK_SYSTEM = """\
 You can call functions. Their signatures, as JSON schemas, are inside <tools></tools>:
@@ -84,7 +84,7 @@ def constraint_schema(tools: list[dict[str, Any]], choice: Any) -> dict[str, Any
         wanted = choice["function"]["name"]
         chosen = [t for t in tools if t["function"]["name"] == wanted]
         if not chosen:
-            raise ValueError(f"tool_choice names {wanted!r}, which is not among the tools")
+            raise InvalidInput(f"tool_choice names {wanted!r}, which is not among the tools.", field="tool_choice")
     else:
         chosen = tools
     variants = [{"type": "object",

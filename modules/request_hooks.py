@@ -1,12 +1,15 @@
-"""The extension hooks (modules.extensions) as the UI's generating tabs apply them to one request; without
-extensions every method returns its input. Nothing here imports Gradio."""
+"""The extension hooks (modules.extensions) as they apply to one request, from any caller (the Chat, Default and
+Notebook tabs, the API, the CLI); without extensions every method returns its input.
+
+`state_modifier` runs once, when the hooks are made; the other hooks see the state it returned. What the state
+holds: every generation knob by name, the chat settings (for chat requests) and `source` ("ui", "api", "cli").
+"""
 from __future__ import annotations
 
 from typing import Any
 
 from modules.generation_params import GenerationParams
 from modules.presets import params_from_mapping
-from modules.services import Services
 from modules.settings import ChatSettings
 
 #: Where the text a chat shows is kept when an extension makes it differ from what the model reads.
@@ -15,12 +18,13 @@ _VISIBLE_OF = "visible_of"
 
 
 class RequestHooks:
-    """state_modifier is applied once, at creation: `params` are the parameters after it."""
+    """`params` are the request's parameters after state_modifier (a bad value it sets is a ConfigError)."""
 
-    def __init__(self, services: Services, params: GenerationParams, chat: ChatSettings | None = None):
+    def __init__(self, services: Any, params: GenerationParams, chat: ChatSettings | None = None, *,
+                 source: str = "ui"):
         self.services = services
-        self.registry = services.extensions
-        self.state: dict[str, Any] = {**params.model_dump(), **(chat.model_dump() if chat else {}), "source": "ui"}
+        self.registry = getattr(services, "extensions", None)
+        self.state: dict[str, Any] = {**params.model_dump(), **(chat.model_dump() if chat else {}), "source": source}
         self.params = params
         if self.registry is not None:
             self.state = self.registry.modify_state(self.state)
@@ -35,6 +39,18 @@ class RequestHooks:
             return text, text
         model_text, visible = self.registry.modify_chat_input(text, text, self.state)
         return self.registry.modify_input(model_text, self.state), visible
+
+    def last_user_message(self, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """`messages` with the user_text hooks applied to the last user message (text content only): for callers
+        whose conversation arrives whole with the new message in it (the API, the CLI)."""
+        if self.registry is None:
+            return messages
+        for index in range(len(messages) - 1, -1, -1):
+            message = messages[index]
+            if message["role"] == "user" and isinstance(message.get("content"), str):
+                text, _visible = self.user_text(message["content"])
+                return [*messages[:index], {**message, "content": text}, *messages[index + 1:]]
+        return messages
 
     def prompt_text(self, text: str) -> str:
         return text if self.registry is None else self.registry.modify_input(text, self.state)
