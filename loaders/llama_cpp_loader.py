@@ -2,6 +2,8 @@
 
 We drive the decode loop ourselves (Llama.eval + a native sampler chain) instead of create_completion, because
 the high-level API builds a fixed chain without DRY, XTC, top-n-sigma, dynamic temperature or sampler order.
+With `parallel` above 1 the context holds one sequence per slot in a unified KV cache and the serving engine
+decodes them together (loaders.llama_cpp_batch); with 1 the single-sequence loop below serves one request at a time.
 """
 from __future__ import annotations
 
@@ -11,13 +13,15 @@ import re
 import threading
 import weakref
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from loaders.base import Capability, LoadedModel, Loader, LoaderOptions, ModelInfo, gguf_files
+from loaders.batching import Adapter, BatchDecoder, SequenceRequest
 from loaders.gguf_header import diagnose, trained_context
 from loaders.llama_cpp_sampling import SUPPORTED_PARAMS, Candidates, build_sampler_chains, trial_compiler
 from modules.constraints import TrialCompiler
@@ -38,21 +42,43 @@ class LlamaCppOptions(LoaderOptions):
     use_mmap: bool = Field(True, description="Map the file instead of reading it into memory.")
     use_mlock: bool = Field(False, description="Lock the weights in RAM (no swapping).")
     tensor_split: list[float] | None = Field(None, description="Share of the model per GPU, e.g. 60,40.")
-    flash_attn: bool = Field(False, description="Use flash attention (needed for a quantized V cache).")
+    flash_attn: Literal["auto", "on", "off"] = Field("auto", description=(
+        "Flash attention: on, off, or auto: on with parallel above 1 (a sequence's attention then skips the other "
+        "slots' cells: faster, and a request alone gives the same reply whatever they hold), off with parallel 1. "
+        "A quantized V cache needs it."))
     cache_type: CacheType = Field("f16", description="KV cache type: f16, q8_0, q4_0, ...")
     rope_freq_base: float = Field(0.0, ge=0.0, description="RoPE base frequency; 0 = from the model.")
     rope_freq_scale: float = Field(0.0, ge=0.0, description="RoPE frequency scale (e.g. 0.5 doubles the context); "
                                                           "0 = from the model.")
+    parallel: int = Field(4, ge=1, le=256, description=(
+        "Slots: requests decoded together (continuous batching). A slot holds one request's sequence in the "
+        "context's unified KV cache and its own sampler chain: every slot may use the whole n_ctx, and together "
+        "they share it. An idle slot keeps its conversation's KV for the next turn until the room is needed. "
+        "1: one request at a time."))
+
+    @field_validator("flash_attn", mode="before")
+    @classmethod
+    def _flash_attn_bool(cls, value: Any) -> Any:
+        """true/false (settings files and options written before `auto`) mean on/off."""
+        return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
 
     @model_validator(mode="after")
     def _quantized_v_needs_flash(self) -> "LlamaCppOptions":
-        if self.cache_type not in ("f16", "f32", "bf16") and not self.flash_attn:
+        if self.cache_type not in ("f16", "f32", "bf16") and self.flash_attn != "on":
             raise ValueError(f"cache_type {self.cache_type} quantizes the V cache, which llama.cpp only allows "
                              "with flash_attn on")
+        if self.parallel > self.n_batch:
+            raise ValueError(f"parallel {self.parallel} is more than n_batch {self.n_batch}: a step holds one token "
+                             "per slot")
         return self
 
+    @property
+    def flash(self) -> bool:
+        """Whether the context uses flash attention (auto: with several slots)."""
+        return self.flash_attn == "on" or (self.flash_attn == "auto" and self.parallel > 1)
 
-_PROMPT_CHUNK = 128  # prompt tokens per decode call; a multiple of it is where cache reuse may resume
+
+PROMPT_CHUNK = 128  # prompt tokens per decode call; a multiple of it is where cache reuse may resume
 #: Texts longer than this (bytes) are tokenized in pieces cut before special tokens. llama.cpp's special-token
 #: partition scans the rest of the text once per fragment for each special token absent from it, which is
 #: quadratic: a chat of 8,000 messages took 5.8 s to tokenize whole, 0.4 s in pieces, with the same ids.
@@ -97,7 +123,7 @@ class LlamaCppModel(LoadedModel):
         kwargs = dict(
             model_path=str(file), n_gpu_layers=options.n_gpu_layers, n_batch=options.n_batch,
             n_ubatch=options.n_ubatch, use_mmap=options.use_mmap, use_mlock=options.use_mlock,
-            tensor_split=options.tensor_split, flash_attn=options.flash_attn, verbose=False,
+            tensor_split=options.tensor_split, flash_attn=options.flash_attn == "on", verbose=False,
             type_k=_GGML_TYPES[options.cache_type], type_v=_GGML_TYPES[options.cache_type],
             rope_freq_base=options.rope_freq_base, rope_freq_scale=options.rope_freq_scale,
         )
@@ -109,7 +135,12 @@ class LlamaCppModel(LoadedModel):
             n_ctx = options.n_ctx or n_ctx_train
             if n_ctx_train and options.rope_freq_scale == 0 and options.rope_freq_base == 0:
                 n_ctx = min(n_ctx, n_ctx_train)
-            self._llama = llama_cpp.Llama(n_ctx=n_ctx, **kwargs)
+            if options.parallel > 1:
+                from loaders.llama_cpp_batch import llama_with_slots
+
+                self._llama = llama_with_slots(options.parallel, options.flash_attn, n_ctx=n_ctx, **kwargs)
+            else:
+                self._llama = llama_cpp.Llama(n_ctx=n_ctx, **kwargs)
         except (ValueError, RuntimeError, OSError) as exc:
             raise ModelLoadError(diagnose(file) or f"llama.cpp could not load {file.name}: {exc}") from None
         llama = self._llama
@@ -126,8 +157,15 @@ class LlamaCppModel(LoadedModel):
         self._piece_starts = self._special_token_pattern()
         self._metadata = metadata
         self._loras: list[tuple[str, object]] = []
+        self._applied = AdapterSet()  # the applied LoRAs (apply_loras), what requests with adapters=None get
+        self._on_context = AdapterSet()  # the adapters set on the context now
+        self._request_loras: dict[tuple[str, int, int], object] = {}  # GGUF adapters requests named, by file
         self._lock = threading.Lock()  # one decode loop at a time per context
         self._prompt_kv_valid = 0  # leading KV entries computed as aligned prompt chunks
+        self.slots = options.parallel
+        self._batch: BatchDecoder | None = None
+        #: Prompt tokens evaluated so far (not those reused from the KV cache): how much reading prompts cost.
+        self.evaluated_prompt_tokens = 0
         # llama-cpp-python's own __del__ fails at interpreter exit once its module globals are gone.
         atexit.register(_unload_at_exit, weakref.ref(self))
 
@@ -206,14 +244,49 @@ class LlamaCppModel(LoadedModel):
             raise ContextLengthExceeded(context=self.context_length, prompt_tokens=len(ids),
                                         max_new_tokens=params.max_new_tokens)
         with self._lock:
-            yield from self._decode_loop(ids, params, cancel)
+            if self.slots > 1:  # the context is the batch decoder's: one sequence through it
+                yield from self._stream_alone(ids, params, cancel)
+            else:
+                yield from self._decode_loop(ids, params, cancel)
+
+    def batch_decoder(self) -> BatchDecoder | None:
+        """The model's one batch decoder (its slots are the context's sequences), or None with one slot."""
+        if self.slots <= 1:
+            return None
+        if self._batch is None:
+            from loaders.llama_cpp_batch import LlamaCppBatch
+
+            self._batch = LlamaCppBatch(self)
+        return self._batch
+
+    def _stream_alone(self, ids: list[int], params: GenerationParams,
+                      cancel: threading.Event) -> Iterator[TokenEvent]:
+        """One sequence through the batch decoder, for a caller that drives the model itself (the serving engine
+        never calls stream on a model with several slots)."""
+        decoder = self.batch_decoder()
+        assert decoder is not None
+        if decoder.active:
+            raise GenerationError(f"{self.name} is decoding served requests; generate through the ModelManager.")
+        key = -1
+        decoder.add(key, SequenceRequest(ids, params, None, cancel))
+        try:
+            while not cancel.is_set():
+                for out in decoder.step():
+                    if out.error is not None:
+                        raise out.error
+                    if out.token is not None:
+                        yield out.token
+                    if out.finished is not None:
+                        return
+        finally:
+            decoder.remove(key)
 
     def _decode_loop(self, ids: list[int], params: GenerationParams, cancel: threading.Event) -> Iterator[TokenEvent]:
         llama = self._llama
         lib = self._lib
         chains = build_sampler_chains(lib, llama, params, ids, eog_tokens=self._eog)
         candidates = Candidates(lib, self._n_vocab)
-        decoder = _Utf8Stream()
+        decoder = Utf8Stream()
         try:
             self._eval_prompt(ids, cancel)
             token: int | None = None  # the previous token, fed back before sampling the next
@@ -256,7 +329,7 @@ class LlamaCppModel(LoadedModel):
         of a cached prompt would make a warm run differ from a cold one (the same seed giving another text).
         With aligned chunks every prompt token is computed in the same company, warm or cold."""
         llama = self._llama
-        chunk = min(_PROMPT_CHUNK, self.options.n_batch)
+        chunk = min(PROMPT_CHUNK, self.options.n_batch)
         valid = min(self._prompt_kv_valid, llama.n_tokens)
         previous = llama.input_ids
         common = 0
@@ -274,10 +347,12 @@ class LlamaCppModel(LoadedModel):
             if cancel.is_set():
                 return
             self._eval(ids[begin:begin + chunk])
+            self.evaluated_prompt_tokens += len(ids[begin:begin + chunk])
         self._prompt_kv_valid = len(ids)  # tokens generated after this are computed one by one
 
-    def _fill_logprobs(self, event: TokenEvent, top_n: int) -> None:
-        logits = self._logits()
+    def _fill_logprobs(self, event: TokenEvent, top_n: int, logits: np.ndarray | None = None) -> None:
+        """The chosen token's log-probability and the top_n, from `logits` (default: the last position's)."""
+        logits = self._logits() if logits is None else logits
         logprobs = logits - _logsumexp(logits)
         event.logprob = float(logprobs[event.token_id])
         top = np.argpartition(-logprobs, top_n)[:top_n]
@@ -289,38 +364,91 @@ class LlamaCppModel(LoadedModel):
         lib = self._lib
         scales = scales or [1.0] * len(paths)
         loaded = []
+        files = []
         for path in paths:
-            files = gguf_files(path)
-            if len(files) != 1:
-                raise ModelLoadError(f"The llama.cpp loader applies LoRA adapters as one GGUF file; {path.name} "
-                                     "holds none (export the adapter to GGUF from the Training tab).")
-            adapter = lib.llama_adapter_lora_init(self._llama._model.model, str(files[0]).encode("utf-8"))
+            file = lora_file(path, ModelLoadError)
+            adapter = lib.llama_adapter_lora_init(self._llama._model.model, str(file).encode("utf-8"))
             if not adapter:
                 for _, handle in loaded:
                     lib.llama_adapter_lora_free(handle)
-                raise ModelLoadError(f"llama.cpp could not load the LoRA adapter {files[0].name} (wrong base "
+                raise ModelLoadError(f"llama.cpp could not load the LoRA adapter {file.name} (wrong base "
                                      "model or not a GGUF LoRA).")
             loaded.append((path.name, adapter))
+            files.append(file)
         self.remove_loras()
-        handles = (lib.llama_adapter_lora_p_ctypes * len(loaded))(*[h for _, h in loaded])
-        factors = (ctypes.c_float * len(loaded))(*scales)
-        if lib.llama_set_adapters_lora(self._llama._ctx.ctx, handles, len(loaded), factors) != 0:
+        applied = AdapterSet(tuple(_file_key(f) + (float(s),) for f, s in zip(files, scales)),
+                             tuple(h for _, h in loaded), tuple(float(s) for s in scales))
+        if not self._set_context_adapters(applied):
             for _, handle in loaded:
                 lib.llama_adapter_lora_free(handle)
             raise ModelLoadError("llama.cpp refused the LoRA adapter(s) for this model.")
         self._loras = loaded
+        self._applied = applied
         self._llama.reset()  # cached KV was computed without the adapter
         self._prompt_kv_valid = 0
 
     def remove_loras(self) -> None:
         if not self._loras:
             return
-        self._lib.llama_set_adapters_lora(self._llama._ctx.ctx, None, 0, None)
+        self._set_context_adapters(AdapterSet())
         for _, handle in self._loras:
             self._lib.llama_adapter_lora_free(handle)
         self._loras = []
+        self._applied = AdapterSet()
         self._llama.reset()
         self._prompt_kv_valid = 0
+
+    def adapter_key(self, adapters: tuple[Adapter, ...] | None) -> tuple:
+        """What identifies the weights a sequence with these adapters runs with (None: the applied set): KV
+        computed under one key is reused only under the same key. Raises InvalidInput for an adapter that is no
+        GGUF LoRA."""
+        if adapters is None:
+            return self._applied.key
+        return tuple(_file_key(self._request_lora_file(a)) + (float(a.scale),) for a in adapters)
+
+    def use_adapters(self, adapters: tuple[Adapter, ...] | None) -> tuple:
+        """Set these adapters on the context (llama.cpp applies them to every sequence), loading each GGUF file
+        once; returns their key."""
+        if adapters is None:
+            wanted = self._applied
+        else:
+            handles = []
+            for adapter in adapters:
+                file = self._request_lora_file(adapter)
+                handle = self._request_loras.get(_file_key(file))
+                if handle is None:
+                    handle = self._lib.llama_adapter_lora_init(self._llama._model.model, str(file).encode("utf-8"))
+                    if not handle:
+                        raise InvalidInput(f"llama.cpp could not load the LoRA adapter {file.name} (wrong base "
+                                           "model or not a GGUF LoRA).")
+                    self._request_loras[_file_key(file)] = handle
+                handles.append(handle)
+            wanted = AdapterSet(self.adapter_key(adapters), tuple(handles), tuple(float(a.scale) for a in adapters))
+        if wanted.key != self._on_context.key and not self._set_context_adapters(wanted):
+            raise InvalidInput("llama.cpp refused the LoRA adapter(s) for this model.")
+        return wanted.key
+
+    def use_applied_adapters(self) -> None:
+        """Put the applied set back on the context (after a group of requests with adapters of their own), so
+        whoever drives the model directly (perplexity) sees the model as the Model tab shows it."""
+        if self._on_context.key != self._applied.key:
+            self._set_context_adapters(self._applied)
+
+    def _set_context_adapters(self, adapters: AdapterSet) -> bool:
+        lib = self._lib
+        n = len(adapters.handles)
+        handles = (lib.llama_adapter_lora_p_ctypes * n)(*adapters.handles) if n else None
+        factors = (ctypes.c_float * n)(*adapters.scales) if n else None
+        if lib.llama_set_adapters_lora(self._llama._ctx.ctx, handles, n, factors) != 0:
+            return False
+        self._on_context = adapters
+        return True
+
+    @staticmethod
+    def _request_lora_file(adapter: Adapter) -> Path:
+        if adapter.path is None:
+            raise InvalidInput(f"The LoRA {adapter.name} was not found in the LoRA folder.")
+        return lora_file(adapter.path, InvalidInput)
 
     @property
     def loras(self) -> list[str]:
@@ -336,7 +464,8 @@ class LlamaCppModel(LoadedModel):
             memory_bytes=int(self._lib.llama_model_size(self._llama._model.model)),
             loras=self.loras, capabilities=sorted(self.capabilities),
             extra={"architecture": self._metadata.get("general.architecture", ""),
-                   "n_ctx_train": self._lib.llama_model_n_ctx_train(self._llama._model.model)},
+                   "n_ctx_train": self._lib.llama_model_n_ctx_train(self._llama._model.model),
+                   "parallel": self.slots, "flash_attn": self.options.flash},
         )
 
     def unload(self) -> None:
@@ -344,7 +473,14 @@ class LlamaCppModel(LoadedModel):
         if llama is None:
             return
         try:
+            if self._batch is not None:
+                self._batch.release()
+                self._batch = None
             self.remove_loras()
+            self._set_context_adapters(AdapterSet())
+            for handle in self._request_loras.values():
+                self._lib.llama_adapter_lora_free(handle)
+            self._request_loras = {}
         finally:
             llama.close()
             self._llama = None
@@ -356,7 +492,31 @@ def _unload_at_exit(ref: "weakref.ref[LlamaCppModel]") -> None:
         model.unload()
 
 
-class _Utf8Stream:
+@dataclass(frozen=True)
+class AdapterSet:
+    """LoRA adapters as the context takes them: handles and scales, and the key that identifies their weights
+    (each GGUF file by path, modification time and size, with its scale; empty: the base model)."""
+
+    key: tuple = ()
+    handles: tuple = ()
+    scales: tuple[float, ...] = ()
+
+
+def lora_file(path: Path, error: type[Exception]) -> Path:
+    """The one GGUF file a LoRA folder (or file) holds; `error` says what is wrong otherwise."""
+    files = gguf_files(path)
+    if len(files) != 1:
+        raise error(f"The llama.cpp loader applies LoRA adapters as one GGUF file; {path.name} holds none (export "
+                    "the adapter to GGUF from the Training tab).")
+    return files[0]
+
+
+def _file_key(file: Path) -> tuple[str, int, int]:
+    stat = file.stat()
+    return str(file.resolve()), stat.st_mtime_ns, stat.st_size
+
+
+class Utf8Stream:
     """Turns token pieces (bytes that may split a UTF-8 character) into text as soon as it is complete."""
 
     def __init__(self) -> None:

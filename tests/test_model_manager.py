@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, wait_until
-from modules.errors import (ContextLengthExceeded, ModelLoadError, NoModelLoaded, PathError, UnsupportedParameter,
+from modules.errors import (ContextLengthExceeded, InvalidInput, ModelLoadError, NoModelLoaded, PathError,
+                            UnsupportedParameter,
                             WorkbenchError)
 from modules.generation_params import GenerationParams
 from modules.model_manager import ModelManager
@@ -50,7 +51,8 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory, starter_gguf: Path) -> P
 
 @pytest.fixture(scope="module")
 def manager(model_dir: Path) -> ModelManager:
-    manager = ModelManager(model_dir, model_dir / "loras")
+    # one slot (also when a test loads again): these tests are about the queue
+    manager = ModelManager(model_dir, model_dir / "loras", loader_options={"parallel": 1})
     manager.load(STARTER_GGUF)
     yield manager
     manager.unload()
@@ -312,6 +314,20 @@ def test_a_request_with_its_own_loras_on_a_model_serving_one_at_a_time_is_refuse
     """One slot means no per-request adapters (the model's own LoRAs apply to everyone): said, never ignored."""
     from loaders.batching import Adapter
 
+    assert manager.require_model().slots == 1
     with pytest.raises(UnsupportedParameter, match="--parallel"):
         manager.complete("Hi", GenerationParams(max_new_tokens=2), adapters=(Adapter("some-lora"),))
     assert manager.complete("Hi", GenerationParams(max_new_tokens=2), adapters=()).text is not None
+
+
+def test_a_request_naming_a_lora_that_is_not_there_is_refused_by_a_batching_model(model_dir: Path):
+    from loaders.batching import Adapter
+
+    batching = ModelManager(model_dir, model_dir / "loras")
+    batching.load(STARTER_GGUF, "llama.cpp", {"parallel": 2})
+    try:
+        with pytest.raises(InvalidInput, match="some-lora"):
+            batching.complete("Hi", GenerationParams(max_new_tokens=2), adapters=(Adapter("some-lora"),))
+        assert batching.complete("Hi", GenerationParams(max_new_tokens=2)).text is not None
+    finally:
+        batching.unload()
