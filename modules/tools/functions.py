@@ -120,14 +120,15 @@ def _unwrapped(text: str | None) -> str | None:
 def schema_of(model: type[BaseModel]) -> dict[str, Any]:
     """The JSON schema of an arguments model, without the titles pydantic adds to every node (noise in a prompt:
     the property names already say it)."""
-    schema = _without_titles(model.model_json_schema())
+    schema = without_titles(model.model_json_schema())
     schema.setdefault("properties", {})
     return schema
 
 
-def _without_titles(node: Any) -> Any:
+def without_titles(node: Any) -> Any:
+    """A JSON schema without its "title" keywords (properties named "title" are kept)."""
     if isinstance(node, list):
-        return [_without_titles(item) for item in node]
+        return [without_titles(item) for item in node]
     if not isinstance(node, dict):
         return node
     out = {}
@@ -135,9 +136,9 @@ def _without_titles(node: Any) -> Any:
         if key == "title" and isinstance(value, str):
             continue
         if key in ("properties", "$defs", "patternProperties") and isinstance(value, dict):
-            out[key] = {name: _without_titles(sub) for name, sub in value.items()}  # names, not keywords
+            out[key] = {name: without_titles(sub) for name, sub in value.items()}  # names, not keywords
         else:
-            out[key] = _without_titles(value)
+            out[key] = without_titles(value)
     return out
 
 

@@ -24,6 +24,7 @@ from mcp_types import CallToolResult, TextContent
 
 from modules.errors import ToolError
 from modules.settings import McpServerSettings
+from modules.tools.functions import without_titles
 from modules.tools.spec import ToolSpec
 
 log = logging.getLogger(__name__)
@@ -75,12 +76,17 @@ class McpConnection:
     def close(self) -> None:
         """End the session and the loop thread (idempotent)."""
         if self._portal is not None and self._session_task is not None:
+            task = self._session_task
             try:
-                if self._stop is not None:
-                    self._portal.call(self._stop.set)
+                if self._client is not None and self._stop is not None:
+                    self._portal.call(self._stop.set)  # a connected session ends as the SDK ends it
                 else:
-                    self._session_task.cancel()
-                self._session_task.result(timeout=CLOSE_TIMEOUT_S)
+                    task.cancel()  # still connecting: stop trying
+                task.result(timeout=CLOSE_TIMEOUT_S)
+            except concurrent.futures.TimeoutError:
+                log.info("MCP server %s did not close within %g s; its session is cancelled", self.config.name,
+                         CLOSE_TIMEOUT_S)
+                task.cancel()
             except BaseException as exc:  # a server that fails on the way out is still closed
                 if not isinstance(exc, concurrent.futures.CancelledError):
                     log.info("closing MCP server %s: %s", self.config.name, _reason(exc))
@@ -133,8 +139,8 @@ class McpConnection:
         for _ in range(100):  # pages; a server that pages forever cannot hang the start
             page = await self._client.list_tools(cursor=cursor)
             specs.extend(ToolSpec(name=self.config.tool_prefix + tool.name, description=tool.description or "",
-                                  parameters=tool.input_schema, needs_approval=self.config.needs_approval,
-                                  source=f"mcp:{self.config.name}")
+                                  parameters=without_titles(tool.input_schema),
+                                  needs_approval=self.config.needs_approval, source=f"mcp:{self.config.name}")
                          for tool in page.tools)
             cursor = page.next_cursor
             if cursor is None:
@@ -165,10 +171,11 @@ async def _run(coroutine: Any) -> Any:
 
 
 def _result_value(result: CallToolResult, name: str) -> Any:
-    """The structured content when the server gave one, else its text blocks joined (other blocks named)."""
+    """The content blocks' text (what the server writes for a model to read; non-text blocks are named), or the
+    structured content when there are no blocks."""
     if result.is_error:
         raise ToolError(f"{name} failed: {_text(result) or 'the server gave no reason'}", kind="failed")
-    if result.structured_content is not None:
+    if not result.content and result.structured_content is not None:
         return result.structured_content
     return _text(result)
 

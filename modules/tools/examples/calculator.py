@@ -105,9 +105,9 @@ def _call(node: ast.Call) -> int | float:
 def _check_power(base: int | float, exponent: int | float) -> None:
     """Refuse a power whose integer result would pass MAX_BITS before computing it (floats overflow by
     themselves, which calculate() reports)."""
-    if isinstance(base, int) and isinstance(exponent, int) and exponent > 0 and abs(base) > 1:
-        if exponent * math.log2(abs(base)) > MAX_BITS:
-            raise ValueError(f"the power is too large (results are limited to {MAX_BITS} bits)")
+    if (isinstance(base, int) and isinstance(exponent, int) and exponent > 0 and abs(base) > 1
+            and exponent * math.log2(abs(base)) > MAX_BITS):
+        raise ValueError(f"the power is too large (results are limited to {MAX_BITS} bits)")
 
 
 def _bounded(value: int | float) -> int | float:
