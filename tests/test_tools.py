@@ -109,6 +109,42 @@ def test_a_typed_function_with_a_docstring_becomes_a_tool_schema(tmp_path: Path)
     assert json.loads(result.content) == {"city": "Paris", "days": 2, "unit": "celsius", "hours": [9, 18]}
 
 
+def test_other_docstring_styles_and_async_functions(tmp_path: Path) -> None:
+    found = load_file(write_tool(tmp_path, "styles.py", '''
+        import asyncio
+
+
+        async def wait_and_echo(text: str, delay: float = 0.0) -> str:
+            """Echo the text after a delay.
+
+            :param text: What to echo.
+            :param delay: Seconds to wait first.
+            """
+            await asyncio.sleep(delay)
+            return text
+
+
+        def numpy_style(count: int) -> list[int]:
+            """Count from zero.
+
+            Parameters
+            ----------
+            count : int
+                How many numbers.
+            """
+            return list(range(count))
+    '''))
+    assert found.problems == []
+    echo = found.tools["wait_and_echo"].spec
+    assert echo.description == "Echo the text after a delay."
+    assert echo.parameters["properties"]["text"]["description"] == "What to echo."
+    assert echo.parameters["properties"]["delay"]["description"] == "Seconds to wait first."
+    assert found.tools["numpy_style"].spec.parameters["properties"]["count"]["description"] == "How many numbers."
+    runner = ToolRunner(found.tools)
+    assert call(runner, "wait_and_echo", {"text": "hi"}).content == "hi"
+    assert call(runner, "numpy_style", {"count": 3}).content == "[0,1,2]"
+
+
 def test_only_documented_public_functions_of_the_file_are_tools(tmp_path: Path) -> None:
     path = write_tool(tmp_path, "mixed.py", '''
         from math import sqrt
