@@ -16,7 +16,7 @@ import pytest
 import yaml
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
-from playwright.sync_api import Browser, Page
+from playwright.sync_api import Browser, Page, expect
 
 from conftest import FRANCE
 from modules.generation_params import GenerationParams
@@ -102,6 +102,35 @@ def test_chat_streams_an_answer_naming_paris(page: Page) -> None:
     assert chat_messages(page)[0] == ("user", FRANCE)
     assert re.search(r"Prompt: \d+ of \d+ tokens", status)
     screenshot(page, "chat")
+
+
+#: Records the lengths the last reply has while the turn runs (Send disabled): several lengths, several pieces.
+_WATCH_REPLY = """() => {
+  window.__replyLengths = new Set();
+  new MutationObserver(() => {
+    const rows = document.querySelectorAll('#chatbot .bot-row');
+    if (document.querySelector('#chat-send').disabled && rows.length)
+      window.__replyLengths.add(rows[rows.length - 1].innerText.trim().length);
+  }).observe(document.body, {childList: true, subtree: true, characterData: true});
+}"""
+
+
+def test_enter_sends_the_message_and_shift_enter_breaks_the_line(page: Page) -> None:
+    use_preset(page, "Deterministic", max_new_tokens="120", ban_eos_token=True)
+    new_chat(page)
+    box = page.locator("#chat-input textarea")
+    box.click()
+    page.keyboard.type("What is the capital")
+    page.keyboard.press("Shift+Enter")  # a box that sent on Shift+Enter would swallow the line break
+    page.keyboard.type("of France?")
+    expect(box).to_have_value("What is the capital\nof France?")
+    box.fill(FRANCE)
+    page.evaluate(_WATCH_REPLY)
+    status = chat_event(page, lambda: box.press("Enter"))
+    assert chat_messages(page)[0] == ("user", FRANCE)  # sent as typed, without a line break
+    assert "Paris" in last_reply(page) and "reply:" in status
+    assert len(page.evaluate("() => [...window.__replyLengths].filter(n => n > 0)")) >= 2  # it streamed
+    expect(box).to_have_value("")
 
 
 def test_stop_cuts_a_long_reply(page: Page) -> None:
@@ -294,10 +323,13 @@ def test_default_and_notebook_stream_a_completion_with_token_probabilities(page:
     screenshot(page, "default")
     tab(page, "Notebook")
     set_text(page, "#notebook-text", "Once upon a time")
-    status = run_event(page, lambda: page.click("#notebook-generate"), "#notebook-status",
-                       lock="#notebook-generate")
-    text = page.locator("#notebook-text textarea").input_value()
-    assert text.startswith("Once upon a time") and len(text) > len("Once upon a time")
+    notebook = page.locator("#notebook-text textarea")
+    notebook.press("End")
+    notebook.press("Enter")  # a document: Enter breaks the line, Shift+Enter generates
+    expect(notebook).to_have_value("Once upon a time\n")
+    status = run_event(page, lambda: notebook.press("Shift+Enter"), "#notebook-status", lock="#notebook-generate")
+    text = notebook.input_value()
+    assert text.startswith("Once upon a time\n") and len(text) > len("Once upon a time\n")
     assert "output: 6 tokens" in status
     screenshot(page, "notebook")
 

@@ -32,8 +32,10 @@ def build_chat_tab(ctx: UiContext) -> ChatView:
                 reload = gr.Button("Reload chat", size="sm", scale=0, min_width=120, visible=False,
                                    elem_id="chat-reload")
             with gr.Row(equal_height=True):
+                # One line that grows to 12: Gradio's textbox sends on Enter (its submit event) only when
+                # lines == 1; a taller box would send on Shift+Enter instead. Shift+Enter breaks the line.
                 message = gr.Textbox(show_label=False, placeholder="Send a message (Enter; Shift+Enter: new line)",
-                                     lines=2, max_lines=12, scale=8, elem_id="chat-input")
+                                     lines=1, max_lines=12, scale=8, elem_id="chat-input")
                 with gr.Column(scale=1, min_width=110):
                     send = gr.Button("Send", variant="primary", elem_id="chat-send")
                     stop = gr.Button("Stop", variant="stop", elem_id="chat-stop")

@@ -44,8 +44,10 @@ def build_default_tab(ctx: UiContext) -> None:
     picker = build_model_picker(ctx, "default", what="this tab", one_row=True)
     with gr.Row():
         with gr.Column():
-            prompt = gr.Textbox(label="Input", lines=18, max_lines=40, elem_id="default-input",
-                                value="Once upon a time,")
+            # A document, not a message: Enter breaks the line; Shift+Enter (Gradio's submit in a box of several
+            # lines) generates.
+            prompt = gr.Textbox(label="Input (Shift+Enter: generate)", lines=18, max_lines=40,
+                                elem_id="default-input", value="Once upon a time,")
             with gr.Row():
                 generate = gr.Button("Generate", variant="primary", elem_id="default-generate")
                 continue_ = gr.Button("Continue", elem_id="default-continue")
@@ -77,6 +79,7 @@ def build_default_tab(ctx: UiContext) -> None:
 
     stream_locked(generate.click, run(False), inputs, [output, status, heat, table], [generate, continue_])
     stream_locked(continue_.click, run(True), inputs, [output, status, heat, table], [generate, continue_])
+    stream_locked(prompt.submit, run(False), inputs, [output, status, heat, table], [generate, continue_])
     stop.click(lambda session: session.stop() if session else None, ctx.session, None, queue=False)
     count.click(_count(ctx, prompt, picker), {ctx.session, prompt, *picker.inputs}, status)
     start_picker(ctx, picker)
@@ -84,7 +87,8 @@ def build_default_tab(ctx: UiContext) -> None:
 
 def build_notebook_tab(ctx: UiContext) -> None:
     picker = build_model_picker(ctx, "notebook", what="this tab", one_row=True)
-    text = gr.Textbox(label="Notebook: the model continues this text", lines=22, max_lines=60,
+    text = gr.Textbox(label="Notebook: the model continues this text (Enter: new line; Shift+Enter: generate)",
+                      lines=22, max_lines=60,
                       elem_id="notebook-text", value="The three most important inventions in history are",
                       buttons=["copy"])
     with gr.Row():
@@ -113,8 +117,9 @@ def build_notebook_tab(ctx: UiContext) -> None:
         session = session_of(session)
         return session.notebook_undo.pop() if session.notebook_undo else gr.skip()
 
-    stream_locked(generate.click, on_generate, {ctx.session, text, show, *ctx.params.inputs, *picker.inputs},
-                  [text, status, heat, table], [generate])
+    for trigger in (generate.click, text.submit):
+        stream_locked(trigger, on_generate, {ctx.session, text, show, *ctx.params.inputs, *picker.inputs},
+                      [text, status, heat, table], [generate])
     stop.click(lambda session: session.stop() if session else None, ctx.session, None, queue=False)
     undo.click(on_undo, ctx.session, text)
     count.click(_count(ctx, text, picker), {ctx.session, text, *picker.inputs}, status)
