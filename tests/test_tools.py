@@ -452,6 +452,16 @@ def test_tool_settings() -> None:
             Settings(mcp_servers=bad)
 
 
+def test_the_session_tab_hides_mcp_headers_and_environment() -> None:
+    from modules.ui.session_tab import settings_yaml
+
+    shown = settings_yaml(Settings(mcp_servers=[
+        {"name": "web", "url": "https://example.org/mcp", "headers": {"Authorization": "Bearer hunter2"}},
+        {"name": "git", "command": "mcp-git", "env": {"GITHUB_TOKEN": "ghp_hunter3"}}]))
+    assert "hunter" not in shown
+    assert "Authorization: (set)" in shown and "GITHUB_TOKEN: (set)" in shown and "command: mcp-git" in shown
+
+
 # --- MCP servers --------------------------------------------------------------------------------------------------
 def server_processes() -> list[psutil.Process]:
     """Our running children that run the test MCP server."""

@@ -20,6 +20,8 @@ from modules.ui.page_defaults import PageDefaults
 
 #: Settings never shown in the page, at any depth (extension params and loader options hold keys too).
 _SECRET = re.compile(r"(^|_)(key|password|token|auth|secret)$")
+#: Mappings whose every value is hidden: an MCP server's HTTP headers and environment (Authorization, API keys).
+_SECRET_MAPPINGS = {"headers", "env"}
 TOGGLE_THEME_JS = "() => { document.body.classList.toggle('dark'); }"
 
 
@@ -29,10 +31,18 @@ def settings_yaml(settings: Settings) -> str:
 
 def _masked(value: Any) -> Any:
     if isinstance(value, dict):
-        return {key: "(set)" if value[key] and _SECRET.search(str(key)) else _masked(value[key]) for key in value}
+        return {key: _masked_entry(key, item) for key, item in value.items()}
     if isinstance(value, list):
         return [_masked(item) for item in value]
     return value
+
+
+def _masked_entry(key: Any, item: Any) -> Any:
+    if key in _SECRET_MAPPINGS and isinstance(item, dict):
+        return {name: "(set)" for name in item}
+    if item and _SECRET.search(str(key)):
+        return "(set)"
+    return _masked(item)
 
 
 def settings_file(settings: Settings) -> Path:
