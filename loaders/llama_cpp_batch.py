@@ -1,8 +1,8 @@
 """Continuous batching for the llama.cpp loader: up to `parallel` sequences share one context and advance together,
 one llama_decode per step.
 
-The context is made with one sequence id per slot (n_seq_max) and a unified KV cache: every sequence may use the
-whole n_ctx, and together they share its cells. How a step goes (one call of `step`, from the engine's thread):
+The context is made with one sequence id per slot (n_seq_max) and, by default, a unified KV cache: every sequence
+may use the whole n_ctx, and together they share its cells (kv_unified off: n_ctx/parallel each). How a step goes (one call of `step`, from the engine's thread):
 - Each generating sequence puts its last token in the batch. A sequence still reading its prompt puts the next
   piece of it, up to the next multiple of PROMPT_CHUNK positions (the alignment the single-sequence loop reads in);
   while any sequence generates, a step reads at most one such chunk of prompt in all, so a long prompt never
@@ -18,10 +18,13 @@ whole n_ctx, and together they share its cells. How a step goes (one call of `st
 - LoRA adapters apply to the whole context, so the running sequences share one adapter set (`accepts`); the set
   is switched on the context when a new group starts, and the model's applied set is put back when it drains.
 
-What batching changes: llama.cpp's arithmetic depends on the batch (which rows a matrix product holds), so a greedy
-reply may differ by a near-tie token when other sequences run beside it. A request alone is reproducible: with
-flash attention (the default with several slots) a sequence's attention skips every cell of the other slots, and
-its prompt is read in the same aligned chunks, cold or reusing a prefix that was itself read alone.
+What batching changes: llama.cpp's arithmetic depends on the batch and on where a sequence's cells lie in the cache
+(how sums over them are split into SIMD lanes; a quantized model's activations round to 8 bits, which magnifies the
+last bits), so a reply may differ by a near-tie token when other sequences run beside it or other conversations
+hold the unified cache: measured on the starter (Q4_1), log-probabilities moved by up to 0.1 nats. The same request
+in the same state gives the same tokens (warm equals cold: prompts are read in the same aligned chunks), and with
+kv_unified off each slot's cache starts at cell 0 of its own stream, so a request alone gives the same tokens
+whatever the other slots hold. parallel 1 is the single-sequence loop, bit for bit as before.
 """
 from __future__ import annotations
 
@@ -50,15 +53,15 @@ class _LlamaWithSlots(llama_cpp.Llama):
     the context is made once, with them, instead of being replaced (which would hold two KV caches while loading).
     """
 
-    def __init__(self, n_seq_max: int, flash_attn_type: int, **kwargs: Any):
-        self._slots_settings = (n_seq_max, flash_attn_type)
+    def __init__(self, n_seq_max: int, flash_attn_type: int, kv_unified: bool, **kwargs: Any):
+        self._slots_settings = (n_seq_max, flash_attn_type, kv_unified)
         super().__init__(**kwargs)
 
     @property
     def context_params(self) -> Any:
         params = self.__dict__["_slots_context_params"]
-        params.n_seq_max, params.flash_attn_type = self._slots_settings
-        params.kv_unified = True
+        params.n_seq_max, params.flash_attn_type = self._slots_settings[:2]
+        params.kv_unified = self._slots_settings[2]
         return params
 
     @context_params.setter
@@ -66,10 +69,10 @@ class _LlamaWithSlots(llama_cpp.Llama):
         self.__dict__["_slots_context_params"] = value
 
 
-def llama_with_slots(parallel: int, flash: str, **kwargs: Any) -> llama_cpp.Llama:
-    """A Llama whose context has `parallel` sequences in one unified KV cache; flash attention on, off or auto
-    (llama.cpp's choice: on wherever the device supports it)."""
-    return _LlamaWithSlots(parallel, _FLASH_TYPES[flash], **kwargs)
+def llama_with_slots(parallel: int, flash: str, unified: bool, **kwargs: Any) -> llama_cpp.Llama:
+    """A Llama whose context has `parallel` sequences in one unified KV cache (or n_ctx/parallel each); flash
+    attention on, off or auto (llama.cpp's choice: on wherever the device supports it)."""
+    return _LlamaWithSlots(parallel, _FLASH_TYPES[flash], unified, **kwargs)
 
 
 @dataclass(eq=False)
@@ -110,7 +113,8 @@ class LlamaCppBatch(BatchDecoder):
         llama = model._llama
         self._ctx = llama._ctx.ctx
         self._memory = llama_cpp.llama_get_memory(self._ctx)
-        self._n_ctx = model.context_length
+        self._n_ctx = model.context_length  # what one sequence may fill
+        self._unified = model.options.kv_unified
         self._n_batch = llama.n_batch
         self._chunk = min(PROMPT_CHUNK, self._n_batch)
         self._batch = llama_cpp.llama_batch_init(self._n_batch, 0, 1)
@@ -262,8 +266,9 @@ class LlamaCppBatch(BatchDecoder):
         return self._n_ctx - sum(len(slot.tokens) for slot in self._slots)
 
     def _make_room(self, cells: int) -> bool:
-        """Whether `cells` more fit in the cache, emptying idle slots (least recently used first) as needed."""
-        while self._free_cells() < cells:
+        """Whether `cells` more fit in the cache, emptying idle slots (least recently used first) as needed. A split
+        cache has room for every sequence up to its share (step ends a sequence that reaches it)."""
+        while self._unified and self._free_cells() < cells:
             idle = [slot for slot in self._slots if slot.sequence is None and slot.tokens]
             if not idle:
                 return False

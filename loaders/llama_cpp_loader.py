@@ -2,8 +2,8 @@
 
 We drive the decode loop ourselves (Llama.eval + a native sampler chain) instead of create_completion, because
 the high-level API builds a fixed chain without DRY, XTC, top-n-sigma, dynamic temperature or sampler order.
-With `parallel` above 1 the context holds one sequence per slot in a unified KV cache and the serving engine
-decodes them together (loaders.llama_cpp_batch); with 1 the single-sequence loop below serves one request at a time.
+With `parallel` above 1 the context holds one sequence per slot (in a unified KV cache by default) and the serving
+engine decodes them together (loaders.llama_cpp_batch); with 1 the single-sequence loop below serves one request at a time.
 """
 from __future__ import annotations
 
@@ -43,18 +43,20 @@ class LlamaCppOptions(LoaderOptions):
     use_mlock: bool = Field(False, description="Lock the weights in RAM (no swapping).")
     tensor_split: list[float] | None = Field(None, description="Share of the model per GPU, e.g. 60,40.")
     flash_attn: Literal["auto", "on", "off"] = Field("auto", description=(
-        "Flash attention: on, off, or auto: on with parallel above 1 (a sequence's attention then skips the other "
-        "slots' cells: faster, and a request alone gives the same reply whatever they hold), off with parallel 1. "
-        "A quantized V cache needs it."))
+        "Flash attention: on, off, or auto: on with parallel above 1 (attention over a cache shared by several "
+        "slots), off with parallel 1 (one slot computes exactly as before). A quantized V cache needs it on."))
     cache_type: CacheType = Field("f16", description="KV cache type: f16, q8_0, q4_0, ...")
     rope_freq_base: float = Field(0.0, ge=0.0, description="RoPE base frequency; 0 = from the model.")
     rope_freq_scale: float = Field(0.0, ge=0.0, description="RoPE frequency scale (e.g. 0.5 doubles the context); "
                                                           "0 = from the model.")
     parallel: int = Field(4, ge=1, le=256, description=(
         "Slots: requests decoded together (continuous batching). A slot holds one request's sequence in the "
-        "context's unified KV cache and its own sampler chain: every slot may use the whole n_ctx, and together "
-        "they share it. An idle slot keeps its conversation's KV for the next turn until the room is needed. "
-        "1: one request at a time."))
+        "KV cache and its own sampler chain; an idle slot keeps its conversation's KV for the next turn until the "
+        "room is needed. 1: one request at a time, exactly as a single-sequence loop."))
+    kv_unified: bool = Field(True, description=(
+        "With several slots: one unified KV cache that every slot may fill up to the whole n_ctx (together they "
+        "share it), or (off) n_ctx split evenly, n_ctx/parallel per slot. Split, a request's reply never depends "
+        "on what the other slots hold; unified, it may change where two tokens are nearly tied."))
 
     @field_validator("flash_attn", mode="before")
     @classmethod
@@ -138,7 +140,8 @@ class LlamaCppModel(LoadedModel):
             if options.parallel > 1:
                 from loaders.llama_cpp_batch import llama_with_slots
 
-                self._llama = llama_with_slots(options.parallel, options.flash_attn, n_ctx=n_ctx, **kwargs)
+                self._llama = llama_with_slots(options.parallel, options.flash_attn, options.kv_unified,
+                                               n_ctx=n_ctx, **kwargs)
             else:
                 self._llama = llama_cpp.Llama(n_ctx=n_ctx, **kwargs)
         except (ValueError, RuntimeError, OSError) as exc:
@@ -147,7 +150,8 @@ class LlamaCppModel(LoadedModel):
         self._vocab = llama._model.vocab
         self._n_vocab = llama.n_vocab()
         self.vocab_size = self._n_vocab
-        self.context_length = llama.n_ctx()
+        # a split cache gives each slot its share (what one request may use)
+        self.context_length = llama.n_ctx() // (1 if options.kv_unified else options.parallel)
         metadata = llama.metadata
         self.chat_template = metadata.get("tokenizer.chat_template") or None
         self.bos_token = self._token_text(llama.token_bos())
@@ -465,7 +469,8 @@ class LlamaCppModel(LoadedModel):
             loras=self.loras, capabilities=sorted(self.capabilities),
             extra={"architecture": self._metadata.get("general.architecture", ""),
                    "n_ctx_train": self._lib.llama_model_n_ctx_train(self._llama._model.model),
-                   "parallel": self.slots, "flash_attn": self.options.flash},
+                   "parallel": self.slots, "flash_attn": self.options.flash,
+                   "kv_unified": self.options.kv_unified or self.slots == 1},
         )
 
     def unload(self) -> None:

@@ -11,19 +11,18 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import MODEL_DIR, wait_until
+from serving_helpers import alone, chat_ids, start
 
 from loaders.batching import Adapter
 from loaders.transformers_loader import TransformersOptions
-from modules.chat.templates import render_chat
 from modules.errors import ModelLoadError
 from modules.generation_params import GenerationParams
-from modules.model_manager import Generation, ModelManager
+from modules.model_manager import ModelManager
 from modules.starter import STARTER_HF_DIR
 
 pytestmark = pytest.mark.slow  # a model load and many generations on the CPU
@@ -57,63 +56,6 @@ def manager(lora_dir: Path) -> ModelManager:
     manager.load(STARTER_HF_DIR, "transformers", {"dtype": "float32", "parallel": SLOTS})
     yield manager
     manager.unload()
-
-
-def chat_ids(manager: ModelManager, question: str) -> list[int]:
-    model = manager.require_model()
-    return model.encode(render_chat(model.chat_template, [{"role": "user", "content": question}],
-                                    add_generation_prompt=True))
-
-
-def alone(manager: ModelManager, ids: list[int], params: GenerationParams) -> list[int]:
-    """The token ids of the reply when the request runs alone, through the model's own stream."""
-    model = manager.require_model()
-    return [event.token_id for event in model.stream(ids, params, threading.Event())]
-
-
-@dataclass
-class Run:
-    """A request iterated in a thread of its own; each token with the moment its caller received it."""
-
-    generation: Generation
-    tokens: list[tuple[float, int]] = field(default_factory=list)
-    error: BaseException | None = None
-    thread: threading.Thread | None = None
-
-    @property
-    def ids(self) -> list[int]:
-        return [token for _, token in self.tokens]
-
-    @property
-    def done(self) -> bool:
-        return self.thread is not None and not self.thread.is_alive()
-
-    def join(self) -> Run:
-        assert self.thread is not None
-        self.thread.join(timeout=600)
-        assert not self.thread.is_alive(), "a request never ended"
-        if self.error is not None:
-            raise self.error
-        return self
-
-
-def start(manager: ModelManager, ids: list[int], params: GenerationParams, **kwargs) -> Run:
-    """Submit a request and wait until the engine holds it (running or queued), so requests start in order."""
-    engine = manager.resident().engine
-    before = engine.busy_slots + engine.waiting
-    run = Run(manager.generate(ids, params, **kwargs))
-
-    def consume() -> None:
-        try:
-            for chunk in run.generation:
-                run.tokens.extend((time.monotonic(), token.token_id) for token in chunk.tokens)
-        except BaseException as exc:  # told to the test by join()
-            run.error = exc
-
-    run.thread = threading.Thread(target=consume, daemon=True)
-    run.thread.start()
-    wait_until(lambda: engine.busy_slots + engine.waiting > before or run.done, "the request reached the engine")
-    return run
 
 
 def test_the_model_has_its_slots_and_a_batch_decoder(manager: ModelManager):
