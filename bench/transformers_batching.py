@@ -5,9 +5,9 @@ aggregate tokens/s of N concurrent streams against one stream, in the same proce
 
 1. Step cost: one decode step of 1, 4, 8 and 16 rows (a ~40-token chat prompt each, greedy), as a bare
    Transformers forward over a DynamicCache ("bare") and as our batch decoder's step (forward, per-row processors
-   and picks, token events: "ours"), each relative to its own 1-row step; per round the median of --steps steps
-   after 3 warm-up ones, bare and ours alternating, then the median over the rounds. All model work runs off the
-   main thread (modules/cpu_threads.py), as the server's does.
+   and picks, token events: "ours"), each against a 1-row batch of the same kind stepped in turn with it (the
+   median of --steps per-pair ratios after 3 warm-up pairs), so the machine's drift touches both alike. All model
+   work runs off the main thread (modules/cpu_threads.py), as the server's does.
 2. Streams: N = 1, 4, 8, 16 concurrent requests through ModelManager.generate (the model loaded with parallel 16,
    so the engine batches them), --tokens each (EOS banned), round by round; aggregate generated tokens/s over the
    wall time, relative to one stream, and the median time to first token.
@@ -29,8 +29,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from modules.cli import ArgumentParser  # noqa: E402
 from needs import need_packages  # noqa: E402
+
+from modules.cli import ArgumentParser  # noqa: E402
 
 need_packages("torch", "transformers", requirements="requirements.txt")
 
@@ -56,43 +57,56 @@ def prompts(manager: ModelManager) -> list[list[int]]:
                                      add_generation_prompt=True)) for t in TOPICS]
 
 
-def bare_step(model, ids: list[int], rows: int, steps: int) -> float:
-    """Median seconds of one decode forward of `rows` rows (the same prompt each) over a DynamicCache."""
-    from transformers import DynamicCache
+class BareRows:
+    """`rows` copies of one prompt decoded by bare forwards over a DynamicCache (greedy)."""
 
-    device = input_device(model)
-    batch = torch.tensor([ids] * rows, device=device)
-    times = []
-    with torch.inference_mode():
-        cache = DynamicCache(config=model.config)
-        out = model(input_ids=batch, past_key_values=cache, use_cache=True, logits_to_keep=1)
-        token = out.logits[:, -1].argmax(-1, keepdim=True)
-        for step in range(steps + 3):
-            started = time.perf_counter()
-            out = model(input_ids=token, past_key_values=out.past_key_values, use_cache=True, logits_to_keep=1)
-            token = out.logits[:, -1].argmax(-1, keepdim=True)
-            token.cpu()
-            if step >= 3:
-                times.append(time.perf_counter() - started)
-    return statistics.median(times)
+    def __init__(self, model, ids: list[int], rows: int):
+        from transformers import DynamicCache
+
+        self.model = model
+        with torch.inference_mode():
+            batch = torch.tensor([ids] * rows, device=input_device(model))
+            out = model(input_ids=batch, past_key_values=DynamicCache(config=model.config), use_cache=True,
+                        logits_to_keep=1)
+        self.cache, self.token = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+
+    def step(self) -> None:
+        with torch.inference_mode():
+            out = self.model(input_ids=self.token, past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+            self.cache, self.token = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+            self.token.cpu()
 
 
-def our_step(loaded, all_ids: list[list[int]], rows: int, steps: int) -> float:
-    """Median seconds of one step of our batch decoder with `rows` generating rows."""
-    decoder = TransformersBatch(loaded, max(ROWS))
-    params = GenerationParams(do_sample=False, max_new_tokens=10_000, ban_eos_token=True)
-    for key in range(rows):
-        decoder.add(key, SequenceRequest(all_ids[key % len(all_ids)], params))
-    while decoder._reading:  # read every prompt first
-        decoder.step()
-    times = []
+class OurRows:
+    """`rows` requests generating in one of our batch decoders (their prompts already read)."""
+
+    def __init__(self, loaded, all_ids: list[list[int]], rows: int):
+        self.decoder = TransformersBatch(loaded, max(ROWS))
+        params = GenerationParams(do_sample=False, max_new_tokens=10_000, ban_eos_token=True)
+        for key in range(rows):
+            self.decoder.add(key, SequenceRequest(all_ids[key % len(all_ids)], params))
+        while self.decoder._reading:
+            self.decoder.step()
+
+    def step(self) -> None:
+        self.decoder.step()
+
+
+def step_ratio(one, many, steps: int) -> tuple[float, float, float]:
+    """(median seconds of a 1-row step, of a many-row step, median of their per-pair ratios): the two batches
+    step in turn, so drift in the machine's speed touches both alike."""
+    ones, manys, ratios = [], [], []
     for step in range(steps + 3):
         started = time.perf_counter()
-        decoder.step()
+        one.step()
+        middle = time.perf_counter()
+        many.step()
+        ended = time.perf_counter()
         if step >= 3:
-            times.append(time.perf_counter() - started)
-    decoder.close()
-    return statistics.median(times)
+            ones.append(middle - started)
+            manys.append(ended - middle)
+            ratios.append((ended - middle) / (middle - started))
+    return statistics.median(ones), statistics.median(manys), statistics.median(ratios)
 
 
 def streams(manager: ModelManager, all_ids: list[list[int]], count: int, tokens: int) -> tuple[float, float, int]:
@@ -156,21 +170,23 @@ def main() -> None:
     result: dict = {"device": str(input_device(manager.require_model().model)), "dtype": args.dtype,
                     "prompt_tokens": statistics.median(len(i) for i in all_ids), "tokens": args.tokens}
 
-    timed: dict[str, dict[int, list[float]]] = {"bare": {r: [] for r in ROWS}, "ours": {r: [] for r in ROWS}}
-    with manager.exclusive() as loaded:
-        for _ in range(args.rounds):
-            for rows in ROWS:
-                timed["bare"][rows].append(in_short_lived_thread(
-                    lambda: bare_step(loaded.model, all_ids[0], rows, args.steps)))
-                timed["ours"][rows].append(in_short_lived_thread(lambda: our_step(loaded, all_ids, rows, args.steps)))
-    bare = {rows: statistics.median(t) for rows, t in timed["bare"].items()}
-    ours = {rows: statistics.median(t) for rows, t in timed["ours"].items()}
-    result["step_ms"] = {"bare": {r: round(s * 1000, 2) for r, s in bare.items()},
-                         "ours": {r: round(s * 1000, 2) for r, s in ours.items()}}
-    result["step_ratio"] = {"bare": {r: round(s / bare[1], 2) for r, s in bare.items()},
-                            "ours": {r: round(s / ours[1], 2) for r, s in ours.items()}}
-    print("step ms (bare / ours):", {r: (result["step_ms"]["bare"][r], result["step_ms"]["ours"][r]) for r in ROWS},
-          flush=True)
+    def measure() -> dict:
+        figures: dict = {"step_ms": {"bare": {}, "ours": {}}, "step_ratio": {"bare": {1: 1.0}, "ours": {1: 1.0}}}
+        with manager.exclusive() as loaded:
+            for kind, make in (("bare", lambda rows: BareRows(loaded.model, all_ids[0], rows)),
+                               ("ours", lambda rows: OurRows(loaded, all_ids, rows))):
+                for rows in ROWS[1:]:
+                    one_s, many_s, ratio = step_ratio(make(1), make(rows), args.steps)
+                    figures["step_ms"][kind].setdefault(1, []).append(round(one_s * 1000, 2))
+                    figures["step_ms"][kind][rows] = round(many_s * 1000, 2)
+                    figures["step_ratio"][kind][rows] = round(ratio, 2)
+        for kind in ("bare", "ours"):
+            figures["step_ms"][kind][1] = statistics.median(figures["step_ms"][kind][1])
+        return figures
+
+    result.update(in_short_lived_thread(measure))
+    print("step ratio (bare / ours):", {r: (result["step_ratio"]["bare"][r], result["step_ratio"]["ours"][r])
+                                        for r in ROWS}, flush=True)
 
     streams(manager, all_ids, 2, 8)  # warm-up
     runs: dict[int, list[tuple[float, float, int]]] = {n: [] for n in ROWS}

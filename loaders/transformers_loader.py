@@ -62,7 +62,7 @@ class TransformersOptions(LoaderOptions):
     static_cache: bool = Field(False, description="Static KV cache with a compiled decode step (faster after a "
                                                   "warm-up compile).")
     max_seq_len: int = Field(0, ge=0, description="Context length; 0 = the model's max_position_embeddings.")
-    parallel: int = Field(4, ge=1, le=256, description=(
+    parallel: int = Field(8, ge=1, le=256, description=(
         "Slots: requests decoded together in one batch (continuous batching). A slot holds one request's KV cache "
         "(its prompt and reply so far, padded to the longest in the batch) and its own sampler chain; more requests "
         "wait in the queue. 1: one request at a time. Beam search, guidance and prompt lookup run alone."))
