@@ -158,3 +158,24 @@ class ToolError(WorkbenchError):
     def __init__(self, message: str, *, kind: str):
         super().__init__(message)
         self.kind = kind
+
+
+class ConversionError(WorkbenchError):
+    """A model conversion or quantization step (llama.cpp's converters or quantizer, a LoRA merge) failed; the
+    message says which step and why."""
+
+    error_type = "server_error"
+    status_code = 500
+
+
+class NotEnoughSpace(WorkbenchError):
+    """The disk (or memory) a job needs is not free: refused before it starts, with the numbers."""
+
+    error_type = "server_error"
+    status_code = 507
+
+
+class Cancelled(WorkbenchError):
+    """A long job (quantization, comparison) was stopped by its caller; what it had written is removed."""
+
+    status_code = 409
