@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
@@ -214,10 +214,14 @@ def fill_in_the_middle(services: Any, prompt: Any, suffix: str, model: str | Non
 # --- /v1/chat/completions ---------------------------------------------------------------------------------------------
 class ChatPlan:
     """A chat body prepared by the core (modules.chat.request) for the resident model `model_name` (None: the
-    default one), with what the API's answer adds: the warnings about the body and the logprobs asked for."""
+    default one), with what the API's answer adds: the warnings about the body and the logprobs asked for. `fit`:
+    a conversation too long for the context is refused (OpenAI's chat completions), or its oldest turns are left
+    out (the Responses API's truncation "auto")."""
 
-    def __init__(self, services: Any, body: ChatCompletionRequest, model_name: str | None = None):
+    def __init__(self, services: Any, body: ChatCompletionRequest, model_name: str | None = None, *,
+                 fit: Literal["refuse", "drop_oldest"] = "refuse"):
         request, warnings = chat_request(services, body, model_name)
+        request.fit = fit
         self.prepared: PreparedChat = prepare_chat(services, request)
         self.warnings = warnings + self.prepared.warnings
         self.top_logprobs = (body.top_logprobs or 0) if body.logprobs else None

@@ -13,6 +13,7 @@ from fastapi.middleware.cors import CORSMiddleware
 
 from extensions.openai.errors import install_error_handlers
 from extensions.openai.middleware import AuthMiddleware, BodyGuard, InternalErrors
+from extensions.openai.responses_store import ResponseStore
 
 log = logging.getLogger(__name__)
 
@@ -27,11 +28,13 @@ class ApiState:
     lock: threading.Lock = field(default_factory=threading.Lock)
     #: The Prometheus registry GET /metrics renders (extensions/openai/metrics.py).
     metrics: Any = None
+    #: The responses POST /v1/responses keeps for previous_response_id, for this app's lifetime.
+    responses: ResponseStore = field(default_factory=ResponseStore)
 
 
 def install(app: FastAPI, services: Any, params: Any) -> None:
     """Add the API (routes, errors, security) to `app`."""
-    from extensions.openai import anthropic, completions, internal, metrics
+    from extensions.openai import anthropic, completions, internal, metrics, responses
 
     app.state.api = ApiState(services=services, params=params,
                              metrics=metrics.metrics_registry(services.manager))
@@ -43,7 +46,7 @@ def install(app: FastAPI, services: Any, params: Any) -> None:
     if params.cors_origins:  # added last = outermost, so preflight requests never need a key
         app.add_middleware(CORSMiddleware, allow_origins=list(params.cors_origins), allow_methods=["*"],
                            allow_headers=["*"])
-    for module in (completions, anthropic, internal, metrics):
+    for module in (completions, anthropic, responses, internal, metrics):
         app.include_router(module.router)
     _openapi_without_422(app)
 

@@ -1,0 +1,274 @@
+"""POST /v1/responses: OpenAI's Responses API (input items, instructions, function tools, streaming events,
+previous_response_id), mapped onto the same chat path as /v1/chat/completions; GET and DELETE
+/v1/responses/{id} for the responses the server keeps (responses_store.py)."""
+from __future__ import annotations
+
+import time
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from extensions.openai.completions import STREAMED, ChatPlan, api_state, first_chunk, start_run, warnings_header
+from extensions.openai.errors import ApiError, api_error_from, documented_errors, validation_error
+from extensions.openai.mapping import check_template_str
+from extensions.openai.protocol import MAX_TOOLS, ChatCompletionRequest, GenerationKnobs
+from extensions.openai.responses_output import ResponseDraft, item_id, output_items, stream_response
+from extensions.openai.streaming import guarded
+from extensions.openai.target import resolve_target
+from modules.errors import WorkbenchError
+
+router = APIRouter(responses=documented_errors())
+
+
+# --- the request ------------------------------------------------------------------------------------------------
+class _Open(BaseModel):
+    # items a client sends back as it got them (response.output) carry fields we do not read: status, annotations
+    model_config = ConfigDict(extra="allow", strict=True)
+
+
+class InputItem(_Open):
+    """An input item: a message (`type` may be left out; content is text or a list of input_text parts, an
+    assistant's output_text parts), a function_call the model made, or a function_call_output answering it."""
+
+    type: str = "message"
+    role: Literal["user", "assistant", "system", "developer"] | None = None
+    content: Any = None
+    id: str | None = None
+    call_id: str | None = None
+    name: str | None = None
+    arguments: str | None = None
+    output: Any = None
+
+
+class ResponsesTool(_Open):
+    type: str
+    name: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ToolChoiceFunction(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    type: Literal["function"]
+    name: str
+
+
+class TextFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
+    type: Literal["text", "json_object", "json_schema"]
+    name: str | None = None
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class TextConfig(_Open):
+    format: TextFormat | None = None
+
+
+class ResponsesRequest(GenerationKnobs):  # type: ignore[misc, valid-type]
+    """OpenAI's response create body, plus every GenerationParams knob under its own name (as the other routes)."""
+
+    model: str | None = None
+    input: str | list[InputItem] | None = None
+    instructions: str | None = None
+    max_output_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, ge=0, le=1)
+    seed: int | None = Field(None, ge=-2**63, le=2**64 - 1, description="Ours: a seed for sampling.")
+    tools: Annotated[list[ResponsesTool], Field(max_length=MAX_TOOLS)] | None = None
+    tool_choice: Literal["none", "auto", "required"] | ToolChoiceFunction | None = None
+    parallel_tool_calls: bool | None = None
+    previous_response_id: str | None = None
+    store: bool | None = None
+    stream: bool = False
+    stream_options: dict[str, Any] | None = None
+    metadata: Annotated[dict[str, str], Field(max_length=16)] | None = None
+    text: TextConfig | None = None
+    truncation: Literal["auto", "disabled"] | None = None
+    user: str | None = None
+    background: bool | None = None
+    conversation: str | dict[str, Any] | None = None
+
+
+#: Fields this route reads itself; the knobs and unknown fields go on to the chat request (and its warnings).
+_OWN_FIELDS = {"model", "input", "instructions", "max_output_tokens", "temperature", "top_p", "seed", "tools",
+               "tool_choice", "parallel_tool_calls", "previous_response_id", "store", "stream", "stream_options",
+               "metadata", "text", "truncation", "user", "background", "conversation"}
+_TEXT_PARTS = ("input_text", "output_text", "text")
+
+
+# --- input items -> chat messages ---------------------------------------------------------------------------------
+def _text_of(content: Any, where: str) -> str:
+    """A message's content (or a call's output) as text: a string, or a list of text parts."""
+    if content is None or isinstance(content, str):
+        return content or ""
+    if not isinstance(content, list):
+        raise ApiError(400, f"{where} must be a string or a list of input_text parts.", param=where)
+    texts = []
+    for number, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind in _TEXT_PARTS and isinstance(part.get("text"), str):
+            texts.append(part["text"])
+        elif kind == "refusal" and isinstance(part.get("refusal"), str):
+            texts.append(part["refusal"])
+        else:
+            raise ApiError(400, f"Only text content parts (input_text) are supported; {where}.{number} is "
+                                f"{kind or 'not a part'} (this model reads no images, files or audio).",
+                           param=f"{where}.{number}")
+    return "".join(texts)
+
+
+def input_messages(items: str | list[InputItem] | None) -> list[dict[str, Any]]:
+    """The request's input as chat messages: a string is one user message; function_call items become the
+    assistant's tool_calls (joined to the assistant message before them), function_call_output items tool
+    messages. Reasoning items are left out (this server writes none)."""
+    if items is None:
+        return []
+    if isinstance(items, str):
+        return [{"role": "user", "content": items}]
+    messages: list[dict[str, Any]] = []
+    for number, item in enumerate(items):
+        where = f"input.{number}"
+        if item.type == "message":
+            if item.role is None:
+                raise ApiError(400, f"{where} is a message without a role.", param=f"{where}.role")
+            messages.append({"role": item.role, "content": _text_of(item.content, f"{where}.content")})
+        elif item.type == "function_call":
+            if not item.call_id or not item.name or item.arguments is None:
+                raise ApiError(400, f"{where} (a function_call) needs call_id, name and arguments.", param=where)
+            call = {"id": item.call_id, "type": "function",
+                    "function": {"name": item.name, "arguments": item.arguments}}
+            if messages and messages[-1]["role"] == "assistant":
+                messages[-1].setdefault("tool_calls", []).append(call)
+            else:
+                messages.append({"role": "assistant", "content": "", "tool_calls": [call]})
+        elif item.type == "function_call_output":
+            if not item.call_id:
+                raise ApiError(400, f"{where} (a function_call_output) needs the call_id it answers.",
+                               param=f"{where}.call_id")
+            messages.append({"role": "tool", "tool_call_id": item.call_id,
+                             "content": _text_of(item.output, f"{where}.output")})
+        elif item.type == "reasoning":
+            continue
+        else:
+            raise ApiError(400, f"{item.type} items are not supported ({where}); send messages, function_call and "
+                                "function_call_output items.", param=f"{where}.type")
+    return messages
+
+
+def to_chat_request(body: ResponsesRequest, messages: list[dict[str, Any]]) -> ChatCompletionRequest:
+    """The chat completions body the same reply would be asked with: instructions as the first system message,
+    function tools, text.format as response_format, max_output_tokens as max_tokens, the knobs as they are."""
+    if body.instructions:
+        messages = [{"role": "system", "content": body.instructions}, *messages]
+    data: dict[str, Any] = {"messages": messages, "max_tokens": body.max_output_tokens, "model": body.model,
+                            "user": body.user}
+    for name in ("temperature", "top_p", "seed"):
+        if getattr(body, name) is not None:
+            data[name] = getattr(body, name)
+    tools = []
+    for number, tool in enumerate(body.tools or []):
+        if tool.type != "function":
+            raise ApiError(400, f"Only function tools are supported (tools.{number} is a {tool.type} tool).",
+                           param=f"tools.{number}.type")
+        if not tool.name:
+            raise ApiError(400, f"tools.{number} needs a name.", param=f"tools.{number}.name")
+        tools.append({"type": "function", "function": {"name": tool.name, "description": tool.description,
+                                                       "parameters": tool.parameters, "strict": tool.strict}})
+    if tools:
+        data["tools"] = tools
+        choice = body.tool_choice
+        data["tool_choice"] = ({"type": "function", "function": {"name": choice.name}}
+                               if isinstance(choice, ToolChoiceFunction) else choice)
+    fmt = body.text.format if body.text is not None else None
+    if fmt is not None and fmt.type != "text":
+        data["response_format"] = {"type": fmt.type} if fmt.type == "json_object" else {
+            "type": "json_schema", "json_schema": {"name": fmt.name or "response", "description": fmt.description,
+                                                   "schema": fmt.schema_ or {"type": "object"},
+                                                   "strict": fmt.strict}}
+    for name in body.model_fields_set - _OWN_FIELDS:  # GenerationParams knobs, lora, keep_alive, preset
+        data[name] = getattr(body, name)
+    data.update(body.model_extra or {})
+    try:
+        return ChatCompletionRequest(**data)
+    except ValidationError as exc:
+        raise validation_error(exc) from None
+
+
+def echoed(body: ResponsesRequest, tools: list[dict[str, Any]]) -> dict[str, Any]:
+    """The request's fields a response object repeats."""
+    choice = body.tool_choice
+    fmt = body.text.format if body.text is not None and body.text.format is not None else None
+    return {"instructions": body.instructions, "previous_response_id": body.previous_response_id,
+            "metadata": body.metadata or {}, "user": body.user, "truncation": body.truncation or "disabled",
+            "parallel_tool_calls": body.parallel_tool_calls is not False,
+            "tool_choice": choice.model_dump() if isinstance(choice, ToolChoiceFunction) else (choice or "auto"),
+            "tools": [{"type": "function", **t["function"]} for t in tools],
+            "text": {"format": fmt.model_dump(by_alias=True, exclude_none=True) if fmt else {"type": "text"}}}
+
+
+# --- routes -------------------------------------------------------------------------------------------------------
+@router.post("/v1/responses", responses=STREAMED)
+async def create_response(body: ResponsesRequest, request: Request) -> Any:
+    state = api_state(request)
+    if body.background:
+        raise ApiError(400, "background responses are not supported: leave background out (or false).",
+                       param="background")
+    if body.conversation is not None:
+        raise ApiError(400, "conversation objects are not supported: continue a response with "
+                            "previous_response_id instead.", param="conversation")
+    history: list[dict[str, Any]] = []
+    if body.previous_response_id:
+        previous = state.responses.get(body.previous_response_id)
+        if previous is None:
+            raise ApiError(404, f"Previous response with id {body.previous_response_id[:100]!r} not found (this "
+                                "server keeps responses in memory while it runs, unless made with store: false).",
+                           param="previous_response_id", code="previous_response_not_found")
+        history = [dict(m) for m in previous.messages]
+    conversation = history + input_messages(body.input)
+    if not conversation:
+        raise ApiError(400, "input is empty: send a string or at least one input item.", param="input")
+    chat_body = to_chat_request(body, conversation)
+    check_template_str(state.params, chat_body)
+    target = await resolve_target(request, body)
+    fit = "drop_oldest" if body.truncation == "auto" else "refuse"
+    try:
+        plan = await run_in_threadpool(ChatPlan, state.services, chat_body, target.model, fit=fit)
+    except WorkbenchError as exc:
+        raise api_error_from(exc, "input") from None
+    run = await start_run(state.services, request, plan.prompt, plan.params, plan.add_bos, target=target)
+    first = await first_chunk(run)
+    warnings = plan.warnings + run.generation.warnings
+    tools = [t.model_dump(exclude_none=True) for t in chat_body.tools or []]
+    draft = ResponseDraft(item_id("resp"), int(time.time()), target.name, echoed(body, tools), plan.params,
+                          conversation, None if body.store is False else state.responses)
+    if body.stream:
+        return StreamingResponse(guarded(stream_response(draft, plan.reply_stream(run, first), run), [run]),
+                                 media_type="text/event-stream", headers=warnings_header(warnings))
+    await run.collect()
+    content, calls = plan.result(run)
+    response = draft.finish(run, output_items(content, calls), content, calls)
+    if warnings:
+        response["warnings"] = warnings
+    return JSONResponse(response, headers=warnings_header(warnings))
+
+
+@router.get("/v1/responses/{response_id}")
+async def get_response(response_id: str, request: Request) -> Any:
+    stored = api_state(request).responses.get(response_id)
+    if stored is None:
+        raise ApiError(404, f"No response with id {response_id[:100]!r} (this server keeps responses in memory "
+                            "while it runs, unless made with store: false).", code="not_found")
+    return JSONResponse(stored.response)
+
+
+@router.delete("/v1/responses/{response_id}")
+async def delete_response(response_id: str, request: Request) -> Any:
+    if not api_state(request).responses.delete(response_id):
+        raise ApiError(404, f"No response with id {response_id[:100]!r}.", code="not_found")
+    return JSONResponse({"id": response_id, "object": "response.deleted", "deleted": True})
