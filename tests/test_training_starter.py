@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import greedy_answers
+from conftest import greedy_answers, instruction_prompts
+from serving_helpers import alone, start
 from modules.generation_params import GenerationParams
 from modules.model_manager import ModelManager
 from modules.starter import STARTER_GGUF, STARTER_HF_DIR
@@ -141,3 +142,31 @@ def test_perplexity_on_the_eval_split_falls_with_the_lora_in_both_loaders(traine
     assert [(r["loader"], r["loras"]) for r in rows] == [("transformers", []), ("transformers", ["alpaca"]),
                                                          ("llama.cpp", []), ("llama.cpp", ["alpaca"])]
     assert all(r["tokens"] == 1023 and r["context_length"] == 512 for r in rows)
+
+
+@pytest.mark.parametrize("name, loader, options", [
+    (STARTER_HF_DIR, "transformers", {"dtype": "float32", "parallel": 4}),
+    # a split cache: each request alone gives exactly its reply, whatever the other slot holds
+    (STARTER_GGUF, "llama.cpp", {"n_ctx": 4096, "parallel": 4, "kv_unified": False}),
+])
+def test_concurrent_requests_with_and_without_the_lora_each_get_their_own_answer(trained, name, loader, options):
+    """A LoRA per request: two requests at once, one naming the trained LoRA and one none, answer as the model
+    answers them with the LoRA applied and without (Transformers: one batch, PEFT's adapter_names; llama.cpp:
+    adapters apply to the whole context, so the two run as two groups)."""
+    manager = ModelManager(MODELS, trained["root"] / "loras")
+    manager.load(name, loader, options)
+    try:
+        prompts = instruction_prompts(manager.model.chat_template, trained["test"][:2])
+        params = GenerationParams(max_new_tokens=16, do_sample=False)
+        ids = [manager.model.encode(p) for p in prompts]
+        plain = [alone(manager, i, params) for i in ids]
+        manager.apply_loras(["alpaca"])
+        with_lora = [alone(manager, i, params) for i in ids]
+        manager.remove_loras()
+        assert plain != with_lora
+        lora = manager.adapters(["alpaca"])
+        runs = [start(manager, ids[0], params, adapters=lora), start(manager, ids[0], params),
+                start(manager, ids[1], params), start(manager, ids[1], params, adapters=lora)]
+        assert [run.join().ids for run in runs] == [with_lora[0], plain[0], plain[1], with_lora[1]]
+    finally:
+        manager.unload()
