@@ -44,7 +44,8 @@ from modules.presets import load_preset  # noqa: E402
 from modules.services import build_services  # noqa: E402
 from modules.settings import load_settings  # noqa: E402
 from modules.starter import STARTER_GGUF  # noqa: E402
-from modules.ui.chat_runner import build_turn_prompt  # noqa: E402
+from modules.chat.request import prepare_chat  # noqa: E402
+from modules.ui.chat_runner import turn_request  # noqa: E402
 
 QUESTION = "Write a long story about a dragon who learns to cook."
 
@@ -122,11 +123,9 @@ def core_round(services, tokens: int) -> float:
     params = load_preset(settings.preset_dir, "Deterministic").model_copy(
         update={"max_new_tokens": tokens, "ban_eos_token": True})
     messages = [ChatMessage(role="user", content=QUESTION).model_dump(include={"role", "content"})]
-    result, _, _ = build_turn_prompt(services, settings.chat, params, messages)
-    stops = [*params.stop, *result.stop_strings]
+    prepared = prepare_chat(services, turn_request(settings.chat, params, messages, "send"))
     start = time.perf_counter()
-    generation = services.manager.generate(result.prompt, params.model_copy(update={"stop": stops}),
-                                           add_bos=False if result.starts_with_bos else None)
+    generation = prepared.generate(services.manager)
     last, count = start, 0
     for chunk in generation:
         count += len(chunk.tokens)

@@ -20,9 +20,9 @@ def server_settings(model_dir: Path, folder: Path, **extra: Any) -> Settings:
                     character_dir=ROOT / "characters", **extra)
 
 
-def loaded_manager(model_dir: Path, folder: Path, model: str, *, n_ctx: int) -> ModelManager:
+def loaded_manager(model_dir: Path, folder: Path, model: str, *, n_ctx: int, **options: Any) -> ModelManager:
     manager = ModelManager(model_dir, folder / "loras")
-    manager.load(model, options={"n_ctx": n_ctx})
+    manager.load(model, options={"n_ctx": n_ctx, **options})
     return manager
 
 

@@ -26,7 +26,8 @@ pytestmark = pytest.mark.slow  # fills contexts and runs many streams at once
 def served(tmp_path_factory: pytest.TempPathFactory, starter_gguf: Path):
     """(base URL, the Generations the manager handed out, in order, the manager)."""
     folder = tmp_path_factory.mktemp("api")
-    manager = loaded_manager(starter_gguf.parent, folder, STARTER_GGUF, n_ctx=4096)
+    # one slot: these tests are about the queue a second client waits in
+    manager = loaded_manager(starter_gguf.parent, folder, STARTER_GGUF, n_ctx=4096, parallel=1)
     generations = recording_generations(manager)
     with serving_api(Services(settings=server_settings(starter_gguf.parent, folder), manager=manager)) as url:
         yield url, generations, manager
@@ -140,9 +141,9 @@ def filling_prompt(manager: ModelManager, max_tokens: int) -> list[int]:
     return manager.encode(words)[:SMALL_CONTEXT - max_tokens]
 
 
-def kv_tokens(manager: ModelManager) -> int:
-    """Tokens in the llama.cpp context's KV cache: how far the last prompt evaluation got."""
-    return manager.model._llama.n_tokens
+def evaluated(manager: ModelManager) -> int:
+    """Prompt tokens the llama.cpp model has evaluated so far (its batch decoder counts them chunk by chunk)."""
+    return manager.model.evaluated_prompt_tokens
 
 
 def test_a_prompt_filling_the_context_does_not_starve_the_others(small_context) -> None:
@@ -186,22 +187,21 @@ def test_a_prompt_filling_the_context_does_not_starve_the_others(small_context) 
 
 def test_a_client_that_leaves_during_prompt_evaluation_cancels_it(small_context) -> None:
     url, manager, generations = small_context
-    ids = filling_prompt(manager, 4)
+    ids = filling_prompt(manager, 4)[::-1]  # not a prompt a slot's KV holds from an earlier test
     wait_idle(manager)
-    httpx.post(url + "/v1/completions", json={"prompt": [ids[-1]], "max_tokens": 1}, timeout=600)  # a short KV
-    before = len(generations)
+    before, read_before = len(generations), evaluated(manager)
     body = json.dumps({"prompt": ids, "max_tokens": 4}).encode()
     with socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1]))) as connection:
         connection.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                            b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
         deadline = time.monotonic() + LIVENESS_S
-        while not (len(generations) > before and manager.busy and kv_tokens(manager) > 1):
+        while not (len(generations) > before and manager.busy and evaluated(manager) > read_before):
             assert time.monotonic() < deadline, "the prompt evaluation never started"
             time.sleep(0.005)
     wait_idle(manager)
     cancelled = generations[before]
     assert cancelled.stats.finish_reason == "cancelled" and cancelled.stats.completion_tokens == 0
-    assert kv_tokens(manager) < len(ids)  # stopped between two chunks of the prompt, not after all of it
+    assert evaluated(manager) - read_before < len(ids)  # stopped between two chunks of the prompt, not after all
     follow_up = httpx.post(url + "/v1/completions", json={"prompt": "Hello", "max_tokens": 2}, timeout=600)
     assert follow_up.status_code == 200
 
