@@ -95,6 +95,41 @@ class ResponsesRequest(GenerationKnobs):  # type: ignore[misc, valid-type]
     conversation: str | dict[str, Any] | None = None
 
 
+class ResponseObject(BaseModel):
+    """A response (OpenAI's Responses API): `output` holds an assistant message (its output_text) and
+    function_call items; `usage` counts input and output tokens. The rest repeats the request."""
+
+    id: str
+    object: Literal["response"] = "response"
+    created_at: int
+    status: Literal["completed", "incomplete", "in_progress", "failed"]
+    model: str
+    output: list[dict[str, Any]]
+    error: dict[str, Any] | None = None
+    incomplete_details: dict[str, Any] | None = None
+    instructions: str | None = None
+    previous_response_id: str | None = None
+    max_output_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    tools: list[dict[str, Any]] = Field(default_factory=list)
+    tool_choice: str | dict[str, Any] = "auto"
+    parallel_tool_calls: bool = True
+    text: dict[str, Any] | None = None
+    truncation: str | None = None
+    metadata: dict[str, str] | None = None
+    user: str | None = None
+    store: bool = True
+    usage: dict[str, Any] | None = None
+    warnings: list[str] | None = None
+
+
+class DeletedResponse(BaseModel):
+    id: str
+    object: Literal["response.deleted"] = "response.deleted"
+    deleted: bool = True
+
+
 #: Fields this route reads itself; the knobs and unknown fields go on to the chat request (and its warnings).
 _OWN_FIELDS = {"model", "input", "instructions", "max_output_tokens", "temperature", "top_p", "seed", "tools",
                "tool_choice", "parallel_tool_calls", "previous_response_id", "store", "stream", "stream_options",
@@ -213,7 +248,8 @@ def echoed(body: ResponsesRequest, tools: list[dict[str, Any]]) -> dict[str, Any
 
 
 # --- routes -------------------------------------------------------------------------------------------------------
-@router.post("/v1/responses", responses=STREAMED)
+@router.post("/v1/responses", response_model=ResponseObject, response_model_exclude_none=True,
+             responses=STREAMED)
 async def create_response(body: ResponsesRequest, request: Request) -> Any:
     state = api_state(request)
     if body.background:
@@ -258,7 +294,7 @@ async def create_response(body: ResponsesRequest, request: Request) -> Any:
     return JSONResponse(response, headers=warnings_header(warnings))
 
 
-@router.get("/v1/responses/{response_id}")
+@router.get("/v1/responses/{response_id}", response_model=ResponseObject)
 async def get_response(response_id: str, request: Request) -> Any:
     stored = api_state(request).responses.get(response_id)
     if stored is None:
@@ -267,8 +303,8 @@ async def get_response(response_id: str, request: Request) -> Any:
     return JSONResponse(stored.response)
 
 
-@router.delete("/v1/responses/{response_id}")
+@router.delete("/v1/responses/{response_id}", response_model=DeletedResponse)
 async def delete_response(response_id: str, request: Request) -> Any:
     if not api_state(request).responses.delete(response_id):
         raise ApiError(404, f"No response with id {response_id[:100]!r}.", code="not_found")
-    return JSONResponse({"id": response_id, "object": "response.deleted", "deleted": True})
+    return JSONResponse(DeletedResponse(id=response_id).model_dump())

@@ -11,7 +11,8 @@ from typing import Any
 
 from extensions.openai.errors import api_error_from
 from extensions.openai.responses_store import ResponseStore, StoredResponse
-from extensions.openai.streaming import CallArguments, CallStart, GenerationRun, HeldBackText, ReplyEvent, TextPiece, sse
+from extensions.openai.streaming import (CallArguments, CallStart, GenerationRun, HeldBackText, ReplyEvent, TextPiece,
+                                         sse)
 from modules.generation_params import GenerationParams
 
 

@@ -1,0 +1,179 @@
+"""POST /v1/responses (OpenAI's Responses API) through the official `openai` client against a real server with the
+starter model: text, instructions, a conversation continued by previous_response_id, the streaming helper's
+events, a function tool round trip; and the bounded store that keeps responses."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import httpx
+import jsonschema
+import openai
+import pytest
+
+from api_helpers import loaded_manager, models_folder, server_settings, serving_extensions
+from conftest import FRANCE
+from extensions.openai.responses_store import ResponseStore, StoredResponse
+from modules.services import Services
+from modules.starter import STARTER_GGUF
+
+MODEL = STARTER_GGUF
+WEATHER = {"type": "function", "name": "get_weather", "description": "Current weather in a city.",
+           "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}},
+                          "required": ["city"], "additionalProperties": False}}
+FORCE_WEATHER = {"type": "function", "name": "get_weather"}
+
+
+@pytest.fixture(scope="module")
+def api(tmp_path_factory: pytest.TempPathFactory, starter_gguf: Path):
+    """The base URL of a server with the starter GGUF loaded."""
+    folder = tmp_path_factory.mktemp("responses")
+    models = models_folder(folder, {MODEL: starter_gguf})
+    manager = loaded_manager(models, folder, MODEL, n_ctx=2048)
+    with serving_extensions(Services(settings=server_settings(models, folder, extensions=["openai"]),
+                                     manager=manager)) as url:
+        yield url
+    manager.unload()
+
+
+@pytest.fixture(scope="module")
+def client(api: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=api + "/v1", api_key="unused", max_retries=0, timeout=300)
+
+
+# --- text ---------------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_a_text_reply_and_its_stored_copy(client: openai.OpenAI) -> None:
+    reply = client.responses.create(model=MODEL, input=FRANCE, temperature=0, max_output_tokens=40)
+    assert "Paris" in reply.output_text
+    assert reply.status == "completed" and reply.object == "response" and reply.model == MODEL
+    assert [item.type for item in reply.output] == ["message"] and reply.output[0].role == "assistant"
+    assert reply.usage.input_tokens > 10 and 0 < reply.usage.output_tokens <= 40
+    assert reply.usage.total_tokens == reply.usage.input_tokens + reply.usage.output_tokens
+    assert client.responses.retrieve(reply.id).output_text == reply.output_text
+    as_items = client.responses.create(model=MODEL, temperature=0, max_output_tokens=40, input=[
+        {"role": "user", "content": [{"type": "input_text", "text": FRANCE}]}])
+    assert as_items.output_text == reply.output_text  # the same conversation, sent as a message item
+    client.responses.delete(reply.id)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(reply.id)
+
+
+@pytest.mark.slow
+def test_instructions_steer_the_reply(client: openai.OpenAI) -> None:
+    plain = client.responses.create(model=MODEL, input=FRANCE, temperature=0, max_output_tokens=30)
+    french = client.responses.create(model=MODEL, input=FRANCE, temperature=0, max_output_tokens=30,
+                                     instructions="Always answer in French.")
+    assert french.instructions == "Always answer in French."
+    words = {"le", "la", "les", "de", "du", "est", "et"}
+    assert words & set(french.output_text.lower().replace(",", " ").split())
+    assert not words & set(plain.output_text.lower().replace(",", " ").split())
+
+
+@pytest.mark.slow
+def test_previous_response_id_continues_the_conversation(client: openai.OpenAI) -> None:
+    first = client.responses.create(model=MODEL, input="My name is Alice. Please remember it.", temperature=0,
+                                    max_output_tokens=30)
+    second = client.responses.create(model=MODEL, input="What is my name?", previous_response_id=first.id,
+                                     temperature=0, max_output_tokens=30)
+    assert "Alice" in second.output_text and second.previous_response_id == first.id
+    # the earlier prompt and its reply are in the new prompt
+    assert second.usage.input_tokens >= first.usage.input_tokens + first.usage.output_tokens
+    alone = client.responses.create(model=MODEL, input="What is my name?", temperature=0, max_output_tokens=30)
+    assert "Alice" not in alone.output_text
+    with pytest.raises(openai.NotFoundError) as info:
+        client.responses.create(model=MODEL, input="Go on.", previous_response_id="resp_nobody_made_this")
+    assert info.value.body["code"] == "previous_response_not_found"
+    assert info.value.body["param"] == "previous_response_id"
+    unkept = client.responses.create(model=MODEL, input="Hello.", store=False, max_output_tokens=4)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.create(model=MODEL, input="Go on.", previous_response_id=unkept.id)
+
+
+# --- streaming ----------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_the_stream_helper_adds_up_to_the_final_response(client: openai.OpenAI) -> None:
+    with client.responses.stream(model=MODEL, input=FRANCE, temperature=0, max_output_tokens=40) as stream:
+        events = list(stream)
+        final = stream.get_final_response()
+    kinds = [event.type for event in events]
+    deltas = [event.delta for event in events if event.type == "response.output_text.delta"]
+    assert kinds[:2] == ["response.created", "response.in_progress"] and kinds[-1] == "response.completed"
+    assert len(deltas) > 1 and "".join(deltas) == final.output_text
+    assert "Paris" in final.output_text and final.status == "completed"
+    assert [e.text for e in events if e.type == "response.output_text.done"] == [final.output_text]
+    assert client.responses.retrieve(final.id).output_text == final.output_text  # kept once streamed
+    raw = list(client.responses.create(model=MODEL, input=FRANCE, temperature=0, max_output_tokens=40,
+                                       stream=True))
+    assert [e.sequence_number for e in raw] == list(range(len(raw)))
+    assert raw[-1].type == "response.completed" and raw[-1].response.output_text == final.output_text
+
+
+# --- function tools -----------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_a_function_tool_round_trip(client: openai.OpenAI) -> None:
+    asked = client.responses.create(model=MODEL, input="What is the weather in Paris?", tools=[WEATHER],
+                                    tool_choice=FORCE_WEATHER, temperature=0, max_output_tokens=40)
+    calls = [item for item in asked.output if item.type == "function_call"]
+    assert len(calls) == 1 and calls[0].name == "get_weather" and calls[0].call_id
+    jsonschema.validate(json.loads(calls[0].arguments), WEATHER["parameters"])
+    result = {"type": "function_call_output", "call_id": calls[0].call_id,
+              "output": json.dumps({"temperature_c": 21, "sky": "sunny"})}
+    answered = client.responses.create(model=MODEL, previous_response_id=asked.id, input=[result],
+                                       tools=[WEATHER], tool_choice="none", temperature=0, max_output_tokens=40)
+    assert answered.output_text.strip() and not [i for i in answered.output if i.type == "function_call"]
+    # the same turn with the whole conversation sent back as items (the model's call among them)
+    resent = client.responses.create(model=MODEL, tools=[WEATHER], tool_choice="none", temperature=0,
+                                     max_output_tokens=40, store=False, input=[
+                                         {"role": "user", "content": "What is the weather in Paris?"},
+                                         *[item.model_dump(exclude_none=True) for item in asked.output], result])
+    assert resent.usage.input_tokens == answered.usage.input_tokens and resent.output_text.strip()
+
+
+@pytest.mark.slow
+def test_a_streamed_function_call(client: openai.OpenAI) -> None:
+    with client.responses.stream(model=MODEL, input="What is the weather in Rome?", tools=[WEATHER],
+                                 tool_choice="required", temperature=0, max_output_tokens=40) as stream:
+        events = list(stream)
+        final = stream.get_final_response()
+    deltas = "".join(e.delta for e in events if e.type == "response.function_call_arguments.delta")
+    done = [e.arguments for e in events if e.type == "response.function_call_arguments.done"]
+    assert done == [deltas]
+    (call,) = [item for item in final.output if item.type == "function_call"]
+    assert call.name == "get_weather" and call.arguments == deltas and call.status == "completed"
+    jsonschema.validate(json.loads(call.arguments), WEATHER["parameters"])
+    assert not [e for e in events if e.type == "response.output_text.delta"]  # no raw call shown as text
+
+
+# --- errors -------------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.parametrize(("body", "param"), [
+    ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "data:,"}]}]}, "input.0.content.0"),
+    ({"input": "Hi", "tools": [{"type": "web_search"}]}, "tools.0.type"),
+    ({"input": [{"type": "item_reference", "id": "msg_1"}]}, "input.0.type"),
+    ({"input": []}, "input"),
+    ({"input": "Hi", "temperature": "hot"}, "temperature"),
+])
+def test_unsupported_input_is_a_400_naming_the_field(api: str, body: dict, param: str) -> None:
+    answer = httpx.post(api + "/v1/responses", json={"model": MODEL, **body}, timeout=60)
+    assert answer.status_code == 400, answer.text
+    error = answer.json()["error"]
+    assert error["type"] == "invalid_request_error" and error["param"] == param and error["message"]
+
+
+# --- the store ----------------------------------------------------------------------------------------------------
+def _stored(text: str) -> StoredResponse:
+    return StoredResponse({"id": "x"}, [{"role": "user", "content": text}])
+
+
+def test_the_store_gives_up_its_oldest_responses() -> None:
+    store = ResponseStore(max_items=2)
+    for ident in ("a", "b", "c"):
+        assert store.put(ident, _stored(ident))
+    assert store.get("a") is None and store.get("b") is not None and len(store) == 2
+    small = _stored("y" * 100).size
+    sized = ResponseStore(max_chars=2 * small)
+    assert sized.put("one", _stored("y" * 100)) and sized.put("two", _stored("z" * 100))
+    assert sized.put("three", _stored("w" * 100)) and sized.get("one") is None and len(sized) == 2
+    assert not sized.put("huge", _stored("h" * 3 * small)) and len(sized) == 2  # larger than the store: not kept
+    assert sized.delete("two") and not sized.delete("two")
