@@ -10,6 +10,7 @@ import httpx
 import jsonschema
 import openai
 import pytest
+from pydantic import BaseModel, Field
 
 from api_helpers import loaded_manager, models_folder, server_settings, serving_extensions
 from conftest import FRANCE
@@ -88,6 +89,35 @@ def test_previous_response_id_continues_the_conversation(client: openai.OpenAI) 
     unkept = client.responses.create(model=MODEL, input="Hello.", store=False, max_output_tokens=4)
     with pytest.raises(openai.NotFoundError):
         client.responses.create(model=MODEL, input="Go on.", previous_response_id=unkept.id)
+
+
+@pytest.mark.slow
+def test_a_reply_cut_by_max_output_tokens_is_incomplete(client: openai.OpenAI) -> None:
+    story = dict(model=MODEL, input="Tell me a long story about a dragon.", max_output_tokens=8, temperature=0)
+    cut = client.responses.create(**story)
+    assert cut.status == "incomplete" and cut.incomplete_details.reason == "max_output_tokens"
+    assert cut.usage.output_tokens == 8 and cut.output_text
+    with client.responses.stream(**story) as stream:
+        kinds = [event.type for event in stream]
+    assert kinds[-1] == "response.incomplete" and "response.completed" not in kinds
+
+
+@pytest.mark.slow
+def test_text_format_json_schema_parses_into_the_clients_model(client: openai.OpenAI) -> None:
+    class City(BaseModel):
+        city: str = Field(max_length=20)
+        country: str = Field(max_length=20)
+
+    reply = client.responses.parse(model=MODEL, input="Name the capital of France as JSON.", text_format=City,
+                                   temperature=0, max_output_tokens=60)
+    assert isinstance(reply.output_parsed, City) and reply.output_parsed.city == "Paris"
+
+
+@pytest.mark.slow
+def test_model_routing_is_the_chat_routes(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.NotFoundError) as info:
+        client.responses.create(model="no-such-model", input="Hi")
+    assert info.value.body["code"] == "model_not_found" and info.value.body["param"] == "model"
 
 
 # --- streaming ----------------------------------------------------------------------------------------------------
