@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     from modules.cli import report
     from modules.errors import ConfigError, WorkbenchError
     from modules.extensions import start_extensions
-    from modules.services import build_services, load_startup_model
+    from modules.services import build_services, load_startup_model, start_toolbox
     from modules.settings import load_settings
 
     try:
@@ -81,11 +81,14 @@ def main(argv: list[str] | None = None) -> int:
     # The UI was imported above, before the model loads: loading the model in a thread while the UI was imported
     # made two threads import transformers at once, and its lazy modules then came back partially initialized
     # (ImportError at start-up). Overlapping them saved under half a second for a GGUF model.
+    start_toolbox(services)  # tool files now; MCP servers connect in the background
     load_startup_model(services)
     try:
         return launch(services)
     except OSError as exc:  # the port was taken while the model loaded
         return report(ConfigError(f"Cannot serve the web UI on {settings.host}:{settings.listen_port}: {exc}"))
+    finally:
+        services.close()  # MCP sessions and stdio servers end with the app
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from modules.model_settings import MODELS_FILE, ModelEntry, ModelSettings, Model
 from modules.presets import load_preset, params_from_mapping
 from modules.settings import ChatSettings, Settings
 from modules.starter import STARTER_GGUF
+from modules.tools.toolbox import Toolbox
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +29,8 @@ class Services:
     extensions: Any = None
     #: Messages for the person at the UI (a model that failed to load at start, ...).
     startup_messages: list[str] = field(default_factory=list)
+    #: The tools a chat may use (modules/tools): made by start_toolbox, closed by close(); None before.
+    toolbox: Toolbox | None = None
 
     @property
     def model_settings(self) -> ModelSettings | None:
@@ -99,6 +102,11 @@ class Services:
     def chat_root(self) -> Path:
         return self.settings.user_data_dir / "logs" / "chat"
 
+    def close(self) -> None:
+        """What the app ends at shutdown besides its models: the MCP sessions (and stdio servers' processes)."""
+        if self.toolbox is not None:
+            self.toolbox.close()
+
 
 def build_services(settings: Settings) -> Services:
     """The services for these settings; a bad models.yaml stops here (ConfigError naming the file and key)."""
@@ -112,6 +120,13 @@ def build_services(settings: Settings) -> Services:
                            max_queue=settings.max_queue, model_settings=model_settings,
                            pinned_options=settings.command_line_loader_options)
     return Services(settings=settings, manager=manager)
+
+
+def start_toolbox(services: Services) -> Toolbox:
+    """The settings' tools: the tool files are read now (their problems are listed in the Chat tab's tools), the
+    MCP servers connect in the background, so a slow or failing server neither holds up the start nor stops it."""
+    services.toolbox = Toolbox.from_settings(services.settings).start()
+    return services.toolbox
 
 
 def startup_model(settings: Settings, manager: ModelManager) -> str | None:

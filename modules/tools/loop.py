@@ -47,6 +47,8 @@ class ToolLoop:
         self.approve = approve
         #: Rounds of tool calls that ran.
         self.rounds = 0
+        #: Each call's result, in the order their messages were yielded (their error kinds, for a UI).
+        self.results: list[ToolResult] = []
         self.outcome: Literal["answered", "round_limit"] | None = None
 
     def run(self, messages: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
@@ -63,6 +65,7 @@ class ToolLoop:
             over = self.rounds >= self.max_rounds
             for call in calls:
                 result = self._refused_for_limit(call) if over else self._run(call)
+                self.results.append(result)
                 message = result.to_message()
                 conversation.append(message)
                 yield message

@@ -32,6 +32,8 @@ class Toolbox:
         self._mcp_tools: dict[str, Tool] = {}
         self._mcp_problems: list[ToolProblem] = []
         self._connections: list[Any] = []
+        self._connecting: threading.Thread | None = None
+        self._closed = False
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Toolbox:
@@ -43,6 +45,22 @@ class Toolbox:
         self.load_files()
         self.connect()
         return self
+
+    def start(self) -> Toolbox:
+        """Read the tool files now and connect the MCP servers on a thread of their own (the app's start-up), so a
+        slow or dead server does not hold the app up: its tools appear once it is connected, and a server that
+        fails is one of the `problems`, never an error."""
+        self.load_files()
+        if self.mcp_servers:
+            import modules.tools.mcp_client  # noqa: F401  imported here, not beside a model loading in the main thread
+            self._connecting = threading.Thread(target=self.connect, name="mcp-connect", daemon=True)
+            self._connecting.start()
+        return self
+
+    @property
+    def connecting(self) -> bool:
+        """Whether the MCP servers started by `start()` are still being connected."""
+        return self._connecting is not None and self._connecting.is_alive()
 
     # --- gathering ----------------------------------------------------------------------------------------------
     def load_files(self) -> None:
@@ -65,6 +83,8 @@ class Toolbox:
         problems: list[ToolProblem] = []
         connections = []
         for config in self.mcp_servers:
+            if self._closed:  # the app is shutting down: connect no more
+                break
             connection = McpConnection(config)
             try:
                 specs = connection.open()
@@ -80,7 +100,12 @@ class Toolbox:
                     continue
                 tools[spec.name] = McpTool(connection, spec)
         with self._lock:
-            self._mcp_tools, self._mcp_problems, self._connections = tools, problems, connections
+            closed = self._closed
+            if not closed:
+                self._mcp_tools, self._mcp_problems, self._connections = tools, problems, connections
+        if closed:  # closed while connecting: what was opened meanwhile goes too
+            for connection in connections:
+                connection.close()
 
     def disconnect(self) -> None:
         with self._lock:
@@ -89,6 +114,10 @@ class Toolbox:
             connection.close()
 
     def close(self) -> None:
+        """Close the MCP sessions (a stdio server's process ends); a server still connecting is closed as soon
+        as its connection attempt returns."""
+        with self._lock:
+            self._closed = True
         self.disconnect()
 
     def __enter__(self) -> Toolbox:
