@@ -12,6 +12,7 @@ import re
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from modules.chat.history import ChatHistory, HistoryStore
 from modules.model_manager import Generation
@@ -56,6 +57,8 @@ class UiSession:
     history: ChatHistory | None = None  # None: a new chat, saved when its first message is added
     selected: int | None = None  # the chat message picked in the chatbot (for "Branch here")
     generation: Generation | None = None  # the generation this page runs, for Stop
+    #: The turn with tools this page runs (modules.ui.tool_turns.ToolTurn): for Stop and the Approve/Deny buttons.
+    tool_turn: Any = None
     notebook_undo: list[str] = field(default_factory=list)
 
     @classmethod
@@ -68,9 +71,12 @@ class UiSession:
 
     @property
     def busy(self) -> bool:
-        return self.generation is not None
+        return self.generation is not None or self.tool_turn is not None
 
     def stop(self) -> None:
+        tool_turn = self.tool_turn
+        if tool_turn is not None:  # no more rounds, and a call waiting for approval is declined
+            tool_turn.stop()
         generation = self.generation
         if generation is not None:
             generation.cancel()
