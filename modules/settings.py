@@ -40,6 +40,12 @@ class ChatSettings(BaseModel):
     chat_instruct_command: str = Field("", description="Command wrapping chat-instruct mode; empty = the default.")
     custom_stopping_strings: list[str] = Field(default_factory=list, description="Extra stop strings for chat.")
     truncation_length: int = Field(0, ge=0, description="Prompt budget in tokens; 0 = the model's context.")
+    enable_thinking: Literal["default", "on", "off"] = Field(
+        "default", description="Models that think (Qwen3 and the like): on/off is passed to the chat template as "
+                               "enable_thinking; default leaves it to the template.")
+    reasoning_effort: Literal["default", "low", "medium", "high"] = Field(
+        "default", description="Passed to the chat template as reasoning_effort (gpt-oss and the like); default "
+                               "leaves it to the template.")
 
 
 class McpServerSettings(BaseModel):

@@ -42,11 +42,14 @@ def build_model_prompt(model: LoadedModel, chat: ChatSettings, messages: list[di
                        max_new_tokens: int, template_dir: Path, characters_dir: Path,
                        template_override: str | None = None, tools: list[dict[str, Any]] | None = None,
                        continue_last: bool = False, impersonate: bool = False,
-                       impersonate_prefix: str = "", drop_old_messages: bool = True) -> ModelPrompt:
+                       impersonate_prefix: str = "", drop_old_messages: bool = True,
+                       template_variables: dict[str, Any] | None = None) -> ModelPrompt:
     """`messages` is the whole conversation with the new user message appended. `template_override` is a Jinja
     template given inline (the API's instruction_template_str); otherwise chat.instruction_template names one
     in `template_dir`, and an empty name means the model's own. `tools` (OpenAI function tools) reach a template
     that renders them; for one that ignores them they are described in the system message.
+
+    `template_variables` reach the template's render (enable_thinking, reasoning_effort, a request's own).
 
     `drop_old_messages` False keeps every message: the prompt is rendered once, uncounted (the generation counts
     it and refuses it when too long), after refusing at once, with ContextLengthExceeded, a conversation whose
@@ -62,8 +65,9 @@ def build_model_prompt(model: LoadedModel, chat: ChatSettings, messages: list[di
         if chosen.warning:
             warnings.append(chosen.warning)
     template_tools = None
+    variables = dict(template_variables or {})
     if tools and template_takes_tools(template, tools, bos_token=model.bos_token or "",
-                                      eos_token=model.eos_token or ""):
+                                      eos_token=model.eos_token or "", **variables):
         template_tools, messages = tools, for_template(messages)
     elif tools:
         messages = with_fallback_system(messages, tools)
@@ -73,7 +77,7 @@ def build_model_prompt(model: LoadedModel, chat: ChatSettings, messages: list[di
         mode=chat.mode, instruction_template=template, system_message=chat.system_message,
         chat_instruct_command=chat.chat_instruct_command or DEFAULT_CHAT_INSTRUCT_COMMAND,
         user_name=chat.user_name, user_bio=chat.user_bio, character=chat_character(chat, characters_dir),
-        bos_token=model.bos_token, eos_token=model.eos_token, tools=template_tools)
+        bos_token=model.bos_token, eos_token=model.eos_token, tools=template_tools, template_variables=variables)
     context = model.context_length
     if chat.truncation_length:
         context = min(context, chat.truncation_length)

@@ -3,7 +3,8 @@
 
 A caller maps its own input onto a `ChatRequest`; `prepare_chat` turns that into what the ModelManager generates
 from (the prompt, the parameters with every stop string merged, the extensions' hook state, warnings) and
-`finish_reply` turns the generated text into the reply (output hooks, tool calls). Nothing else assembles a turn,
+`finish_reply` turns the generated text into the reply (its thinking apart from its answer, output hooks, tool
+calls). Nothing else assembles a turn,
 so the same messages and settings give the same prompt and stops from every caller.
 """
 from __future__ import annotations
@@ -15,6 +16,7 @@ from loaders.base import Capability, LoadedModel
 from loaders.batching import Adapter
 from modules.chat.model_prompt import build_model_prompt
 from modules.chat.prompt import PromptResult
+from modules.chat.reasoning import prompt_opens_thinking, split_reasoning
 from modules.chat.tool_calls import parse_tool_calls
 from modules.chat.tool_prompt import constraint_schema
 from modules.errors import InvalidInput
@@ -62,6 +64,9 @@ class ChatRequest:
     new_user_message: bool = False
     #: Who asks ("ui", "api", "cli"), for the extensions' state.
     source: str = "ui"
+    #: Variables for the chat template's render (the API's chat_template_kwargs, reasoning_effort...), over the
+    #: ones the chat settings imply (enable_thinking, reasoning_effort; see template_variables()).
+    template_variables: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -82,6 +87,10 @@ class PreparedChat:
     forced_tool: bool  # tool_choice forces a call
     model: str | None
     adapters: tuple[Adapter, ...] | None
+    #: Whether the reply's thinking is read apart from its answer (not for an impersonation: that is the user's
+    #: text), and the tags the prompt already opened it with (the reply starts inside the thinking).
+    parse_reasoning: bool = True
+    thinking_opened: tuple[str, str] | None = None
 
     @property
     def state(self) -> dict[str, Any]:
@@ -98,9 +107,22 @@ class PreparedChat:
 @dataclass
 class ChatReply:
     text: str  # as generated
-    shown: str  # after the extensions' output hooks
+    shown: str  # the answer (without its thinking) after the extensions' output hooks
     content: str | None  # `shown` before the first tool call (None when the reply is calls alone)
     tool_calls: list[dict[str, Any]]  # OpenAI's form: {"id", "type": "function", "function": {name, arguments}}
+    reasoning: str | None = None  # the thinking the reply opened with (modules.chat.reasoning), None: none
+    answer: str | None = None  # the answer as generated (`text` without the thinking)
+
+
+def template_variables(chat: ChatSettings, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What the chat template's render gets besides the messages: enable_thinking and reasoning_effort when the
+    chat settings set them (their "default" leaves the template's own), then `extra` (a request's own)."""
+    variables: dict[str, Any] = {}
+    if chat.enable_thinking != "default":
+        variables["enable_thinking"] = chat.enable_thinking == "on"
+    if chat.reasoning_effort != "default":
+        variables["reasoning_effort"] = chat.reasoning_effort
+    return {**variables, **(extra or {})}
 
 
 def prepare_chat(services: Any, request: ChatRequest, *, hooks: RequestHooks | None = None) -> PreparedChat:
@@ -135,7 +157,8 @@ def prepare_chat(services: Any, request: ChatRequest, *, hooks: RequestHooks | N
                                    characters_dir=services.settings.character_dir, template_override=request.template,
                                    tools=tools or None, continue_last=request.continue_last,
                                    impersonate=request.impersonate, impersonate_prefix=request.impersonate_prefix,
-                                   drop_old_messages=request.fit == "drop_oldest")
+                                   drop_old_messages=request.fit == "drop_oldest",
+                                   template_variables=template_variables(request.chat, request.template_variables))
         result, warnings, context = built.result, built.warnings, built.context
     stops = list(dict.fromkeys([*params.stop, *result.stop_strings, *request.chat.custom_stopping_strings]))
     names = {t["function"]["name"] for t in tools} if tools else None
@@ -143,17 +166,22 @@ def prepare_chat(services: Any, request: ChatRequest, *, hooks: RequestHooks | N
                         add_bos=False if result.starts_with_bos else None, hooks=hooks, warnings=warnings,
                         context=context, prompt_tokens=result.prompt_tokens, dropped_messages=result.dropped_messages,
                         tool_names=names, forced_tool=bool(tools) and request.tool_choice not in (None, "auto"),
-                        model=request.model, adapters=request.adapters)
+                        model=request.model, adapters=request.adapters, parse_reasoning=not request.impersonate,
+                        thinking_opened=None if request.continue_last else prompt_opens_thinking(result.prompt))
 
 
 def finish_reply(prepared: PreparedChat, text: str, tokens: list[Any] | None = None) -> ChatReply:
-    """The reply a generation of `prepared` wrote: the extensions' output hooks, then the tool calls read out of it
-    (in the formats modules.chat.tool_calls knows), when the request offered tools."""
-    shown = prepared.hooks.output(text, tokens or [])
+    """The reply a generation of `prepared` wrote: its thinking apart from its answer (modules.chat.reasoning),
+    the extensions' output hooks on the answer, then the tool calls read out of it (in the formats
+    modules.chat.tool_calls knows), when the request offered tools."""
+    split = split_reasoning(text, prepared.thinking_opened) if prepared.parse_reasoning else None
+    answer = split.content if split is not None else text
+    reasoning = split.reasoning or None if split is not None else None
+    shown = prepared.hooks.output(answer, tokens or [])
     if not prepared.tool_names:
-        return ChatReply(text, shown, shown, [])
+        return ChatReply(text, shown, shown, [], reasoning, answer)
     content, calls = parse_tool_calls(shown, prepared.tool_names)
-    return ChatReply(text, shown, (content or None) if calls else shown, calls)
+    return ChatReply(text, shown, (content or None) if calls else shown, calls, reasoning, answer)
 
 
 def _alpaca_text(model: LoadedModel, request: ChatRequest, messages: list[dict[str, Any]]) -> str:

@@ -53,9 +53,10 @@ def build_chat_tab(ctx: UiContext) -> ChatView:
                 branch = gr.Button("Branch here", size="sm", elem_id="chat-branch")
         with gr.Column(scale=2, min_width=280):
             picker = build_model_picker(ctx, "chat", what="this chat")
-            ctx.chat.render(["mode", "character"])
+            ctx.chat.render(["mode", "character", "enable_thinking"])
             with gr.Accordion("You and the instructions", open=False):
-                ctx.chat.render(["user_name", "user_bio", "system_message", "chat_instruct_command"])
+                ctx.chat.render(["user_name", "user_bio", "system_message", "chat_instruct_command",
+                                 "reasoning_effort"])
             chats = build_chat_histories_panel(ctx, chatbot)
             view = ChatView(chatbot, chats, status, message, reload)
             build_character_panel(ctx, view)
