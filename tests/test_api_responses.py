@@ -182,6 +182,8 @@ def test_a_streamed_function_call(client: openai.OpenAI) -> None:
     ({"input": "Hi", "tools": [{"type": "web_search"}]}, "tools.0.type"),
     ({"input": [{"type": "item_reference", "id": "msg_1"}]}, "input.0.type"),
     ({"input": []}, "input"),
+    ({"input": "Hi", "tool_choice": "required"}, "tool_choice"),
+    ({"input": "Hi", "tools": [WEATHER], "tool_choice": {"type": "function", "name": "get_time"}}, "tool_choice"),
     ({"input": "Hi", "temperature": "hot"}, "temperature"),
 ])
 def test_unsupported_input_is_a_400_naming_the_field(api: str, body: dict, param: str) -> None:

@@ -217,9 +217,9 @@ def to_chat_request(body: ResponsesRequest, messages: list[dict[str, Any]]) -> C
                                                        "parameters": tool.parameters, "strict": tool.strict}})
     if tools:
         data["tools"] = tools
-        choice = body.tool_choice
-        data["tool_choice"] = ({"type": "function", "function": {"name": choice.name}}
-                               if isinstance(choice, ToolChoiceFunction) else choice)
+    choice = body.tool_choice  # the core refuses one that needs tools when there are none
+    data["tool_choice"] = ({"type": "function", "function": {"name": choice.name}}
+                           if isinstance(choice, ToolChoiceFunction) else choice)
     fmt = body.text.format if body.text is not None else None
     if fmt is not None and fmt.type != "text":
         data["response_format"] = {"type": fmt.type} if fmt.type == "json_object" else {
@@ -290,7 +290,7 @@ async def create_response(body: ResponsesRequest, request: Request) -> Any:
     content, calls = plan.result(run)
     response = draft.finish(run, output_items(content, calls), content, calls)
     if warnings:
-        response["warnings"] = warnings
+        response = {**response, "warnings": warnings}  # in this answer only, not in the kept copy
     return JSONResponse(response, headers=warnings_header(warnings))
 
 
