@@ -25,6 +25,7 @@ from modules.ui.access import may_administer
 from modules.ui.model_choice import ModelChoice, find_resident, page_client
 from modules.ui.session_state import UiSession
 from modules.ui.streaming import stream_batches
+from modules.ui.tool_messages import ToolPick, tool_entries
 
 Action = Literal["send", "regenerate", "continue", "impersonate"]
 
@@ -40,6 +41,8 @@ class TurnUpdate:
     warnings: list[str] = field(default_factory=list)
     done: bool = False
     loading: bool = False
+    #: A tool call waiting for the user's Approve or Deny, described (modules.ui.tool_turns); None: none waits.
+    approval: str | None = None
 
 
 def greeting_messages(services: Services, chat: ChatSettings) -> list[ChatMessage]:
@@ -70,11 +73,13 @@ def turn_request(chat: ChatSettings, params: GenerationParams, messages: list[di
 
 
 def run_turn(services: Services, session: UiSession, chat: ChatSettings, params: GenerationParams,
-             action: Action, text: str = "", choice: ModelChoice | None = None) -> Iterator[TurnUpdate]:
+             action: Action, text: str = "", choice: ModelChoice | None = None,
+             tools: ToolPick | None = None) -> Iterator[TurnUpdate]:
     """Stream one turn, answered by the model `choice` names (loaded first when it is not resident and the page
     may load models; else refused, before anything is saved). The chat is saved when the user's message is added
     and again when the reply ends (also when it is stopped: a cut reply is kept); both record the model and LoRAs.
-    Extensions' hooks apply (modules.extensions).
+    Extensions' hooks apply (modules.extensions). With `tools` (the page's pick, recorded on the turn's messages)
+    a message is answered through the tool loop (modules.ui.tool_turns).
 
     Another page may have the same chat open: each save merges what it added meanwhile, or raises
     ChatChangedError. Until a save succeeds `session.history` keeps the chat as it was, so a refused message is
@@ -89,12 +94,17 @@ def run_turn(services: Services, session: UiSession, chat: ChatSettings, params:
         yield TurnUpdate(_show(session.history, chat, services), status=f"Loading {choice.model}…", loading=True)
         resident = manager.ensure(str(choice.model))
     name = resident.name
-    stamp = choice.stamp(name)
+    stamp = choice.stamp(name) if tools is None else {**choice.stamp(name), **tools.stamp()}
     hooks = RequestHooks(services, params, chat, source="ui")
     manager.check_constraint(hooks.params, model=name)  # a refused grammar must not leave the message unanswered
     history = _prepare(services, session, chat, action, text, hooks, stamp)
     prompt_messages = history.prompt_messages() if history is not None else [
         m.model_dump(include={"role", "content"}) for m in greeting_messages(services, chat)]
+    if tools is not None and tools.names and action == "send":
+        from modules.ui.tool_turns import run_tool_turn  # it builds on this module
+        yield from run_tool_turn(services, session, chat, params, history, hooks, tools, choice=choice,
+                                 model=name, adapters=adapters, stamp=stamp)
+        return
     impersonate = action == "impersonate"
     base = prompt_messages[-1]["content"] if action == "continue" else text if impersonate else ""
     prepared = prepare_chat(services, turn_request(chat, params, prompt_messages, action, text, model=name,
@@ -205,7 +215,11 @@ def _show(history: ChatHistory | None, chat: ChatSettings, services: Services) -
 def chatbot_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
     """The chat as Gradio's Chatbot takes it (one entry per stored message, so indices match)."""
     shown = []
-    for message in messages:
+    tools = tool_entries(messages)  # tool calls and results: collapsible blocks
+    for index, message in enumerate(messages):
+        if index in tools:
+            shown.append(tools[index])
+            continue
         role = message.role if message.role in ("user", "assistant", "system") else "assistant"
         entry: dict[str, Any] = {"role": role, "content": visible_text(message.content, message.metadata)}
         shown.append(entry)
