@@ -120,6 +120,24 @@ def test_model_routing_is_the_chat_routes(client: openai.OpenAI) -> None:
     assert info.value.body["code"] == "model_not_found" and info.value.body["param"] == "model"
 
 
+@pytest.mark.slow
+def test_truncation_auto_leaves_out_the_oldest_turns(client: openai.OpenAI) -> None:
+    """A conversation longer than the context (2048 tokens) is refused by default, as OpenAI does; with
+    truncation "auto" its oldest turns are left out and the last question is answered."""
+    turns = []
+    for number in range(40):
+        turns += [{"role": "user", "content": f"Tell me fact number {number} about the history of the Roman Empire."},
+                  {"role": "assistant", "content": "The Roman Empire was founded in 27 BC, when Augustus became the "
+                                                   "first emperor, and its western half ended in 476 AD."}]
+    long = [*turns, {"role": "user", "content": FRANCE}]
+    with pytest.raises(openai.BadRequestError) as info:
+        client.responses.create(model=MODEL, input=long, temperature=0, max_output_tokens=30)
+    assert info.value.body["code"] == "context_length_exceeded"
+    reply = client.responses.create(model=MODEL, input=long, temperature=0, max_output_tokens=30, truncation="auto")
+    assert "Paris" in reply.output_text and reply.truncation == "auto"
+    assert reply.usage.input_tokens + 30 <= 2048
+
+
 # --- streaming ----------------------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_the_stream_helper_adds_up_to_the_final_response(client: openai.OpenAI) -> None:
