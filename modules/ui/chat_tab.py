@@ -15,6 +15,7 @@ from modules.settings import ChatSettings
 from modules.ui.character_panel import build_character_panel
 from modules.ui.chat_histories_panel import build_chat_histories_panel
 from modules.ui.chat_runner import Action, run_turn, shown_messages
+from modules.ui.chat_tools import ToolsPanel, build_tool_approval, build_tools_panel, wire_chat_pick
 from modules.ui.chat_view import ChatView, refused, show
 from modules.ui.common import UiContext, session_of, stream_locked, user_errors, warn
 from modules.ui.model_choice import ModelChoice
@@ -31,6 +32,7 @@ def build_chat_tab(ctx: UiContext) -> ChatView:
                 status = gr.Markdown(elem_id="chat-status")
                 reload = gr.Button("Reload chat", size="sm", scale=0, min_width=120, visible=False,
                                    elem_id="chat-reload")
+            approval = build_tool_approval()  # Approve / Deny, while a tool call waits for them
             with gr.Row(equal_height=True):
                 # One line that grows to 12: Gradio's textbox sends on Enter (its submit event) only when
                 # lines == 1; a taller box would send on Shift+Enter instead. Shift+Enter breaks the line.
@@ -53,6 +55,7 @@ def build_chat_tab(ctx: UiContext) -> ChatView:
                 branch = gr.Button("Branch here", size="sm", elem_id="chat-branch")
         with gr.Column(scale=2, min_width=280):
             picker = build_model_picker(ctx, "chat", what="this chat")
+            tools = build_tools_panel(ctx, approval)
             ctx.chat.render(["mode", "character", "enable_thinking"])
             with gr.Accordion("You and the instructions", open=False):
                 ctx.chat.render(["user_name", "user_bio", "system_message", "chat_instruct_command",
@@ -60,7 +63,8 @@ def build_chat_tab(ctx: UiContext) -> ChatView:
             chats = build_chat_histories_panel(ctx, chatbot)
             view = ChatView(chatbot, chats, status, message, reload)
             build_character_panel(ctx, view)
-    _wire_turns(ctx, view, picker, send, regenerate, continue_, impersonate, stop)
+    _wire_turns(ctx, view, picker, tools, send, regenerate, continue_, impersonate, stop)
+    wire_chat_pick(ctx, tools, chats)
     _wire_edits(ctx, view, remove_last, replace_last, copy_last, dummy_message, dummy_reply, new_chat, branch)
     _wire_reload(ctx, view)
     ctx.session_listeners.append((lambda data: _on_start(ctx, data), {ctx.session, *ctx.chat.inputs},
@@ -104,10 +108,10 @@ def _chat_choice(ctx: UiContext, session: UiSession | None, chat_id: str | None)
     return picker_updates(ctx, session, recorded)
 
 
-def _wire_turns(ctx: UiContext, view: ChatView, picker: ModelPicker, send: gr.Button, regenerate: gr.Button,
-                continue_: gr.Button, impersonate: gr.Button, stop: gr.Button) -> None:
-    inputs = {*ctx.generation_inputs, view.message, *picker.inputs}
-    outputs = [view.chatbot, view.message, view.status, view.chats, view.reload, picker.model]
+def _wire_turns(ctx: UiContext, view: ChatView, picker: ModelPicker, tools: ToolsPanel, send: gr.Button,
+                regenerate: gr.Button, continue_: gr.Button, impersonate: gr.Button, stop: gr.Button) -> None:
+    inputs = {*ctx.generation_inputs, view.message, *picker.inputs, *tools.inputs}
+    outputs = [view.chatbot, view.message, view.status, view.chats, view.reload, picker.model, *tools.turn_outputs]
 
     def turn(action: Action):
         @user_errors
@@ -117,7 +121,8 @@ def _wire_turns(ctx: UiContext, view: ChatView, picker: ModelPicker, send: gr.Bu
             text = data[view.message]
             first, started = True, False  # the box is cleared once the turn starts (after a load of its model)
             try:
-                for update in run_turn(ctx.services, session, chat, params, action, text, picker.read(data)):
+                for update in run_turn(ctx.services, session, chat, params, action, text, picker.read(data),
+                                       tools.read(data)):
                     warn(update.warnings)
                     if update.impersonation is not None:
                         box = update.impersonation
@@ -128,9 +133,9 @@ def _wire_turns(ctx: UiContext, view: ChatView, picker: ModelPicker, send: gr.Bu
                     reload = gr.update(visible=False) if first else gr.skip()
                     models = refreshed(ctx, session, data[picker.model]) if update.done else gr.skip()
                     first = False
-                    yield update.messages, box, update.status, chats, reload, models
+                    yield update.messages, box, update.status, chats, reload, models, *tools.turn_values(update)
             except ChatChangedError as exc:  # the typed message stays in the box; a reply was kept as a copy
-                yield gr.skip(), gr.skip(), *refused(ctx, session, chat, exc), gr.skip()
+                yield gr.skip(), gr.skip(), *refused(ctx, session, chat, exc), gr.skip(), *tools.turn_values(None)
         handler.__name__ = f"chat_{action}"
         return handler
 
