@@ -18,14 +18,15 @@ from extensions.openai.errors import ApiError, api_error_from, documented_errors
 from extensions.openai.mapping import check_template_str
 from extensions.openai.protocol import (AnthropicBlock, AnthropicUsage, ChatCompletionRequest, MessagesCountRequest,
                                         MessagesRequest, MessagesResponse, MessagesTokenCount)
-from extensions.openai.streaming import CallStart, GenerationRun, ReplyEvent, TextPiece, guarded, sse
+from extensions.openai.streaming import (CallStart, GenerationRun, ReasoningPiece, ReplyEvent, TextPiece, guarded,
+                                        sse)
 from extensions.openai.target import resolve_target
 from modules.errors import WorkbenchError
 
 ANTHROPIC_ERRORS = documented_errors(anthropic=True)
 router = APIRouter(responses=ANTHROPIC_ERRORS)
 _OWN_FIELDS = {"model", "max_tokens", "messages", "system", "stop_sequences", "temperature", "top_p", "stream",
-               "tools", "tool_choice", "metadata", "lora", "keep_alive"}
+               "tools", "tool_choice", "metadata", "lora", "keep_alive", "thinking"}
 
 
 def _text_of(content: Any, where: str) -> str:
@@ -49,10 +50,12 @@ def to_openai_messages(body: MessagesRequest) -> list[dict[str, Any]]:
         if isinstance(message.content, str):
             messages.append({"role": message.role, "content": message.content})
             continue
-        texts, calls = [], []
+        texts, calls, thinking = [], [], []
         for block in message.content:
             if block.type == "text":
                 texts.append(block.text or "")
+            elif block.type == "thinking" and message.role == "assistant":  # templates that want it render it
+                thinking.append(str((block.model_extra or {}).get("thinking") or ""))
             elif block.type == "tool_use" and message.role == "assistant":
                 calls.append({"id": block.id or f"toolu_{uuid.uuid4().hex[:24]}", "type": "function",
                               "function": {"name": block.name or "", "arguments": json.dumps(block.input or {})}})
@@ -60,7 +63,7 @@ def to_openai_messages(body: MessagesRequest) -> list[dict[str, Any]]:
                 messages.append({"role": "tool", "tool_call_id": block.tool_use_id,
                                  "content": _text_of(block.content, f"messages.{number}.content")})
             elif block.type in ("thinking", "redacted_thinking"):
-                continue
+                continue  # a user's, or redacted: nothing to read
             else:
                 raise ApiError(400, f"{block.type} blocks are not supported in {message.role} messages.",
                                param=f"messages.{number}.content")
@@ -68,6 +71,8 @@ def to_openai_messages(body: MessagesRequest) -> list[dict[str, Any]]:
             entry: dict[str, Any] = {"role": message.role, "content": "".join(texts)}
             if calls:
                 entry["tool_calls"] = calls
+            if any(thinking):
+                entry["reasoning_content"] = "\n\n".join(t for t in thinking if t)
             messages.append(entry)
     return messages
 
@@ -89,6 +94,8 @@ def to_chat_request(body: MessagesRequest) -> ChatCompletionRequest:
     for name in body.model_fields_set - _OWN_FIELDS:  # the GenerationParams knobs (top_k, min_p, ...)
         data[name] = getattr(body, name)
     data.update({k: v for k, v in (body.model_extra or {}).items()})
+    if body.thinking is not None:
+        data["enable_thinking"] = body.thinking.type == "enabled"
     choice = body.tool_choice
     if choice is not None and choice.type == "tool" and not choice.name:
         raise ApiError(400, "tool_choice of type 'tool' needs a name.", param="tool_choice")
@@ -116,8 +123,13 @@ def stop_reason(run: GenerationRun, calls: list[Any], stop_sequences: list[str] 
     return ("max_tokens" if stats.finish_reason == "length" else "end_turn"), None
 
 
-def content_blocks(content: str | None, calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    blocks: list[dict[str, Any]] = [{"type": "text", "text": content}] if content else []
+def content_blocks(content: str | None, calls: list[dict[str, Any]],
+                   reasoning: str | None = None) -> list[dict[str, Any]]:
+    """The reply as Anthropic's content blocks: its thinking (a thinking block, unsigned: this server signs
+    nothing), its text, its tool calls."""
+    blocks: list[dict[str, Any]] = [{"type": "thinking", "thinking": reasoning, "signature": ""}] if reasoning \
+        else []
+    blocks += [{"type": "text", "text": content}] if content else []
     for call in calls:
         blocks.append({"type": "tool_use", "id": tool_use_id(call["id"]), "name": call["function"]["name"],
                        "input": json.loads(call["function"]["arguments"])})
@@ -148,10 +160,12 @@ async def messages(body: MessagesRequest, request: Request) -> Any:
         return StreamingResponse(guarded(_stream(plan, run, first, ident, model_name, body.stop_sequences), [run]),
                                  media_type="text/event-stream", headers=warnings_header(warnings))
     await run.collect()
-    content, calls = plan.result(run)
+    reply = plan.reply(run)
+    calls = reply.tool_calls
     stats = run.generation.stats
     reason, sequence = stop_reason(run, calls, body.stop_sequences)
-    response = MessagesResponse(id=ident, model=model_name, content=content_blocks(content, calls),
+    response = MessagesResponse(id=ident, model=model_name, content=content_blocks(reply.content, calls,
+                                                                                   reply.reasoning),
                                 stop_reason=reason, stop_sequence=sequence,
                                 usage=AnthropicUsage(input_tokens=stats.prompt_tokens,
                                                      output_tokens=stats.completion_tokens))
@@ -190,7 +204,7 @@ async def _stream(plan: ChatPlan, run: GenerationRun, first: Any, ident: str, mo
     yield sse({"type": "ping"}, "ping")
     blocks = _BlockEvents()
     try:
-        stream = plan.reply_stream(run, first)
+        stream = plan.reply_stream(run, first, reasoning=True)
         async for event in stream.events():
             for text in blocks.of(event):
                 yield text
@@ -209,14 +223,19 @@ async def _stream(plan: ChatPlan, run: GenerationRun, first: Any, ident: str, mo
 
 
 class _BlockEvents:
-    """A streamed reply as Anthropic's content block events: a text block, then one tool_use block per call whose
-    input arrives as input_json_delta pieces. One block is open at a time."""
+    """A streamed reply as Anthropic's content block events: a thinking block (thinking_delta pieces), a text
+    block, then one tool_use block per call whose input arrives as input_json_delta pieces. One block is open at a
+    time."""
 
     def __init__(self) -> None:
         self.index = -1
         self.open: str | None = None  # the open block's type
 
     def of(self, event: ReplyEvent) -> list[str]:
+        if isinstance(event, ReasoningPiece):
+            events = [] if self.open == "thinking" else self._start({"type": "thinking", "thinking": "",
+                                                                     "signature": ""})
+            return events + [self._delta({"type": "thinking_delta", "thinking": event.text})]
         if isinstance(event, TextPiece):
             events = [] if self.open == "text" else self._start({"type": "text", "text": ""})
             return events + [self._delta({"type": "text_delta", "text": event.text})]

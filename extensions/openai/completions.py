@@ -17,10 +17,11 @@ from extensions.openai.protocol import (ChatChoice, ChatCompletionChunk, ChatCom
                                         ChoiceLogprobs, ChunkChoice, CompletionChoice, CompletionLogprobs,
                                         CompletionRequest, CompletionResponse, Delta, DeltaFunction, DeltaToolCall,
                                         LogprobItem, ResponseMessage, ToolCall, TopLogprob, Usage)
-from extensions.openai.streaming import (CallStart, ClientGone, GenerationRun, HeldBackText, ReplyEvent, TextPiece,
-                                        guarded, sse)
+from extensions.openai.streaming import (CallStart, ClientGone, GenerationRun, HeldBackText, ReasoningPiece,
+                                        ReplyEvent, TextPiece, guarded, sse)
 from extensions.openai.target import Target, resolve_target
-from modules.chat.request import PreparedChat, finish_reply, prepare_chat
+from modules.chat.reasoning import ReasoningSplitter
+from modules.chat.request import ChatReply, PreparedChat, finish_reply, prepare_chat
 from modules.errors import WorkbenchError
 from modules.generation_params import GenerationParams, TokenEvent
 from modules.request_hooks import RequestHooks
@@ -238,13 +239,21 @@ class ChatPlan:
     def add_bos(self) -> bool | None:
         return self.prepared.add_bos
 
-    def reply_stream(self, run: GenerationRun, first: Any) -> HeldBackText:
-        """The run's reply as a stream of content and tool calls."""
-        return HeldBackText(run, first, self.prepared.tool_names, forced=self.prepared.forced_tool)
+    def reply_stream(self, run: GenerationRun, first: Any, *, reasoning: bool = False) -> HeldBackText:
+        """The run's reply as a stream of content and tool calls, its thinking kept out of the content (and sent
+        as ReasoningPiece events with `reasoning`)."""
+        prepared = self.prepared
+        splitter = ReasoningSplitter(prepared.thinking_opened) if prepared.parse_reasoning else None
+        return HeldBackText(run, first, prepared.tool_names, forced=prepared.forced_tool, splitter=splitter,
+                            reasoning=reasoning)
+
+    def reply(self, run: GenerationRun) -> ChatReply:
+        """The finished run's reply: content, tool calls and reasoning (the core's finish_reply)."""
+        return finish_reply(self.prepared, run.generation.text, run.tokens)
 
     def result(self, run: GenerationRun) -> tuple[str | None, list[dict[str, Any]]]:
         """(content, tool calls) of a finished run."""
-        reply = finish_reply(self.prepared, run.generation.text, run.tokens)
+        reply = self.reply(run)
         return reply.content, reply.tool_calls
 
 
@@ -276,10 +285,11 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
         await more.collect()
     choices = []
     for index, item in enumerate(runs):
-        content, calls = plan.result(item)
+        reply = plan.reply(item)
+        calls = reply.tool_calls
         reason = "tool_calls" if calls else finish_reason(item)
         choices.append(ChatChoice(index=index, finish_reason=reason,
-                                  message=ResponseMessage(content=content,
+                                  message=ResponseMessage(content=reply.content, reasoning_content=reply.reasoning,
                                                           tool_calls=[ToolCall(**c) for c in calls] or None),
                                   logprobs=chat_logprobs(item.tokens, plan.top_logprobs)))
     response = ChatCompletionResponse(id=ident, created=created, model=target.name, choices=choices,
@@ -305,7 +315,7 @@ async def _stream_chat(services: Any, request: Request, body: ChatCompletionRequ
                 runs.append(run)
                 first = await run.next_chunk()
             yield chunk(index, Delta(role="assistant", content=""))
-            stream = plan.reply_stream(run, first)
+            stream = plan.reply_stream(run, first, reasoning=True)
             async for event in stream.events():
                 yield chunk(index, reply_delta(event), logprobs=event_logprobs(event, plan.top_logprobs))
             rest, calls = stream.finish()
@@ -320,10 +330,13 @@ async def _stream_chat(services: Any, request: Request, body: ChatCompletionRequ
 
 
 def reply_delta(event: ReplyEvent) -> Delta:
-    """OpenAI's delta for a piece of a streamed reply: content, a tool call's start (id, type, name and empty
-    arguments), or more of its arguments."""
+    """OpenAI's delta for a piece of a streamed reply: content, thinking (reasoning_content, as vLLM and
+    llama.cpp's server send it), a tool call's start (id, type, name and empty arguments), or more of its
+    arguments."""
     if isinstance(event, TextPiece):
         return Delta(content=event.text)
+    if isinstance(event, ReasoningPiece):
+        return Delta(reasoning_content=event.text)
     if isinstance(event, CallStart):
         return Delta(tool_calls=[DeltaToolCall(index=event.index, id=event.id, type="function",
                                                function=DeltaFunction(name=event.name, arguments=""))])

@@ -147,4 +147,24 @@ def chat_request(services: Any, request: Any, model: str | None = None) -> tuple
         tools=[t.model_dump(exclude_none=True) for t in request.tools or []],
         tool_choice=choice.model_dump() if isinstance(choice, BaseModel) else choice,
         continue_last=request.continue_, model=model, template=request.instruction_template_str, fit="refuse",
-        new_user_message=True, source="api"), warnings
+        new_user_message=True, source="api", template_variables=template_variables(request)), warnings
+
+
+#: Names the chat template's render sets itself; chat_template_kwargs may not replace them.
+_RENDER_NAMES = {"messages", "tools", "documents", "add_generation_prompt", "continue_final_message", "bos_token",
+                 "eos_token", "chat_template", "conversations"}
+
+
+def template_variables(request: Any) -> dict[str, Any]:
+    """The body's variables for the chat template: chat_template_kwargs, then enable_thinking and
+    reasoning_effort when set (a reasoning model's switches; a template that does not read them ignores them)."""
+    variables = dict(request.chat_template_kwargs or {})
+    bad = sorted(name for name in variables if name in _RENDER_NAMES or not name.isidentifier())
+    if bad:
+        raise ApiError(400, f"chat_template_kwargs may not set {', '.join(map(repr, bad))}: the template's render "
+                            "sets these itself (or they are not variable names).", param="chat_template_kwargs")
+    if request.enable_thinking is not None:
+        variables["enable_thinking"] = request.enable_thinking
+    if request.reasoning_effort is not None:
+        variables["reasoning_effort"] = request.reasoning_effort
+    return variables

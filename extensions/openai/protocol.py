@@ -273,6 +273,14 @@ class ChatCompletionRequest(_SamplingRequest):
     user_bio: str | None = None
     chat_instruct_command: str | None = None
     continue_: bool = Field(False, description="Continue the last assistant message instead of answering.")
+    # reasoning models: variables for the chat template (vLLM's and llama.cpp's chat_template_kwargs)
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh"] | None = Field(
+        None, description="Passed to the chat template as reasoning_effort (templates that read it: gpt-oss...).")
+    enable_thinking: bool | None = Field(
+        None, description="Passed to the chat template as enable_thinking (Qwen3 and the like): false asks the "
+                          "model to answer without thinking.")
+    chat_template_kwargs: Annotated[dict[str, Any], Field(max_length=MAX_ITEMS)] | None = Field(
+        None, description="More variables for the chat template, e.g. {\"enable_thinking\": false}.")
 
 
 class TopLogprob(BaseModel):
@@ -292,6 +300,7 @@ class ChoiceLogprobs(BaseModel):
 class ResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
+    reasoning_content: str | None = None  # the model's thinking (<think>...</think>), apart from its answer
     tool_calls: list[ToolCall] | None = None
 
 
@@ -330,6 +339,7 @@ class DeltaToolCall(BaseModel):
 class Delta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    reasoning_content: str | None = None
     tool_calls: list[DeltaToolCall] | None = None
 
 
@@ -424,6 +434,14 @@ class AnthropicToolChoice(_Model):
     disable_parallel_tool_use: bool | None = None
 
 
+class AnthropicThinking(_Model):
+    """Extended thinking: "enabled" or "disabled" reach the chat template as enable_thinking (budget_tokens is
+    accepted; the reply's max_tokens bounds the thinking)."""
+
+    type: Literal["enabled", "disabled"]
+    budget_tokens: int | None = Field(None, ge=0)
+
+
 class MessagesRequest(GenerationKnobs):  # type: ignore[misc, valid-type]
     model: str | None = None
     max_tokens: int = Field(ge=1)
@@ -436,6 +454,7 @@ class MessagesRequest(GenerationKnobs):  # type: ignore[misc, valid-type]
     tools: Annotated[list[AnthropicTool], Field(max_length=MAX_TOOLS)] | None = None
     tool_choice: AnthropicToolChoice | None = None
     metadata: dict[str, Any] | None = None
+    thinking: AnthropicThinking | None = None
 
 
 class MessagesCountRequest(MessagesRequest):

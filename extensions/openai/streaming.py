@@ -11,6 +11,7 @@ from typing import Any
 from fastapi import Request
 from pydantic import BaseModel
 
+from modules.chat.reasoning import ReasoningSplitter
 from modules.chat.tool_calls import new_call_id, scan_reply
 from modules.model_manager import Generation
 from modules.stopping import StreamChunk
@@ -90,6 +91,13 @@ class TextPiece:
 
 
 @dataclass
+class ReasoningPiece:
+    """Thinking text (the reply's reasoning_content), as the model writes it."""
+
+    text: str
+
+
+@dataclass
 class CallStart:
     """A tool call begins: its place among the reply's calls, its id and the function's name."""
 
@@ -106,7 +114,7 @@ class CallArguments:
     text: str
 
 
-ReplyEvent = TextPiece | CallStart | CallArguments
+ReplyEvent = TextPiece | ReasoningPiece | CallStart | CallArguments
 
 
 @dataclass
@@ -120,12 +128,14 @@ class HeldBackText:
     """A chat run's reply as it streams: its content, and its tool calls with their arguments passed on as the
     model writes them. What may still be a call's markup is held back, so a client never sees it as text; with
     a forced call (`forced`) nothing is shown as text until the end. `names` are the functions the request
-    offers (None: no tools, all is text)."""
+    offers (None: no tools, all is text). With a `splitter` (modules.chat.reasoning) the reply's thinking is kept
+    out of its content: sent as ReasoningPiece events with `reasoning`, else dropped."""
 
     def __init__(self, run: GenerationRun, first: StreamChunk | None, names: set[str] | None, *,
-                 forced: bool = False):
+                 forced: bool = False, splitter: ReasoningSplitter | None = None, reasoning: bool = False):
         self.run, self._first, self.names, self.forced = run, first, names, forced
-        self.text = ""
+        self.splitter, self.reasoning = splitter, reasoning
+        self.text = ""  # the content so far (without the thinking)
         self._shown = 0  # characters of text sent as content
         self._tokens: list[Any] = []  # tokens not yet sent with a piece of content
         self._sent: list[_SentCall] = []
@@ -134,19 +144,30 @@ class HeldBackText:
         """What to send now, to the end of the run; then `finish()` gives the rest."""
         piece = self._first
         while piece is not None:
-            self.text += piece.text
             self._tokens += piece.tokens
-            for event in self._advance():
+            parts = self.splitter.feed(piece.text) if self.splitter is not None else [("content", piece.text)]
+            for event in self._take(parts) + self._advance():
                 yield event
             piece = await self.run.next_chunk(watch_disconnect=False)
+
+    def _take(self, parts: list[tuple[str, str]]) -> list[ReplyEvent]:
+        """Add the content of `parts` to the text; their thinking as events (when they are sent)."""
+        events: list[ReplyEvent] = []
+        for kind, text in parts:
+            if kind == "content":
+                self.text += text
+            elif self.reasoning:
+                events.append(ReasoningPiece(text))
+        return events
 
     def finish(self) -> tuple[list[ReplyEvent], list[dict[str, Any]]]:
         """(the events still to send, the reply's finished tool calls under the ids they were sent with), once
         the run has ended. Calls cut off before their end were sent as far as written and are not among them."""
+        held: list[ReplyEvent] = self._take(self.splitter.finish()) if self.splitter is not None else []
         if self.names is None:
-            return self._content(len(self.text)), []
+            return held + self._content(len(self.text)), []
         scan = scan_reply(self.text, self.names, final=True)
-        events: list[ReplyEvent] = []
+        events: list[ReplyEvent] = held
         if not self._sent:
             events += self._content(scan.content_end)
         calls: list[dict[str, Any]] = []
