@@ -1,0 +1,219 @@
+"""Tools in the Chat tab without a browser: the pick a chat records, how calls and results show, the history in
+OpenAI's form (and older chat files still read), the toolbox's start-up and shutdown, and turns with tools on the
+real starter model (a forced call of a test tool, approval declined, a tool that raises)."""
+from __future__ import annotations
+
+import shutil
+import threading
+from pathlib import Path
+
+import pytest
+
+from conftest import MODEL_DIR, wait_until
+from modules.chat.history import ChatMessage, HistoryStore
+from modules.chat.request import ChatRequest, prepare_chat
+from modules.generation_params import GenerationParams
+from modules.services import build_services, start_toolbox
+from modules.settings import McpServerSettings, load_settings
+from modules.starter import STARTER_GGUF
+from modules.tools.toolbox import Toolbox
+from modules.ui.chat_runner import chatbot_messages, run_turn
+from modules.ui.model_choice import ModelChoice
+from modules.ui.session_state import UiSession, new_session_id
+from modules.ui.tool_messages import ToolPick, fenced, tool_entries
+from modules.ui.tool_turns import _Round, _Status
+
+TOOL_FILE = Path(__file__).parent / "tool_files" / "chat_demo.py"
+CALL = {"id": "call_1", "type": "function", "function": {"name": "multiply", "arguments": '{"a": 12, "b": 7}'}}
+
+
+# --- the pick and the blocks ----------------------------------------------------------------------------------
+def test_a_pick_is_recorded_on_the_turn_and_read_back_from_the_chat() -> None:
+    pick = ToolPick.of(["multiply", "clear_notes", "multiply"], "required")
+    assert pick == ToolPick(("multiply", "clear_notes"), "required")
+    messages = [ChatMessage(role="user", content="Hi", metadata={"model": "m", **pick.stamp()}),
+                ChatMessage(role="assistant", content="Hello", metadata={"model": "m"})]
+    assert ToolPick.of_chat(messages) == pick
+    put_away = [*messages, ChatMessage(role="user", content="Again", metadata=ToolPick().stamp())]
+    assert ToolPick.of_chat(put_away) == ToolPick((), "auto")  # tools put away: the chat reopens without them
+    assert ToolPick.of_chat([ChatMessage(role="user", content="Old chat")]) is None
+    assert ToolPick.of(["x"], "bogus").use == "auto"
+
+
+def test_calls_and_results_show_as_collapsible_blocks_one_entry_per_message() -> None:
+    messages = [ChatMessage(role="user", content="What is 12 times 7?"),
+                ChatMessage(role="assistant", content="", tool_calls=[CALL]),
+                ChatMessage(role="tool", content="84", name="multiply", tool_call_id="call_1"),
+                ChatMessage(role="assistant", content="It is 84.")]
+    shown = chatbot_messages(messages)
+    assert len(shown) == len(messages)
+    assert shown[1]["metadata"] == {"title": '🛠️ multiply({"a": 12, "b": 7})', "status": "done"}
+    assert 'multiply({"a": 12, "b": 7})' in shown[1]["content"]
+    assert shown[2] == {"role": "assistant", "content": "```\n84\n```",
+                        "metadata": {"title": "✅ multiply: result", "status": "done"}}
+    assert shown[3] == {"role": "assistant", "content": "It is 84."}
+    # a call not answered yet is pending; failed and declined results say so in their titles
+    assert tool_entries(messages[:2])[1]["metadata"]["status"] == "pending"
+    failed = ChatMessage(role="tool", content="Error: read_sensor failed: RuntimeError: off", name="read_sensor",
+                         tool_call_id="c", metadata={"tool_error": "failed"})
+    declined = failed.model_copy(update={"name": "clear_notes", "metadata": {"tool_error": "declined"}})
+    assert tool_entries([failed])[0]["metadata"]["title"] == "⚠️ read_sensor: error (failed)"
+    assert tool_entries([declined])[0]["metadata"]["title"] == "🚫 clear_notes: declined"
+
+
+def test_a_result_with_backticks_cannot_close_its_block() -> None:
+    assert fenced("a ``` b") == "````\na ``` b\n````"
+
+
+def test_the_status_line_says_when_the_round_limit_ended_the_turn(tmp_path: Path) -> None:
+    services = build_services(load_settings(["--model-dir", str(MODEL_DIR), "--user-data-dir", str(tmp_path),
+                                             "--settings", str(_file(tmp_path / "s.yaml", "tool_max_rounds: 3\n"))]))
+    status = _Status("m", [_Round(100, 2048, 0)])
+    status.running({"tool_calls": [CALL]})
+    line = status.done("round_limit", services)
+    assert "1 tool call" in line and "the limit of 3 rounds of tool calls (tool_max_rounds) was reached" in line
+
+
+def test_tool_messages_are_kept_in_the_history_and_older_files_still_read(tmp_path: Path) -> None:
+    store = HistoryStore(tmp_path)
+    chat = store.new("Assistant", [
+        {"role": "user", "content": "What is 12 times 7?", "metadata": ToolPick(("multiply",)).stamp()},
+        {"role": "assistant", "content": "", "tool_calls": [CALL]},
+        {"role": "tool", "content": "84", "name": "multiply", "tool_call_id": "call_1"},
+        {"role": "assistant", "content": "It is 84."}])
+    again = store.load("Assistant", chat.id)
+    assert again.prompt_messages()[1:3] == [
+        {"role": "assistant", "content": "", "tool_calls": [CALL]},
+        {"role": "tool", "content": "84", "name": "multiply", "tool_call_id": "call_1"}]
+    assert ToolPick.of_chat(again.messages) == ToolPick(("multiply",))
+    old = tmp_path / "Assistant" / "old.json"  # a chat file written before tools were in the chat
+    old.write_text('{"version": 1, "id": "old", "character": "Assistant", "messages": '
+                   '[{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}')
+    assert ToolPick.of_chat(store.load("Assistant", "old").messages) is None
+
+
+# --- the toolbox's life in the app ----------------------------------------------------------------------------
+def test_the_toolbox_starts_without_waiting_for_mcp_servers_and_reports_one_that_fails(tmp_path: Path) -> None:
+    tools = tmp_path / "tools"
+    tools.mkdir()
+    shutil.copy(TOOL_FILE, tools)
+    dead = McpServerSettings(name="dead", command=str(tmp_path / "no-such-server"))
+    toolbox = Toolbox(tools_dir=tools, mcp_servers=[dead])
+    toolbox.start()
+    try:
+        assert {"multiply", "clear_notes", "read_sensor", "calculate"} <= set(toolbox.tools)  # files: at once
+        wait_until(lambda: not toolbox.connecting, "the MCP servers' connecting to end")
+        assert [problem.source for problem in toolbox.problems] == ["mcp:dead"]
+    finally:
+        toolbox.close()
+
+
+def test_services_close_the_toolbox(tmp_path: Path) -> None:
+    settings = load_settings(["--model-dir", str(MODEL_DIR), "--user-data-dir", str(tmp_path),
+                              "--settings", str(_file(tmp_path / "s.yaml", ""))])
+    services = build_services(settings)
+    toolbox = start_toolbox(services)
+    assert services.toolbox is toolbox and "calculate" in toolbox.tools
+    services.close()
+    assert toolbox._closed
+
+
+# --- turns on the starter model -------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def services(tmp_path_factory: pytest.TempPathFactory, starter_gguf: Path):
+    folder = tmp_path_factory.mktemp("tool-turns")
+    tools = folder / "tools"
+    tools.mkdir()
+    shutil.copy(TOOL_FILE, tools)
+    settings_file = _file(folder / "settings.yaml", f"tools_dir: {tools}\ntool_max_rounds: 2\n")
+    services = build_services(load_settings(["--model-dir", str(MODEL_DIR), "--user-data-dir",
+                                             str(folder / "user_data"), "--settings", str(settings_file)]))
+    start_toolbox(services)
+    services.manager.load(STARTER_GGUF)
+    yield services
+    services.manager.unload()
+    services.close()
+
+
+GREEDY = GenerationParams(do_sample=False, max_new_tokens=40)
+
+
+def turn(services, session: UiSession, text: str, tool: str, *, on_approval=None):
+    """Send `text` with `tool` picked and a call required; `on_approval(update)` answers an approval request."""
+    last = None
+    for update in run_turn(services, session, services.settings.chat, GREEDY, "send", text,
+                           ModelChoice(STARTER_GGUF), ToolPick((tool,), "required")):
+        if update.approval and on_approval is not None:
+            on_approval(update)
+        last = update
+    return last
+
+
+@pytest.mark.slow
+def test_a_forced_call_runs_and_the_model_answers_with_its_result(services) -> None:
+    session = UiSession.start(services, new_session_id())
+    last = turn(services, session, "What is 12 times 7?", "multiply")
+    assert last.done and not session.busy
+    saved = session.store.load(session.character, session.history.id).messages
+    assert [m.role for m in saved] == ["user", "assistant", "tool", "assistant"]
+    call = saved[1].tool_calls[0]
+    assert call["function"]["name"] == "multiply" and saved[2].tool_call_id == call["id"]
+    assert saved[2].content == "84" and "84" in saved[3].content
+    assert ToolPick.of_chat(saved) == ToolPick(("multiply",), "required")
+    assert last.messages[2]["metadata"]["title"] == "✅ multiply: result"
+    # the next turn (same pick) reads the call and its result: the starter's template ignores tools, so the
+    # tools' system message writes them in the Hermes form
+    follow = [*session.history.prompt_messages(), {"role": "user", "content": "Thanks."}]
+    tools = services.toolbox.runner(["multiply"]).openai_tools()
+    prepared = prepare_chat(services, ChatRequest(messages=follow, chat=services.settings.chat, params=GREEDY,
+                                                  tools=tools))
+    assert '<tool_call>\n{"name": "multiply", "arguments": {"a": 12, "b": 7}}' in prepared.prompt
+    assert "<tool_response>\n84\n</tool_response>" in prepared.prompt
+
+
+@pytest.mark.slow
+def test_a_declined_call_never_runs_and_the_model_is_told(services) -> None:
+    session = UiSession.start(services, new_session_id())
+    asked = []
+
+    def deny(update) -> None:
+        asked.append(update.approval)
+        assert session.tool_turn.answer(False)
+
+    last = turn(services, session, "Delete all my notes.", "clear_notes", on_approval=deny)
+    assert asked and "clear_notes" in asked[0]
+    saved = session.store.load(session.character, session.history.id).messages
+    declined = next(m for m in saved if m.role == "tool")
+    assert declined.content == "Error: the user declined this call of clear_notes"
+    assert declined.metadata["tool_error"] == "declined"
+    assert not (Path(services.settings.tools_dir) / "notes-cleared").exists()
+    assert last.done and saved[-1].role in ("assistant", "tool")
+
+
+@pytest.mark.slow
+def test_stop_while_a_call_waits_for_approval_declines_it_and_ends_the_turn(services) -> None:
+    session = UiSession.start(services, new_session_id())
+    stopper = lambda update: threading.Thread(target=session.stop).start()  # noqa: E731  as the Stop button
+    last = turn(services, session, "Delete all my notes.", "clear_notes", on_approval=stopper)
+    assert last.done and "stopped" in last.status and not session.busy
+    saved = session.store.load(session.character, session.history.id).messages
+    assert [m.role for m in saved] == ["user", "assistant", "tool"]
+    assert not (Path(services.settings.tools_dir) / "notes-cleared").exists()
+
+
+@pytest.mark.slow
+def test_a_tool_that_raises_gives_the_model_an_error_and_the_turn_ends_with_an_answer(services) -> None:
+    session = UiSession.start(services, new_session_id())
+    last = turn(services, session, "How warm is the greenhouse?", "read_sensor")
+    assert last.done
+    saved = session.store.load(session.character, session.history.id).messages
+    failed = next(m for m in saved if m.role == "tool")
+    assert failed.content == "Error: read_sensor failed: RuntimeError: the sensor is offline"
+    assert failed.metadata["tool_error"] == "failed"
+    assert last.messages[2]["metadata"]["title"] == "⚠️ read_sensor: error (failed)"
+    assert saved[-1].role == "assistant" and saved[-1].content and not saved[-1].tool_calls
+
+
+def _file(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
