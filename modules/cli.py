@@ -8,8 +8,11 @@ line. A traceback is left for what is not bad input: a bug.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from typing import NoReturn
+
+from modules.errors import ConfigError
 
 #: The exit status of every entry point for bad input (a flag, a file, a name): argparse's own choice.
 BAD_INPUT = 2
@@ -31,3 +34,17 @@ def report(exc: BaseException) -> int:
     """Print `exc` as one `error:` line on stderr; returns BAD_INPUT for the caller to exit with."""
     print(f"error: {one_line(str(exc))}", file=sys.stderr)
     return BAD_INPUT
+
+
+def parse_loader_options(pairs: list[str]) -> dict[str, object]:
+    """Repeated `--option KEY=VALUE` flags as a dict; values are parsed as JSON when they are JSON."""
+    options: dict[str, object] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise ConfigError(f"--option {pair!r} is not KEY=VALUE.")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    return options

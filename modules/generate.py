@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from modules.cli import ArgumentParser, report
+from modules.cli import ArgumentParser, parse_loader_options, report
 from modules.errors import ConfigError, WorkbenchError
 
 if TYPE_CHECKING:
@@ -41,19 +41,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="Loader option, e.g. --option n_ctx=2048 (repeatable; values parsed as JSON).")
     parser.add_argument("--prompt", required=True, help="The prompt text ('-' reads standard input).")
     return parser.parse_args(argv)
-
-
-def _loader_options(pairs: list[str]) -> dict[str, object]:
-    options: dict[str, object] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep:
-            raise ConfigError(f"--option {pair!r} is not KEY=VALUE.")
-        try:
-            options[key] = json.loads(value)
-        except json.JSONDecodeError:
-            options[key] = value
-    return options
 
 
 def chat_request(prompt: str, params: GenerationParams, system: str | None = None) -> ChatRequest:
@@ -100,7 +87,7 @@ def run(argv: list[str] | None = None) -> int:
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
 
     manager = ModelManager(Path(args.model_dir), Path("loras"))
-    manager.load(args.model, args.loader, _loader_options(args.option))
+    manager.load(args.model, args.loader, parse_loader_options(args.option))
     if args.chat:
         services = Services(settings=Settings(model_dir=Path(args.model_dir), preset_dir=Path(args.preset_dir)),
                             manager=manager)
