@@ -45,7 +45,8 @@ def _now() -> datetime:
 
 class ChatMessage(BaseModel):
     """One message. An assistant message may hold alternatives ("swipes") from regenerating; `content` is always
-    the one shown, `swipes[swipe_index]`."""
+    the one shown, `swipes[swipe_index]`. `reasoning_content` is the reply's thinking (modules.chat.reasoning),
+    kept apart from its content; `swipe_reasoning`, when set, holds each alternative's thinking."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -58,10 +59,14 @@ class ChatMessage(BaseModel):
     tool_calls: list[dict[str, Any]] | None = None
     tool_call_id: str | None = None
     reasoning_content: str | None = None
+    swipe_reasoning: list[str | None] = Field(default_factory=list)
     metadata: dict[str, Any] = Field(default_factory=dict)  # anything else a caller wants kept with the message
 
     @model_validator(mode="after")
     def _swipes_agree(self) -> ChatMessage:
+        if self.swipe_reasoning and len(self.swipe_reasoning) != len(self.swipes):
+            raise ValueError(f"swipe_reasoning has {len(self.swipe_reasoning)} entries for {len(self.swipes)} "
+                             "swipes")
         if self.swipes:
             if self.role != "assistant":
                 raise ValueError("only assistant messages have swipes")
@@ -113,18 +118,26 @@ class ChatHistory(BaseModel):
         keep = {"role", "content", "name", "tool_calls", "tool_call_id", "reasoning_content"}
         return [m.model_dump(include=keep, exclude_none=True) for m in self.messages]
 
-    def add_swipe(self, index: int, text: str) -> None:
-        """Keep a regenerated reply as a new alternative of assistant message `index` and show it."""
+    def add_swipe(self, index: int, text: str, reasoning: str | None = None) -> None:
+        """Keep a regenerated reply (and its thinking) as a new alternative of assistant message `index` and show
+        it."""
         message = self._message(index, "assistant")
         swipes = message.swipes or [message.content]
-        self.messages[index] = message.model_copy(update={"swipes": [*swipes, text], "swipe_index": len(swipes),
-                                                          "content": text})
+        thinking = _swipe_reasoning(message)
+        update: dict[str, Any] = {"swipes": [*swipes, text], "swipe_index": len(swipes), "content": text,
+                                  "reasoning_content": reasoning, "swipe_reasoning": []}
+        if reasoning is not None or any(t is not None for t in thinking):
+            update["swipe_reasoning"] = [*thinking, reasoning]
+        self.messages[index] = message.model_copy(update=update)
 
     def select_swipe(self, index: int, choice: int) -> None:
         message = self._message(index, "assistant")
         if not 0 <= choice < len(message.swipes):
             raise ConfigError(f"Message {index} has {len(message.swipes)} alternatives; there is no number {choice}.")
-        self.messages[index] = message.model_copy(update={"swipe_index": choice, "content": message.swipes[choice]})
+        update: dict[str, Any] = {"swipe_index": choice, "content": message.swipes[choice]}
+        if message.swipe_reasoning:
+            update["reasoning_content"] = message.swipe_reasoning[choice]
+        self.messages[index] = message.model_copy(update=update)
 
     def edit_message(self, index: int, text: str) -> None:
         """Replace the shown text of message `index` (and its current swipe)."""
@@ -134,6 +147,24 @@ class ChatHistory(BaseModel):
             swipes[message.swipe_index] = text
         self.messages[index] = message.model_copy(update={"content": text, "swipes": swipes})
 
+    def edit_reasoning(self, index: int, reasoning: str | None) -> None:
+        """Replace the thinking of message `index` (and of its current swipe)."""
+        message = self._message(index)
+        update: dict[str, Any] = {"reasoning_content": reasoning}
+        if message.swipe_reasoning:
+            thinking = list(message.swipe_reasoning)
+            thinking[message.swipe_index] = reasoning
+            update["swipe_reasoning"] = thinking
+        self.messages[index] = message.model_copy(update=update)
+
+    def truncate_after(self, index: int) -> int:
+        """Drop the messages after message `index` (to regenerate from there); how many were dropped."""
+        self._message(index)
+        index %= len(self.messages)
+        dropped = len(self.messages) - index - 1
+        del self.messages[index + 1:]
+        return dropped
+
     def _message(self, index: int, role: str | None = None) -> ChatMessage:
         if not -len(self.messages) <= index < len(self.messages):
             raise ConfigError(f"The chat has {len(self.messages)} messages; there is no message {index}.")
@@ -141,6 +172,15 @@ class ChatHistory(BaseModel):
         if role is not None and message.role != role:
             raise ConfigError(f"Message {index} is a {message.role} message, not an {role} message.")
         return message
+
+
+def _swipe_reasoning(message: ChatMessage) -> list[str | None]:
+    """The thinking of each of the message's alternatives so far (a chat saved before they were kept per
+    alternative has only the shown one's)."""
+    if message.swipe_reasoning:
+        return list(message.swipe_reasoning)
+    count = len(message.swipes) or 1
+    return [message.reasoning_content if i == message.swipe_index else None for i in range(count)]
 
 
 @dataclass(frozen=True)

@@ -15,17 +15,19 @@ from typing import Any, Literal
 from loaders.batching import Adapter
 from modules.chat.history import ChatHistory, ChatMessage
 from modules.chat.model_prompt import chat_character
+from modules.chat.reasoning import ReasoningSplitter
 from modules.chat.request import ChatRequest, finish_reply, prepare_chat
 from modules.errors import ConfigError
 from modules.generation_params import GenerationParams
-from modules.request_hooks import RequestHooks, visible_text, with_visible
+from modules.request_hooks import RequestHooks, with_visible
 from modules.services import Services
 from modules.settings import ChatSettings
 from modules.ui.access import may_administer
+from modules.ui.chat_display import THINKING_KEY, chatbot_messages
 from modules.ui.model_choice import ModelChoice, find_resident, page_client
 from modules.ui.session_state import UiSession
 from modules.ui.streaming import stream_batches
-from modules.ui.tool_messages import ToolPick, tool_entries
+from modules.ui.tool_messages import ToolPick
 
 Action = Literal["send", "regenerate", "continue", "impersonate"]
 
@@ -121,14 +123,23 @@ def run_turn(services: Services, session: UiSession, chat: ChatSettings, params:
         status_head += f" ({prepared.dropped_messages} oldest messages left out to fit)"
     session.generation = generation
     set_reply = _reply_setter(history, action, stamp)
+    # the reply's thinking streams apart from its answer (modules.chat.reasoning), as finish_reply reads it
+    split = ReasoningSplitter(prepared.thinking_opened) if prepared.parse_reasoning else None
+    if split is not None:
+        split.feed(base)
     reply, tokens, failed = "", [], True
     try:
         for batch in stream_batches(generation):  # the first one shows the user's message (and the first words)
             for chunk in batch:
                 reply += chunk.text
                 tokens.extend(chunk.tokens)
+                if split is not None:
+                    split.feed(chunk.text)
             if not impersonate:
-                set_reply(base + reply, None)
+                if split is None:
+                    set_reply(base + reply, None)
+                else:
+                    set_reply(split.content, None, split.reasoning, thinking=split.thinking)
             yield TurnUpdate(_show(history, chat, services), impersonation=base + reply if impersonate else None,
                              status=status_head + " · writing…", warnings=warnings)
             warnings = []
@@ -140,7 +151,9 @@ def run_turn(services: Services, session: UiSession, chat: ChatSettings, params:
             if failed and added and not reply:  # it failed (or the page left) before a word: no empty reply kept
                 history.messages.pop()
             else:
-                set_reply(base + reply, finish_reply(prepared, base + reply, tokens).shown)
+                finished = finish_reply(prepared, base + reply, tokens)
+                set_reply(finished.answer if finished.answer is not None else base + reply, finished.shown,
+                          finished.reasoning)
             session.history = session.store.save(history, keep_copy_on_conflict=True)
     stats = generation.stats
     ending = {"cancelled": " · stopped", "length": " · hit max_new_tokens", "error": " · failed"}.get(
@@ -179,25 +192,31 @@ def _prepare(services: Services, session: UiSession, chat: ChatSettings, action:
 
 
 def _reply_setter(history: ChatHistory | None, action: Action, stamp: dict[str, Any]):
-    """A function `set_reply(text, visible)` that shows `text` as the last reply: `visible` None while it
-    streams, and the text to show (after extensions' output_modifier) when it ends, when the reply's metadata
+    """A function `set_reply(text, visible, reasoning=None, thinking=False)` that shows `text` (and the
+    thinking `reasoning`) as the last reply: `visible` None while it streams (`thinking`: the model is still
+    thinking), and the text to show (after extensions' output_modifier) when it ends, when the reply's metadata
     records `stamp` (the model that wrote it). A regenerated reply streams over a preview of the last message
-    and, when it ends, becomes a new alternative ("swipe") of it."""
+    and, when it ends, becomes a new alternative ("swipe") of it, with its own thinking. A continued reply keeps
+    its thinking."""
     if history is None:
-        return lambda text, visible: None
+        return lambda text, visible, reasoning=None, thinking=False: None
     index = len(history.messages) - 1
     original = history.messages[index]
 
-    def set_reply(text: str, visible: str | None) -> None:
+    def set_reply(text: str, visible: str | None, reasoning: str | None = None, thinking: bool = False) -> None:
+        if action == "continue" and reasoning is None:
+            reasoning = original.reasoning_content
         if visible is None:  # streaming: a preview, stored nowhere
-            history.messages[index] = ChatMessage.model_construct(**{**dict(original), "content": text,
-                                                                     "metadata": {}})
+            history.messages[index] = ChatMessage.model_construct(**{
+                **dict(original), "content": text, "reasoning_content": reasoning,
+                "metadata": {THINKING_KEY: "pending"} if thinking else {}})
             return
         history.messages[index] = original
         if action != "regenerate" or not original.content:
             history.edit_message(index, text)
-        elif text and text != original.content:
-            history.add_swipe(index, text)
+            history.edit_reasoning(index, reasoning)
+        elif (text or reasoning) and (text, reasoning) != (original.content, original.reasoning_content):
+            history.add_swipe(index, text, reasoning)
         else:
             return
         message = history.messages[index]
@@ -209,18 +228,4 @@ def _reply_setter(history: ChatHistory | None, action: Action, stamp: dict[str, 
 
 def _show(history: ChatHistory | None, chat: ChatSettings, services: Services) -> list[dict[str, Any]]:
     messages = history.messages if history is not None else greeting_messages(services, chat)
-    return chatbot_messages(messages)
-
-
-def chatbot_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
-    """The chat as Gradio's Chatbot takes it (one entry per stored message, so indices match)."""
-    shown = []
-    tools = tool_entries(messages)  # tool calls and results: collapsible blocks
-    for index, message in enumerate(messages):
-        if index in tools:
-            shown.append(tools[index])
-            continue
-        role = message.role if message.role in ("user", "assistant", "system") else "assistant"
-        entry: dict[str, Any] = {"role": role, "content": visible_text(message.content, message.metadata)}
-        shown.append(entry)
-    return shown
+    return chatbot_messages(messages)  # modules.ui.chat_display: thinking, tool calls and results as blocks

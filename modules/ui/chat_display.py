@@ -1,0 +1,88 @@
+"""The open chat as Gradio's Chatbot shows it, and the way back from what the page points at to the stored message.
+
+A stored message may show as more than one Chatbot entry: a reply's thinking is an entry of its own above the
+answer (a "thought": Gradio's message metadata with a title, drawn as a collapsible block, open with a spinner
+while the model thinks, closed once it answers); tool calls and results are such blocks too
+(modules.ui.tool_messages). Events of the Chatbot (select, edit) carry the entry's index, so
+`entry_owners` says which stored message (and which part of it) each entry shows. Nothing here imports Gradio.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from modules.chat.history import ChatMessage
+from modules.request_hooks import visible_text
+from modules.ui.tool_messages import tool_entries
+
+THINKING_TITLE = "Thinking"
+#: Metadata of a reply being written whose thinking has not ended yet (a preview, never saved).
+THINKING_KEY = "thinking"
+
+#: LaTeX in replies (KaTeX): $$...$$ and \[...\] on a line of their own, $...$ and \(...\) inline.
+LATEX_DELIMITERS: list[dict[str, str | bool]] = [
+    {"left": "$$", "right": "$$", "display": True},
+    {"left": "\\[", "right": "\\]", "display": True},
+    {"left": "\\(", "right": "\\)", "display": False},
+    {"left": "$", "right": "$", "display": False},
+]
+
+Part = Literal["content", "reasoning"]
+
+
+@dataclass(frozen=True)
+class EntryOwner:
+    """The stored message an entry of the Chatbot shows, and which part of it."""
+
+    index: int
+    part: Part
+
+
+def _entries(messages: list[ChatMessage]) -> list[tuple[EntryOwner, dict[str, Any]]]:
+    """Each Chatbot entry of the chat with what it shows: per stored message its thinking (if it has any), then
+    its text, or its tool calls / its tool result as a block."""
+    tools = tool_entries(messages)
+    entries: list[tuple[EntryOwner, dict[str, Any]]] = []
+    for index, message in enumerate(messages):
+        thinking = message.metadata.get(THINKING_KEY) == "pending"
+        has_thinking = message.role == "assistant" and bool(message.reasoning_content or thinking)
+        if has_thinking:
+            entries.append((EntryOwner(index, "reasoning"), {
+                "role": "assistant", "content": message.reasoning_content or "",
+                "metadata": {"title": THINKING_TITLE, "status": "pending" if thinking else "done"}}))
+        if index in tools:
+            entries.append((EntryOwner(index, "content"), tools[index]))
+        elif message.content or not has_thinking:
+            role = message.role if message.role in ("user", "assistant", "system") else "assistant"
+            entries.append((EntryOwner(index, "content"),
+                            {"role": role, "content": visible_text(message.content, message.metadata)}))
+    return entries
+
+
+def chatbot_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
+    """The chat as Gradio's Chatbot takes it."""
+    return [entry for _, entry in _entries(messages)]
+
+
+def entry_owners(messages: list[ChatMessage]) -> list[EntryOwner]:
+    """For each Chatbot entry of `messages` (as chatbot_messages lays them out), what it shows."""
+    return [owner for owner, _ in _entries(messages)]
+
+
+def owner_of(messages: list[ChatMessage], entry: int) -> EntryOwner | None:
+    """What the Chatbot entry `entry` shows (None: no such entry; the page shows an older chat)."""
+    owners = entry_owners(messages)
+    return owners[entry] if 0 <= entry < len(owners) else None
+
+
+def swipe_position(message: ChatMessage) -> tuple[int, int]:
+    """(the alternative shown, counted from 1; how many there are) of a reply."""
+    return (message.swipe_index + 1, len(message.swipes)) if message.swipes else (1, 1)
+
+
+def swipe_target(messages: list[ChatMessage], selected: int | None) -> int | None:
+    """The reply whose alternatives the previous/next controls browse: the selected message when it is a reply,
+    else the last reply of the chat (None: the chat has none)."""
+    if selected is not None and 0 <= selected < len(messages) and messages[selected].role == "assistant":
+        return selected
+    return next((i for i in range(len(messages) - 1, -1, -1) if messages[i].role == "assistant"), None)
