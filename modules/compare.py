@@ -109,9 +109,8 @@ def _import_everything(manager: Any, models: list[str], loader: str | None) -> N
     resident-memory growth is not charged with libraries every later model shares."""
     import importlib
 
-    import modules.chat.request
-    import modules.training.perplexity
-
+    for module in ("modules.chat.request", "modules.training.perplexity"):
+        importlib.import_module(module)
     backends = {"llama.cpp": ("llama_cpp",), "transformers": ("torch", "transformers")}
     for name in models:
         for module in backends.get(manager.plan(name, loader).loader.name, ()):
