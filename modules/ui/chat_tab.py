@@ -13,7 +13,9 @@ from modules.chat.history import ChatMessage
 from modules.errors import ChatChangedError, ConfigError
 from modules.settings import ChatSettings
 from modules.ui.character_panel import build_character_panel
+from modules.ui.chat_display import LATEX_DELIMITERS, owner_of
 from modules.ui.chat_histories_panel import build_chat_histories_panel
+from modules.ui.chat_message_controls import build_message_controls, wire_message_controls
 from modules.ui.chat_runner import Action, run_turn, shown_messages
 from modules.ui.chat_tools import ToolsPanel, build_tool_approval, build_tools_panel, wire_chat_pick
 from modules.ui.chat_view import ChatView, refused, show
@@ -26,8 +28,11 @@ from modules.ui.session_state import UiSession
 def build_chat_tab(ctx: UiContext) -> ChatView:
     with gr.Row():
         with gr.Column(scale=5):
+            # editable="all": the pencil on every message (modules.ui.chat_message_controls saves the edit)
             chatbot = gr.Chatbot(elem_id="chatbot", height=560, buttons=["copy"], label="Chat",
-                                 feedback_options=None, placeholder="Send a message to start.")
+                                 feedback_options=None, placeholder="Send a message to start.", editable="all",
+                                 latex_delimiters=LATEX_DELIMITERS)
+            message_controls = build_message_controls()  # ‹ n/m ›, Regenerate from here
             with gr.Row(equal_height=True):
                 status = gr.Markdown(elem_id="chat-status")
                 reload = gr.Button("Reload chat", size="sm", scale=0, min_width=120, visible=False,
@@ -63,7 +68,8 @@ def build_chat_tab(ctx: UiContext) -> ChatView:
             chats = build_chat_histories_panel(ctx, chatbot)
             view = ChatView(chatbot, chats, status, message, reload)
             build_character_panel(ctx, view)
-    _wire_turns(ctx, view, picker, tools, send, regenerate, continue_, impersonate, stop)
+    turns = _wire_turns(ctx, view, picker, tools, send, regenerate, continue_, impersonate, stop)
+    wire_message_controls(ctx, view, message_controls, *turns)
     wire_chat_pick(ctx, tools, chats)
     _wire_edits(ctx, view, remove_last, replace_last, copy_last, dummy_message, dummy_reply, new_chat, branch)
     _wire_reload(ctx, view)
@@ -109,7 +115,10 @@ def _chat_choice(ctx: UiContext, session: UiSession | None, chat_id: str | None)
 
 
 def _wire_turns(ctx: UiContext, view: ChatView, picker: ModelPicker, tools: ToolsPanel, send: gr.Button,
-                regenerate: gr.Button, continue_: gr.Button, impersonate: gr.Button, stop: gr.Button) -> None:
+                regenerate: gr.Button, continue_: gr.Button, impersonate: gr.Button,
+                stop: gr.Button) -> tuple[Any, Any, list[Any], list[gr.Button]]:
+    """Wire the turn buttons; returns (the turn handler factory, its inputs, its outputs, the buttons it locks)
+    for other controls that start a turn."""
     inputs = {*ctx.generation_inputs, view.message, *picker.inputs, *tools.inputs}
     outputs = [view.chatbot, view.message, view.status, view.chats, view.reload, picker.model, *tools.turn_outputs]
 
@@ -144,6 +153,7 @@ def _wire_turns(ctx: UiContext, view: ChatView, picker: ModelPicker, tools: Tool
         stream_locked(button.click, turn(action), inputs, outputs, lock)
     stream_locked(view.message.submit, turn("send"), inputs, outputs, lock)
     stop.click(lambda session: session.stop() if session else None, ctx.session, None, queue=False)
+    return turn, inputs, outputs, lock
 
 
 def _wire_edits(ctx: UiContext, view: ChatView, remove_last: gr.Button, replace_last: gr.Button,
@@ -231,7 +241,8 @@ def _wire_edits(ctx: UiContext, view: ChatView, remove_last: gr.Button, replace_
     def pick(session: UiSession | None, event: gr.SelectData) -> None:
         if session is not None:
             index = event.index[0] if isinstance(event.index, (list, tuple)) else event.index
-            session.selected = int(index)
+            owner = owner_of(session.history.messages, int(index)) if session.history is not None else None
+            session.selected = owner.index if owner is not None else None  # the stored message, not the entry
 
     view.chatbot.select(pick, ctx.session, None, queue=False)
     view.chatbot.clear(edit(start_new), inputs, store_outputs)  # the chatbot's bin icon starts a new chat
