@@ -8,8 +8,8 @@ import threading
 from pathlib import Path
 
 import pytest
-
 from conftest import MODEL_DIR, wait_until
+
 from modules.chat.history import ChatMessage, HistoryStore
 from modules.chat.request import ChatRequest, prepare_chat
 from modules.generation_params import GenerationParams
@@ -193,7 +193,7 @@ def test_a_declined_call_never_runs_and_the_model_is_told(services) -> None:
 @pytest.mark.slow
 def test_stop_while_a_call_waits_for_approval_declines_it_and_ends_the_turn(services) -> None:
     session = UiSession.start(services, new_session_id())
-    stopper = lambda update: threading.Thread(target=session.stop).start()  # noqa: E731  as the Stop button
+    stopper = lambda update: threading.Thread(target=session.stop).start()  # as the Stop button
     last = turn(services, session, "Delete all my notes.", "clear_notes", on_approval=stopper)
     assert last.done and "stopped" in last.status and not session.busy
     saved = session.store.load(session.character, session.history.id).messages

@@ -14,11 +14,20 @@ from pathlib import Path
 
 import pytest
 from playwright.sync_api import Browser, Page, expect
+from ui_helpers import (
+    Server,
+    Workspace,
+    chat_event,
+    event_finished,
+    new_chat,
+    open_app,
+    set_text,
+    wait_idle,
+    watch_event,
+)
 
 from modules.chat.history import HistoryStore
 from modules.settings import ChatSettings
-from ui_helpers import (Server, Workspace, chat_event, event_finished, new_chat, open_app, set_text, wait_idle,
-                        watch_event)
 
 pytestmark = pytest.mark.browser
 

@@ -169,7 +169,7 @@ def run_tool_turn(services: Services, session: UiSession, chat: ChatSettings, pa
             turn.events.put(("done", loop.outcome))
         except TurnStopped:
             turn.events.put(("done", "stopped"))
-        except BaseException as exc:  # handed to the page's handler, which reports it as run_turn would
+        except BaseException as exc:  # noqa: BLE001  handed to the page's handler, which raises it there
             turn.events.put(("error", exc))
 
     status = _Status(choice.describe(model), rounds)
