@@ -14,17 +14,20 @@ may use the whole n_ctx, and together they share its cells (kv_unified off: n_ct
   starts the same way (the next turn of the conversation) takes the slot with the longest reusable prefix, and
   llama_memory_seq_rm drops the rest, as llama.cpp's server does. Only prompt tokens are reused (generated ones
   were computed one at a time), from a multiple of PROMPT_CHUNK, under the same LoRA weights. When a step needs
-  cells the cache no longer has, idle slots give theirs up, least recently used first.
+  cells the cache no longer has, idle slots give theirs up, least recently used first; in a unified cache they
+  also do when a sequence starts while none runs (see below).
 - LoRA adapters apply to the whole context, so the running sequences share one adapter set (`accepts`); the set
   is switched on the context when a new group starts, and the model's applied set is put back when it drains.
 
 What batching changes: llama.cpp's arithmetic depends on the batch and on where a sequence's cells lie in the cache
 (how sums over them are split into SIMD lanes; a quantized model's activations round to 8 bits, which magnifies the
-last bits), so a reply may differ by a near-tie token when other sequences run beside it or other conversations
-hold the unified cache: measured on the starter (Q4_1), log-probabilities moved by up to 0.1 nats. The same request
-in the same state gives the same tokens (warm equals cold: prompts are read in the same aligned chunks), and with
-kv_unified off each slot's cache starts at cell 0 of its own stream, so a request alone gives the same tokens
-whatever the other slots hold. parallel 1 is the single-sequence loop, bit for bit as before.
+last bits), so a reply may differ by a near-tie token when other sequences run beside it: measured on the starter
+(Q4_1), log-probabilities moved by up to 0.1 nats when other conversations held cells of the unified cache. So a
+sequence that starts while none runs gets the unified cache to itself (the idle slots give up their KV; its own
+slot's prefix stays): a request alone gives the same tokens as in a fresh context, warm or cold (prompts are read
+in the same aligned chunks). With kv_unified off each slot's cache starts at cell 0 of its own stream, so a request
+gives the same tokens alone whatever the other slots hold, and idle slots keep their KV. parallel 1 is the
+single-sequence loop, bit for bit as before.
 """
 from __future__ import annotations
 
@@ -241,7 +244,20 @@ class LlamaCppBatch(BatchDecoder):
             del best.tokens[best_reuse:]
         best.prompt_read = min(best.prompt_read, best_reuse)
         best.adapters, best.used = adapters, self._steps
+        if not self._sequences and self._unified:
+            self._alone_in_cache(best)
         return best
+
+    def _alone_in_cache(self, taken: _Slot) -> None:
+        """A sequence that starts while none runs gets the unified cache to itself: the other idle slots give up
+        their KV, so its cells lie where they would in a fresh context and a request alone repeats its reply
+        exactly (where cells lie changes the arithmetic). Its own slot's reused prefix stays."""
+        for slot in self._slots:
+            if slot is not taken and slot.tokens:
+                llama_cpp.llama_memory_seq_rm(self._memory, slot.seq, -1, -1)
+                slot.tokens, slot.prompt_read = [], 0
+        if not taken.tokens:
+            llama_cpp.llama_memory_clear(self._memory, False)  # and the next cell is cell 0 again
 
     def _reusable(self, slot: _Slot, ids: list[int], adapters: tuple) -> int:
         """How much of `ids` the slot's KV may serve: its common prefix with the slot's prompt tokens, down to a
