@@ -119,3 +119,22 @@ def browser():
         browser = launch_browser(playwright)
         yield browser
         browser.close()
+
+
+@pytest.fixture(scope="session")
+def quantized_models(tmp_path_factory: pytest.TempPathFactory, starter_gguf: Path, starter_hf: Path) -> dict:
+    """A models folder holding the starter's GGUF and Transformers copy (links) and the Q4_K_M that
+    `python -m modules.quantize gguf` made from the Transformers copy: made once for test_quantize and
+    test_compare. Returns the folder and the command's result."""
+    import subprocess
+    import sys
+
+    models = tmp_path_factory.mktemp("quantize") / "models"
+    models.mkdir()
+    (models / STARTER_GGUF).symlink_to(starter_gguf)
+    (models / STARTER_HF_DIR).symlink_to(starter_hf, target_is_directory=True)
+    result = subprocess.run([sys.executable, "-m", "modules.quantize", "gguf", STARTER_HF_DIR, "--type", "Q4_K_M",
+                             "--model-dir", str(models)], cwd=ROOT, capture_output=True, text=True, timeout=900,
+                            check=False)
+    assert result.returncode == 0, result.stderr
+    return {"dir": models, "result": result, "q4_k_m": models / f"{STARTER_HF_DIR}.Q4_K_M.gguf"}
