@@ -130,6 +130,7 @@ def test_a_short_disk_is_refused_before_anything_is_written(tmp_path: Path):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_the_disk_estimate_is_near_the_real_size(quantized_models: dict):
     from modules.quantize.gguf import inspect_source
 
