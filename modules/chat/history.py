@@ -27,6 +27,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
+from modules.chat.attachments import Attachment
 from modules.chat.files import file_in
 from modules.chat.merge import adds_text, merge_chats, same_content
 from modules.errors import ChatChangedError, ConfigError, PathError
@@ -46,7 +47,9 @@ def _now() -> datetime:
 class ChatMessage(BaseModel):
     """One message. An assistant message may hold alternatives ("swipes") from regenerating; `content` is always
     the one shown, `swipes[swipe_index]`. `reasoning_content` is the reply's thinking (modules.chat.reasoning),
-    kept apart from its content; `swipe_reasoning`, when set, holds each alternative's thinking."""
+    kept apart from its content; `swipe_reasoning`, when set, holds each alternative's thinking. `attachments` are
+    the files sent with a user message, their text read out (modules.chat.attachments): `content` is what the user
+    typed, and the model reads the files before it."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -60,6 +63,7 @@ class ChatMessage(BaseModel):
     tool_call_id: str | None = None
     reasoning_content: str | None = None
     swipe_reasoning: list[str | None] = Field(default_factory=list)
+    attachments: list[Attachment] = Field(default_factory=list)
     metadata: dict[str, Any] = Field(default_factory=dict)  # anything else a caller wants kept with the message
 
     @model_validator(mode="after")
@@ -105,7 +109,8 @@ class ChatHistory(BaseModel):
 
     @property
     def preview(self) -> str:
-        first = next((m.content for m in self.messages if m.role == "user"), "")
+        first = next((m.content or " ".join(f"[{a.name}]" for a in m.attachments)
+                      for m in self.messages if m.role == "user"), "")
         text = " ".join(first.split())
         return text if len(text) <= 80 else text[:79] + "…"
 
@@ -114,9 +119,12 @@ class ChatHistory(BaseModel):
         return self.name or self.preview or "New chat"
 
     def prompt_messages(self) -> list[dict[str, Any]]:
-        """The messages as prompt.build_prompt (and chat templates) take them: no swipes, times or metadata."""
+        """The messages as the chat path (modules.chat.request) takes them: no swipes, times or metadata; a
+        message's attached files under "attachments" (written into its text there)."""
         keep = {"role", "content", "name", "tool_calls", "tool_call_id", "reasoning_content"}
-        return [m.model_dump(include=keep, exclude_none=True) for m in self.messages]
+        return [{**m.model_dump(include=keep, exclude_none=True), **({"attachments": list(m.attachments)}
+                                                                     if m.attachments else {})}
+                for m in self.messages]
 
     def add_swipe(self, index: int, text: str, reasoning: str | None = None) -> None:
         """Keep a regenerated reply (and its thinking) as a new alternative of assistant message `index` and show

@@ -43,6 +43,7 @@ def build_model_prompt(model: LoadedModel, chat: ChatSettings, messages: list[di
                        template_override: str | None = None, tools: list[dict[str, Any]] | None = None,
                        continue_last: bool = False, impersonate: bool = False,
                        impersonate_prefix: str = "", drop_old_messages: bool = True,
+                       truncate_last_message: bool = True,
                        template_variables: dict[str, Any] | None = None) -> ModelPrompt:
     """`messages` is the whole conversation with the new user message appended. `template_override` is a Jinja
     template given inline (the API's instruction_template_str); otherwise chat.instruction_template names one
@@ -50,6 +51,9 @@ def build_model_prompt(model: LoadedModel, chat: ChatSettings, messages: list[di
     that renders them; for one that ignores them they are described in the system message.
 
     `template_variables` reach the template's render (enable_thinking, reasoning_effort, a request's own).
+
+    `truncate_last_message` False: when the prompt does not fit even with the oldest turns left out, PromptTooLong
+    is raised rather than the last user message cut (it holds attached files: modules.chat.attachment_fit).
 
     `drop_old_messages` False keeps every message: the prompt is rendered once, uncounted (the generation counts
     it and refuses it when too long), after refusing at once, with ContextLengthExceeded, a conversation whose
@@ -85,7 +89,8 @@ def build_model_prompt(model: LoadedModel, chat: ChatSettings, messages: list[di
     result = build_prompt(messages, options, continue_last=continue_last, impersonate=impersonate,
                           impersonate_prefix=impersonate_prefix,
                           count_tokens=model.token_count if can_count else None,
-                          token_budget=context - max_new_tokens if can_count else None)
+                          token_budget=context - max_new_tokens if can_count else None,
+                          truncate_last_message=truncate_last_message)
     return ModelPrompt(result, context, warnings + result.warnings)
 
 

@@ -14,6 +14,8 @@ from typing import Any, Literal
 
 from loaders.base import Capability, LoadedModel
 from loaders.batching import Adapter
+from modules.chat.attachment_fit import build_with_attachments
+from modules.chat.attachments import render_messages
 from modules.chat.model_prompt import build_model_prompt
 from modules.chat.prompt import PromptResult
 from modules.chat.reasoning import prompt_opens_thinking, split_reasoning
@@ -37,7 +39,8 @@ ALPACA_STOP_STRINGS = ("\n### ", "### Instruction:")
 class ChatRequest:
     """What to answer and how. `messages` are OpenAI-style dicts (role, text content, tool_calls, tool_call_id),
     oldest first, ending with the message to answer (or the reply to continue); in the Alpaca layout a user
-    message may carry `input`, the record's "### Input:" block."""
+    message may carry `input`, the record's "### Input:" block. A message may carry `attachments`: files read into
+    text (modules.chat.attachments), written into its text here; a file too large for the context is refused."""
 
     messages: list[dict[str, Any]]
     chat: ChatSettings
@@ -140,6 +143,7 @@ def prepare_chat(services: Any, request: ChatRequest, *, hooks: RequestHooks | N
         params = params.model_copy(update={"json_schema": schema, "grammar_string": ""})
     messages = hooks.last_user_message(request.messages) if request.new_user_message else request.messages
     messages = hooks.history(messages)
+    attached, messages = messages, render_messages(messages)  # files written into their messages' text
     context = min(model.context_length, request.chat.truncation_length or model.context_length)
     custom = None
     if request.prompt_format == "chat_template" and not (request.continue_last or request.impersonate):
@@ -152,13 +156,17 @@ def prepare_chat(services: Any, request: ChatRequest, *, hooks: RequestHooks | N
         result = PromptResult(_alpaca_text(model, request, messages), messages,
                               stop_strings=list(ALPACA_STOP_STRINGS))
     else:
-        built = build_model_prompt(model, request.chat, messages, max_new_tokens=params.max_new_tokens,
-                                   template_dir=services.settings.template_dir,
-                                   characters_dir=services.settings.character_dir, template_override=request.template,
-                                   tools=tools or None, continue_last=request.continue_last,
-                                   impersonate=request.impersonate, impersonate_prefix=request.impersonate_prefix,
-                                   drop_old_messages=request.fit == "drop_oldest",
-                                   template_variables=template_variables(request.chat, request.template_variables))
+        def build(conversation: list[dict[str, Any]], cut_last: bool) -> Any:
+            return build_model_prompt(
+                model, request.chat, conversation, max_new_tokens=params.max_new_tokens,
+                template_dir=services.settings.template_dir, characters_dir=services.settings.character_dir,
+                template_override=request.template, tools=tools or None, continue_last=request.continue_last,
+                impersonate=request.impersonate, impersonate_prefix=request.impersonate_prefix,
+                drop_old_messages=request.fit == "drop_oldest", truncate_last_message=cut_last,
+                template_variables=template_variables(request.chat, request.template_variables))
+
+        built = build_with_attachments(model, attached, build, context=context, max_new_tokens=params.max_new_tokens,
+                                       refuse=request.fit == "refuse")
         result, warnings, context = built.result, built.warnings, built.context
     stops = list(dict.fromkeys([*params.stop, *result.stop_strings, *request.chat.custom_stopping_strings]))
     names = {t["function"]["name"] for t in tools} if tools else None
