@@ -163,7 +163,7 @@ def wire_message_controls(ctx: UiContext, view: ChatView, controls: MessageContr
         yield from regenerate(data)
     from_here.__name__ = "regenerate_from_here"
 
-    controls.from_here.click(ask, inputs, question, show_progress="hidden")
+    controls.from_here.click(ask, inputs, question, queue=False, show_progress="hidden")
     controls.no.click(lambda: hidden, None, question, queue=False)
     controls.yes.click(lambda: hidden, None, question, queue=False)
     stream_locked(controls.yes.click, from_here, turn_inputs, turn_outputs, lock)
