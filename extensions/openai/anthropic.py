@@ -2,6 +2,7 @@
 reply to continue) and POST /v1/messages/count_tokens, mapped onto the same chat path as /v1/chat/completions."""
 from __future__ import annotations
 
+import base64
 import json
 import uuid
 from collections.abc import AsyncIterator
@@ -41,6 +42,22 @@ def _text_of(content: Any, where: str) -> str:
     return "".join(texts)
 
 
+def _document_part(block: AnthropicBlock, where: str) -> dict[str, Any]:
+    """A document block (a base64 or plain-text source, its title the file's name) as OpenAI's file content part,
+    which the chat path reads as an attachment (modules.chat.attachments)."""
+    extra = block.model_extra or {}
+    source = extra.get("source") if isinstance(extra.get("source"), dict) else {}
+    kind, media, data = source.get("type"), str(source.get("media_type") or ""), source.get("data")
+    if kind == "text" and isinstance(data, str):
+        data = base64.b64encode(data.encode("utf-8")).decode("ascii")
+        media = media or "text/plain"
+    elif kind != "base64" or not isinstance(data, str):
+        raise ApiError(400, f"A document block's source must be of type base64 or text with its data (got "
+                            f"{kind or 'none'}).", param=where)
+    title = extra.get("title") if isinstance(extra.get("title"), str) else None
+    return {"type": "file", "file": {"filename": title or "document", "file_data": f"data:{media};base64,{data}"}}
+
+
 def to_openai_messages(body: MessagesRequest) -> list[dict[str, Any]]:
     messages: list[dict[str, Any]] = []
     system = _text_of(body.system, "system")
@@ -50,10 +67,12 @@ def to_openai_messages(body: MessagesRequest) -> list[dict[str, Any]]:
         if isinstance(message.content, str):
             messages.append({"role": message.role, "content": message.content})
             continue
-        texts, calls, thinking = [], [], []
+        texts, calls, thinking, files = [], [], [], []
         for block in message.content:
             if block.type == "text":
                 texts.append(block.text or "")
+            elif block.type == "document" and message.role == "user":
+                files.append(_document_part(block, f"messages.{number}.content"))
             elif block.type == "thinking" and message.role == "assistant":  # templates that want it render it
                 thinking.append(str((block.model_extra or {}).get("thinking") or ""))
             elif block.type == "tool_use" and message.role == "assistant":
@@ -67,8 +86,10 @@ def to_openai_messages(body: MessagesRequest) -> list[dict[str, Any]]:
             else:
                 raise ApiError(400, f"{block.type} blocks are not supported in {message.role} messages.",
                                param=f"messages.{number}.content")
-        if texts or calls or not message.content:
+        if texts or calls or files or not message.content:
             entry: dict[str, Any] = {"role": message.role, "content": "".join(texts)}
+            if files:  # read as the message's attachments by the chat path
+                entry["content"] = [*files, {"type": "text", "text": entry["content"]}]
             if calls:
                 entry["tool_calls"] = calls
             if any(thinking):

@@ -8,6 +8,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from extensions.openai.errors import ApiError, api_error_from, validation_error
+from modules.chat.attachments import take_file_parts
 from modules.chat.request import ChatRequest
 from modules.errors import WorkbenchError
 from modules.generation_params import GenerationParams
@@ -102,13 +103,17 @@ def check_template_str(params: Any, request: Any) -> None:
 def chat_messages(request: Any) -> list[dict[str, Any]]:
     """An OpenAI conversation as the core's messages: developer -> system, function -> tool, text parts joined."""
     messages = []
-    for message in request.messages:
+    for number, message in enumerate(request.messages):
         data = message.model_dump(exclude_none=True)
         if data["role"] == "developer":
             data["role"] = "system"
         elif data["role"] == "function":
             data["role"] = "tool"
         content = data.get("content")
+        if isinstance(content, list) and any(part.get("type") == "file" for part in content):
+            # file parts become the message's attachments (modules.chat.attachments), read into text
+            content, data["attachments"] = take_file_parts(content, field=f"messages.{number}.content")
+            data["content"] = content
         if isinstance(content, list):
             texts = [part.get("text") or "" for part in content if part.get("type") == "text"]
             if len(texts) != len(content):

@@ -248,7 +248,11 @@ def read_data_url(name: str | None, url: str, *, what: str = "file_data") -> Att
         data = base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError):
         raise InvalidInput(f"{what} is not valid base64.", field=what) from None
-    return read_attachment(with_extension(clean_name(name, "file"), media), data)
+    try:
+        return read_attachment(with_extension(clean_name(name, "file"), media), data)
+    except InvalidInput as exc:
+        exc.field = what  # the request's field that carried the file
+        raise
 
 
 #: Media types and the extension that tells a file's kind when its name has none.
@@ -304,3 +308,27 @@ def render_messages(messages: list[dict[str, Any]], *, include: bool = True) -> 
             message["content"] = message_text(content, files)
         rendered.append(message)
     return rendered
+
+
+def take_file_parts(content: list[dict[str, Any]], *, field: str = "messages") -> tuple[list[dict[str, Any]],
+                                                                                       list[Attachment]]:
+    """OpenAI content parts with their file parts (`{"type": "file", "file": {"filename", "file_data"}}`, the
+    data a base64 data URL) read as attachments: (the other parts, the files). A file_id names an upload this
+    server does not keep: refused, as is a file part without its data."""
+    rest: list[dict[str, Any]] = []
+    files: list[Attachment] = []
+    for part in content:
+        if not isinstance(part, dict) or part.get("type") != "file":
+            rest.append(part)
+            continue
+        file = part.get("file") if isinstance(part.get("file"), dict) else {}
+        data = file.get("file_data")
+        if not isinstance(data, str) or not data:
+            why = ("file_id is not supported: this server keeps no uploaded files" if file.get("file_id")
+                   else "it has no file.file_data")
+            raise InvalidInput(f"A file content part cannot be read: {why}. Send the file inline as "
+                               "file.file_data, a data URL (data:application/pdf;base64,...), with file.filename.",
+                               field=field)
+        name = file.get("filename") if isinstance(file.get("filename"), str) else None
+        files.append(read_data_url(name, data, what=field))
+    return rest, files
