@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from modules.errors import ConfigError, ModelLoadError, describe_validation_error
+from modules.errors import ConfigError, ImagesUnsupported, ModelLoadError, describe_validation_error
 from modules.generation_params import GenerationParams, TokenEvent
 
 if TYPE_CHECKING:
@@ -31,6 +31,34 @@ class Capability(StrEnum):
     GRAMMAR = "grammar"  # GBNF grammar and JSON schema constrained output
     LORA = "lora"  # apply/remove LoRA adapters on the loaded model
     LOGITS_PROCESSORS = "logits_processors"  # extensions may add logits processors
+    VISION = "vision"  # reads images: an ImagePrompt becomes a VisionPrompt through encode_images
+
+
+@dataclass(frozen=True)
+class ImageData:
+    """An image a message carries, as its client sent it: the encoded file (PNG, JPEG, ...) and its MIME type.
+    Loaders decode it themselves (their processors want their own form)."""
+
+    data: bytes
+    mime_type: str
+
+
+@dataclass(frozen=True)
+class ImagePrompt:
+    """A prompt that reads images: the text with the model's `image_marker` where each image goes, and the
+    images in the order of their markers. Only a model with Capability.VISION takes it (`encode_images`)."""
+
+    text: str
+    images: tuple[ImageData, ...]
+
+
+@dataclass
+class VisionPrompt:
+    """An ImagePrompt as its model reads it: the token ids with each image's tokens in place of its marker, and
+    the loader's own inputs for the images (pixel tensors, ...), used when the prompt is evaluated."""
+
+    ids: list[int]
+    inputs: Any
 
 
 class LoaderOptions(BaseModel):
@@ -76,13 +104,20 @@ class LoadedModel(ABC):
     #: The most UTF-8 bytes one token stands for (a bound to refuse a text too long for the context without
     #: tokenizing it); None when the backend does not say.
     max_token_bytes: int | None = None
+    #: The text that stands for one image in an ImagePrompt (a model with Capability.VISION sets it).
+    image_marker: str | None = None
 
     @abstractmethod
-    def stream(self, prompt: list[int] | str, params: GenerationParams,
+    def stream(self, prompt: list[int] | str | VisionPrompt, params: GenerationParams,
                cancel: threading.Event) -> Iterator[TokenEvent]:
-        """Yield tokens until EOS, max_new_tokens, or `cancel` is set (checked before every token).
+        """Yield tokens until EOS, max_new_tokens, or `cancel` is set (checked before every token). A VisionPrompt
+        reaches only a model with Capability.VISION.
 
         Closing the iterator early must stop generation and free resources at once."""
+
+    def encode_images(self, prompt: ImagePrompt, *, add_bos: bool = False) -> VisionPrompt:
+        """The token ids and image inputs of `prompt` (Capability.VISION); other models read no images."""
+        raise ImagesUnsupported(self.name)
 
     @abstractmethod
     def encode(self, text: str, *, add_bos: bool = False) -> list[int]:

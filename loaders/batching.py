@@ -19,7 +19,7 @@ from modules.errors import UnsupportedParameter
 from modules.generation_params import GenerationParams, TokenEvent
 
 if TYPE_CHECKING:
-    from loaders.base import LoadedModel
+    from loaders.base import LoadedModel, VisionPrompt
 
 #: Why a sequence ended: its end-of-generation token ("stop"), max_new_tokens ("length"), the context is full
 #: ("length" too), or nothing may follow under its grammar ("stop").
@@ -38,11 +38,12 @@ class Adapter:
 
 @dataclass
 class SequenceRequest:
-    """What a sequence needs to start: its prompt as token ids (or text, for loaders without a tokenizer), its
+    """What a sequence needs to start: its prompt as token ids (or text, for loaders without a tokenizer; or a
+    VisionPrompt, ids and images, which runs alone through SerialDecoder), its
     knobs, the adapters it runs with (None: the model's own applied adapters; empty: none at all) and a cancel
     flag the decoder may read during long work (a prompt's evaluation)."""
 
-    prompt: list[int] | str
+    prompt: list[int] | str | VisionPrompt
     params: GenerationParams
     adapters: tuple[Adapter, ...] | None = None
     cancel: threading.Event = field(default_factory=threading.Event)

@@ -4,6 +4,7 @@ Generation steps the model in the caller's thread (transformers_support.decode_l
 logits-processor chain (modules.samplers) as the whole sampler, in the order GenerationParams gives; what only
 `model.generate` does (beam search, prompt lookup, guidance, the compiled static cache) runs it in a worker thread.
 With `parallel` above 1, the serving engine decodes several requests together (loaders.transformers_batch).
+A folder whose config has a vision_config loads as a vision-language model (loaders.transformers_vision).
 """
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from loaders.base import Capability, LoadedModel, Loader, LoaderOptions, ModelInfo, gguf_files
+from loaders.base import (Capability, ImagePrompt, LoadedModel, Loader, LoaderOptions, ModelInfo, VisionPrompt,
+                          gguf_files)
 from loaders.batching import BatchDecoder
 from loaders.transformers_lora import PeftLoras
 from loaders.transformers_support import (
@@ -28,6 +30,7 @@ from loaders.transformers_support import (
     pick_dtype,
     weight_files,
 )
+from loaders.transformers_vision import chat_template, encode_images, is_vision_folder, load_vision
 from modules.constraints import TrialCompiler
 from modules.cuda_attention import avoid_cudnn_attention
 from modules.errors import GenerationError, ModelLoadError, WorkbenchError
@@ -115,10 +118,15 @@ class TransformersModel(PeftLoras, LoadedModel):
         source, kwargs = self._from_pretrained_args(path, options)
         model = None
         avoid_cudnn_attention()  # every decoded token is a new length to cuDNN (modules.cuda_attention)
+        self.processor: Any = None  # a vision-language model's (tokenizer and image processor)
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(source, **{k: v for k, v in kwargs.items()
-                                                                       if k in ("gguf_file", "trust_remote_code")})
-            model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+            if is_vision_folder(path):
+                self.processor, model = load_vision(source, kwargs)
+                self.tokenizer = self.processor.tokenizer
+            else:
+                self.tokenizer = AutoTokenizer.from_pretrained(source, **{k: v for k, v in kwargs.items()
+                                                                           if k in ("gguf_file", "trust_remote_code")})
+                model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
             model.eval()
         except (OSError, ValueError, RuntimeError, KeyError, TypeError, ImportError, MemoryError) as exc:
             model = None  # nothing half-loaded stays referenced; the manager then gives the memory back
@@ -128,7 +136,11 @@ class TransformersModel(PeftLoras, LoadedModel):
         config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         trained = int(getattr(config, "max_position_embeddings", 0) or 2048)
         self.context_length = options.max_seq_len or trained
-        self.chat_template = getattr(self.tokenizer, "chat_template", None) or None
+        if self.processor is not None:
+            self.capabilities = self.capabilities | {Capability.VISION}
+            self.image_marker = self.processor.image_token
+        self.chat_template = (chat_template(self.processor) if self.processor is not None
+                              else getattr(self.tokenizer, "chat_template", None)) or None
         if isinstance(self.chat_template, dict):  # several named templates: take the default one
             self.chat_template = self.chat_template.get("default") or next(iter(self.chat_template.values()))
         self.bos_token = self.tokenizer.bos_token
@@ -224,13 +236,23 @@ class TransformersModel(PeftLoras, LoadedModel):
 
         return trial_compiler(tokenizer=self.tokenizer, vocab_size=self._vocab_size, eos_token_ids=self._eos_ids)
 
-    def stream(self, prompt: list[int] | str, params: GenerationParams,
+    def encode_images(self, prompt: ImagePrompt, *, add_bos: bool = False) -> VisionPrompt:
+        if self.processor is None:
+            return super().encode_images(prompt, add_bos=add_bos)
+        return encode_images(self.processor, prompt, add_bos=add_bos, bos_id=self.tokenizer.bos_token_id,
+                             device=input_device(self.model), dtype=self.model.dtype)
+
+    def stream(self, prompt: list[int] | str | VisionPrompt, params: GenerationParams,
                cancel: threading.Event) -> Iterator[TokenEvent]:
-        ids = self.encode(prompt, add_bos=params.add_bos_token) if isinstance(prompt, str) else list(prompt)
+        prefill = None
+        if isinstance(prompt, VisionPrompt):
+            ids, prefill = list(prompt.ids), prompt.inputs
+        else:
+            ids = self.encode(prompt, add_bos=params.add_bos_token) if isinstance(prompt, str) else list(prompt)
         if not ids:
             raise GenerationError("The prompt is empty: there is nothing to continue.")
         with self._lock:
-            yield from self._generate(ids, params, cancel)
+            yield from self._generate(ids, params, cancel, prefill)
 
     def sampling_chain(self, params: GenerationParams, prompt_length: int, draws: Any
                        ) -> tuple[Any, LogprobRecorder | None]:
@@ -259,7 +281,8 @@ class TransformersModel(PeftLoras, LoadedModel):
         return TokenEvents(self.tokenizer, skip_special_tokens=params.skip_special_tokens, recorder=recorder,
                            stop_ids=stop_ids)
 
-    def _generate(self, ids: list[int], params: GenerationParams, cancel: threading.Event) -> Iterator[TokenEvent]:
+    def _generate(self, ids: list[int], params: GenerationParams, cancel: threading.Event,
+                  prefill: dict[str, Any] | None = None) -> Iterator[TokenEvent]:
         from transformers import set_seed
 
         from modules.samplers import SeededDraws, generate_kwargs, only_generate
@@ -280,7 +303,7 @@ class TransformersModel(PeftLoras, LoadedModel):
         if own_loop:
             tokens = decode_loop(self.model, input_ids, processors, sampling=kwargs["do_sample"],
                                  max_new_tokens=params.max_new_tokens, stop_ids=stop_ids, cancel=cancel.is_set,
-                                 draws=draws)
+                                 draws=draws, prefill=prefill)
             try:
                 yield from _events(tokens, events)
             except WorkbenchError:
@@ -288,6 +311,7 @@ class TransformersModel(PeftLoras, LoadedModel):
             except Exception as exc:  # a failure inside the model or a processor: one clear message
                 raise GenerationError(f"Generation failed: {type(exc).__name__}: {exc}") from exc
             return
+        kwargs.update(prefill or {})
         kwargs.update(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
                       max_new_tokens=params.max_new_tokens, logits_processor=processors,
                       eos_token_id=sorted(stop_ids) or None,
@@ -373,6 +397,7 @@ class TransformersModel(PeftLoras, LoadedModel):
             return
         self.model = None
         self.tokenizer = None
+        self.processor = None
         release_memory()
 
 

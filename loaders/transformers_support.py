@@ -147,7 +147,8 @@ class LogprobRecorder:
 
 
 def decode_loop(model: Any, input_ids: Any, processors: Any, *, sampling: bool, max_new_tokens: int,
-                stop_ids: set[int], cancel: Any, draws: SeededDraws | None = None) -> Iterator[int]:
+                stop_ids: set[int], cancel: Any, draws: SeededDraws | None = None,
+                prefill: dict[str, Any] | None = None) -> Iterator[int]:
     """Token ids, one forward step at a time, in the caller's thread.
 
     Why not generate() with a streamer: that needs a second thread running the model, which bench/generation.py
@@ -156,7 +157,8 @@ def decode_loop(model: Any, input_ids: Any, processors: Any, *, sampling: bool, 
     generate_kwargs() makes the whole sampler anyway): scores = processors(ids, logits); argmax or a draw from
     softmax(scores), drawn with the request's own generator (`draws`; None: torch's global one). Beam search,
     prompt lookup, guidance and the static cache keep using generate(); loaders.transformers_batch does the same
-    for each row of a batch."""
+    for each row of a batch. `prefill` are more inputs of the prompt's forward pass (a vision model's pixel
+    values), not given again after it."""
     import torch
     from transformers import DynamicCache
 
@@ -166,11 +168,13 @@ def decode_loop(model: Any, input_ids: Any, processors: Any, *, sampling: bool, 
     cache = DynamicCache(config=model.config)
     ids = input_ids  # the whole sequence so far: penalties and grammars read it
     step_input = input_ids
+    extra = dict(prefill or {})  # the prompt's own inputs (a vision model's pixels): its first pass reads them
     for _ in range(max_new_tokens):
         if cancel():
             return
         with torch.inference_mode():  # per step, not across the yield: the caller's code runs in between
-            out = model(input_ids=step_input, past_key_values=cache, use_cache=True, **keep_one)
+            out = model(input_ids=step_input, past_key_values=cache, use_cache=True, **keep_one, **extra)
+            extra = {}
             cache = out.past_key_values
             scores = processors(ids, out.logits[:, -1, :].to(dtype=torch.float32))
             if not torch.isfinite(scores).any():

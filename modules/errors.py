@@ -60,6 +60,17 @@ class ContextLengthExceeded(InvalidInput):
         self.exact = exact
 
 
+class ImagesUnsupported(InvalidInput):
+    """A message carries an image and the model it goes to reads none (no vision, or its loader has no image
+    support set up)."""
+
+    def __init__(self, model: str, detail: str = ""):
+        super().__init__(f"{model} reads no images: {detail or 'it is a text-only model'}. Send text only, or use a "
+                         "vision model (a Transformers folder whose config has a vision_config; a GGUF with its "
+                         "mmproj*.gguf beside it, for llama.cpp).", field="messages")
+        self.model = model
+
+
 class ModelLoadError(WorkbenchError):
     """A model could not be loaded; nothing was left half-loaded."""
 

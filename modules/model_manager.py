@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from loaders.base import Capability, LoadedModel, Loader, LoaderOptions, LoaderRegistry, ModelInfo
+from loaders.base import Capability, ImagePrompt, LoadedModel, Loader, LoaderOptions, LoaderRegistry, ModelInfo
 from loaders.batching import Adapter
 from modules.constraints import ConstraintChecker
 from modules.cpu_threads import in_short_lived_thread
@@ -308,14 +308,14 @@ class ModelManager:
         would: for a caller that must know before it changes anything (saves the user's message)."""
         self.constraints.check(params, self.require_model(model))
 
-    def generate(self, prompt: str | list[int], params: GenerationParams, *, add_bos: bool | None = None,
+    def generate(self, prompt: str | list[int] | ImagePrompt, params: GenerationParams, *, add_bos: bool | None = None,
                  strict: bool = False, cut_to_fit: bool = True, model: str | None = None,
                  adapters: tuple[Adapter, ...] | None = None, client: str = "",
                  keep_alive: float | None = None) -> Generation:
         """A Generation to iterate (see modules.serving.request). Knobs the model cannot honour raise (strict) or
         become warnings. The prompt is tokenized here, in the caller's thread: a prompt longer than the context
         minus max_new_tokens loses its oldest tokens, or raises ContextLengthExceeded when `cut_to_fit` is False
-        (the API's choice)."""
+        (the API's choice). An ImagePrompt (a prompt with images) goes to a vision model only."""
         if not prompt:
             raise InvalidInput("The prompt is empty.")
         return Generation(self, prompt, params, add_bos=add_bos, strict=strict, cut_to_fit=cut_to_fit, model=model,
@@ -366,7 +366,7 @@ class ModelManager:
     def token_count(self, text: str, *, model: str | None = None) -> int:
         return len(self.encode(text, model=model))
 
-    def prompt_token_count(self, prompt: str, params: GenerationParams, *, add_bos: bool | None = None,
+    def prompt_token_count(self, prompt: str | ImagePrompt, params: GenerationParams, *, add_bos: bool | None = None,
                            model: str | None = None) -> int:
         """How many tokens a generation of `prompt` with `params` reads (its usage's prompt tokens, before any
         cut to fit the context)."""

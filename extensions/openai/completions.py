@@ -20,6 +20,7 @@ from extensions.openai.protocol import (ChatChoice, ChatCompletionChunk, ChatCom
 from extensions.openai.streaming import (CallStart, ClientGone, GenerationRun, HeldBackText, ReasoningPiece,
                                         ReplyEvent, TextPiece, guarded, sse)
 from extensions.openai.target import Target, resolve_target
+from loaders.base import ImagePrompt
 from modules.chat.reasoning import ReasoningSplitter
 from modules.chat.request import ChatReply, PreparedChat, finish_reply, prepare_chat
 from modules.errors import WorkbenchError
@@ -39,7 +40,7 @@ def api_state(request: Request) -> Any:
 
 
 # --- running generations --------------------------------------------------------------------------------------------
-async def start_run(services: Any, request: Request, prompt: str | list[int], params: GenerationParams,
+async def start_run(services: Any, request: Request, prompt: str | list[int] | ImagePrompt, params: GenerationParams,
                     add_bos: bool | None = None, *, target: Target) -> GenerationRun:
     """A queued generation for the request on its target model, made in a worker thread (it tokenizes the prompt
     and may compile a grammar: never on the event loop). A prompt that does not fit the context is refused, never
@@ -228,8 +229,9 @@ class ChatPlan:
         self.top_logprobs = (body.top_logprobs or 0) if body.logprobs else None
 
     @property
-    def prompt(self) -> str:
-        return self.prepared.prompt
+    def prompt(self) -> str | ImagePrompt:
+        """What the model generates from: the prompt text, with the request's images when it has some."""
+        return self.prepared.model_prompt
 
     @property
     def params(self) -> GenerationParams:

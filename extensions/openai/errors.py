@@ -22,8 +22,8 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from extensions.openai.streaming import ClientGone
-from modules.errors import (BusyError, ContextLengthExceeded, ModelLoading, NoModelLoaded, NotFound, Overloaded,
-                            WorkbenchError, validation_problems)
+from modules.errors import (BusyError, ContextLengthExceeded, ImagesUnsupported, ModelLoading, NoModelLoaded, NotFound,
+                            Overloaded, WorkbenchError, validation_problems)
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +113,8 @@ def _kind_of(exc: WorkbenchError) -> _Kind:
         return _Kind(503, "overloaded")
     if isinstance(exc, ContextLengthExceeded):
         return _Kind(400, "context_length_exceeded")
+    if isinstance(exc, ImagesUnsupported):
+        return _Kind(400, "images_unsupported")
     if isinstance(exc, NotFound):
         return _Kind(404, "not_found")
     status = getattr(exc, "status_code", 400)

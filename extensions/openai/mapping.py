@@ -101,7 +101,8 @@ def check_template_str(params: Any, request: Any) -> None:
 
 
 def chat_messages(request: Any) -> list[dict[str, Any]]:
-    """An OpenAI conversation as the core's messages: developer -> system, function -> tool, text parts joined."""
+    """An OpenAI conversation as the core's messages: developer -> system, function -> tool, text parts joined;
+    a message with image_url parts keeps its parts (the core reads them: modules.chat.images)."""
     messages = []
     for number, message in enumerate(request.messages):
         data = message.model_dump(exclude_none=True)
@@ -115,11 +116,12 @@ def chat_messages(request: Any) -> list[dict[str, Any]]:
             content, data["attachments"] = take_file_parts(content, field=f"messages.{number}.content")
             data["content"] = content
         if isinstance(content, list):
-            texts = [part.get("text") or "" for part in content if part.get("type") == "text"]
-            if len(texts) != len(content):
-                raise ApiError(400, "Only text content parts are supported (this model reads no images or audio).",
-                               param="messages")
-            data["content"] = "".join(texts)
+            other = sorted({str(part.get("type")) for part in content} - {"text", "image_url"})
+            if other:
+                raise ApiError(400, f"Content parts of type {', '.join(other)} are not supported (text and image_url "
+                                    "are).", param="messages")
+            if all(part.get("type") == "text" for part in content):
+                data["content"] = "".join(part.get("text") or "" for part in content)
         data.setdefault("content", "")
         messages.append(data)
     return messages

@@ -12,16 +12,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from loaders.base import Capability, LoadedModel
+from loaders.base import Capability, ImageData, ImagePrompt, LoadedModel
 from loaders.batching import Adapter
 from modules.chat.attachment_fit import build_with_attachments
 from modules.chat.attachments import render_messages
+from modules.chat.images import has_images, images_in_prompt, take_images
 from modules.chat.model_prompt import build_model_prompt
 from modules.chat.prompt import PromptResult
 from modules.chat.reasoning import prompt_opens_thinking, split_reasoning
 from modules.chat.tool_calls import parse_tool_calls
 from modules.chat.tool_prompt import constraint_schema
-from modules.errors import InvalidInput
+from modules.errors import ImagesUnsupported, InvalidInput
 from modules.generation_params import GenerationParams
 from modules.request_hooks import RequestHooks
 from modules.settings import ChatSettings
@@ -37,8 +38,9 @@ ALPACA_STOP_STRINGS = ("\n### ", "### Instruction:")
 
 @dataclass
 class ChatRequest:
-    """What to answer and how. `messages` are OpenAI-style dicts (role, text content, tool_calls, tool_call_id),
-    oldest first, ending with the message to answer (or the reply to continue); in the Alpaca layout a user
+    """What to answer and how. `messages` are OpenAI-style dicts (role, content, tool_calls, tool_call_id),
+    oldest first, ending with the message to answer (or the reply to continue); a content list holds text parts
+    and image_url parts with data URLs (modules.chat.images, for a vision model); in the Alpaca layout a user
     message may carry `input`, the record's "### Input:" block. A message may carry `attachments`: files read into
     text (modules.chat.attachments), written into its text here; a file too large for the context is refused."""
 
@@ -94,6 +96,13 @@ class PreparedChat:
     #: text), and the tags the prompt already opened it with (the reply starts inside the thinking).
     parse_reasoning: bool = True
     thinking_opened: tuple[str, str] | None = None
+    #: The images the prompt reads, one per image marker in it, in order (a vision model's; empty: none).
+    images: tuple[ImageData, ...] = ()
+
+    @property
+    def model_prompt(self) -> str | ImagePrompt:
+        """What the ModelManager generates from: the prompt text, with its images when it has some."""
+        return ImagePrompt(self.prompt, self.images) if self.images else self.prompt
 
     @property
     def state(self) -> dict[str, Any]:
@@ -103,7 +112,7 @@ class PreparedChat:
     def generate(self, manager: Any, *, params: GenerationParams | None = None, **options: Any) -> Any:
         """The ModelManager's Generation for this prompt (`params` replace the prepared ones, e.g. another seed;
         `options` are generate()'s others: client, keep_alive, cut_to_fit)."""
-        return manager.generate(self.prompt, params or self.params, add_bos=self.add_bos, model=self.model,
+        return manager.generate(self.model_prompt, params or self.params, add_bos=self.add_bos, model=self.model,
                                 adapters=self.adapters, **options)
 
 
@@ -133,6 +142,10 @@ def prepare_chat(services: Any, request: ChatRequest, *, hooks: RequestHooks | N
     their parameters and input hooks before it saves the user's message) are used as they are; else they are
     made here (state_modifier runs once either way)."""
     model = services.manager.require_model(request.model)
+    marker = model.image_marker if Capability.VISION in model.capabilities else None
+    if marker is None and has_images(request.messages):
+        raise ImagesUnsupported(model.name)
+    request_messages, images = take_images(request.messages, marker)
     hooks = hooks or RequestHooks(services, request.params, request.chat, source=request.source)
     params = hooks.params
     tools = request.tools if request.tool_choice != "none" else []
@@ -141,7 +154,7 @@ def prepare_chat(services: Any, request: ChatRequest, *, hooks: RequestHooks | N
     schema = constraint_schema(tools, request.tool_choice)
     if schema is not None:
         params = params.model_copy(update={"json_schema": schema, "grammar_string": ""})
-    messages = hooks.last_user_message(request.messages) if request.new_user_message else request.messages
+    messages = hooks.last_user_message(request_messages) if request.new_user_message else request_messages
     messages = hooks.history(messages)
     attached, messages = messages, render_messages(messages)  # files written into their messages' text
     context = min(model.context_length, request.chat.truncation_length or model.context_length)
@@ -175,7 +188,8 @@ def prepare_chat(services: Any, request: ChatRequest, *, hooks: RequestHooks | N
                         context=context, prompt_tokens=result.prompt_tokens, dropped_messages=result.dropped_messages,
                         tool_names=names, forced_tool=bool(tools) and request.tool_choice not in (None, "auto"),
                         model=request.model, adapters=request.adapters, parse_reasoning=not request.impersonate,
-                        thinking_opened=None if request.continue_last else prompt_opens_thinking(result.prompt))
+                        thinking_opened=None if request.continue_last else prompt_opens_thinking(result.prompt),
+                        images=images_in_prompt(result.prompt, marker, images) if marker else ())
 
 
 def finish_reply(prepared: PreparedChat, text: str, tokens: list[Any] | None = None) -> ChatReply:

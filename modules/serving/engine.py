@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from loaders.base import LoadedModel
+from loaders.base import LoadedModel, VisionPrompt
 from loaders.batching import BatchDecoder, SequenceRequest, SerialDecoder, StepOutput
 from modules.errors import GenerationError, Overloaded, WorkbenchError
 from modules.generation_params import TokenEvent
@@ -229,7 +229,8 @@ class Engine:
         running now (its knobs need a batch of one, or another adapter set) waits at the head, and nothing is
         admitted past it until the batch has drained, so it is never starved."""
         while (ticket := self._waiting.peek()) is not None:
-            alone = self._batch is None or not self._batch.takes(ticket.request.params)
+            alone = (self._batch is None or not self._batch.takes(ticket.request.params)
+                     or isinstance(ticket.request.prompt, VisionPrompt))  # images: the serial path reads them
             decoder = self._serial if alone else self._batch
             assert decoder is not None
             if self._active and (decoder is not self._decoder or decoder.free <= 0

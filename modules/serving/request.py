@@ -13,9 +13,10 @@ import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from loaders.base import Capability, LoadedModel
+from loaders.base import Capability, ImagePrompt, LoadedModel, VisionPrompt
 from loaders.batching import Adapter, SequenceRequest
-from modules.errors import ContextLengthExceeded, GenerationError, InvalidInput, Overloaded, WorkbenchError
+from modules.errors import (ContextLengthExceeded, GenerationError, ImagesUnsupported, InvalidInput, Overloaded,
+                            WorkbenchError)
 from modules.generation_params import GenerationParams, GenerationStats, TokenEvent, check_supported
 from modules.serving.engine import Done, Ticket
 from modules.stopping import StopStringFilter, StreamChunk
@@ -25,13 +26,27 @@ if TYPE_CHECKING:
     from modules.serving.residents import Resident
 
 
-def encode_prompt(model: LoadedModel, prompt: str, params: GenerationParams, add_bos: bool | None = None) -> list[int]:
+def encode_prompt(model: LoadedModel, prompt: str | ImagePrompt, params: GenerationParams,
+                  add_bos: bool | None = None) -> list[int]:
     """The token ids a text prompt is generated from: BOS as `add_bos` says (None: as params.add_bos_token says),
-    never a second one when the prompt already starts with it."""
+    never a second one when the prompt already starts with it. An ImagePrompt's ids hold its images' tokens."""
+    if isinstance(prompt, ImagePrompt):
+        return encode_image_prompt(model, prompt, params, add_bos).ids
     add = params.add_bos_token if add_bos is None else add_bos
     if add and model.bos_token and prompt.startswith(model.bos_token):
         add = False  # the template already wrote it; never send two
     return model.encode(prompt, add_bos=add)
+
+
+def encode_image_prompt(model: LoadedModel, prompt: ImagePrompt, params: GenerationParams,
+                        add_bos: bool | None = None) -> VisionPrompt:
+    """A prompt with images as its vision model reads it; ImagesUnsupported for a model without vision."""
+    if Capability.VISION not in model.capabilities:
+        raise ImagesUnsupported(model.name)
+    add = params.add_bos_token if add_bos is None else add_bos
+    if add and model.bos_token and prompt.text.startswith(model.bos_token):
+        add = False
+    return model.encode_images(prompt, add_bos=add)
 
 
 def check_text_fits(model: LoadedModel, text: str | int, max_new_tokens: int, *, what: str = "the prompt") -> None:
@@ -56,7 +71,7 @@ class Generation:
     (None: the model's own); `client` whose request it is (requests are served round-robin across clients);
     `keep_alive` how long the model stays loaded once idle after it (seconds; 0 unloads it, -1 keeps it)."""
 
-    def __init__(self, manager: ModelManager, prompt: str | list[int], params: GenerationParams,
+    def __init__(self, manager: ModelManager, prompt: str | list[int] | ImagePrompt, params: GenerationParams,
                  *, add_bos: bool | None, strict: bool, cut_to_fit: bool = True, model: str | None = None,
                  adapters: tuple[Adapter, ...] | None = None, client: str = "", keep_alive: float | None = None):
         self._manager = manager
@@ -74,6 +89,7 @@ class Generation:
         self.text = ""
         self.warnings: list[str] = []
         self.prompt_ids: list[int] | None = None
+        self._vision: VisionPrompt | None = None  # an ImagePrompt as the model it was made with reads it
         self._prepared_for: LoadedModel | None = None  # the model prompt_ids were made with
         self._resident: Resident | None = None
         resident = manager.resident(model)
@@ -86,7 +102,7 @@ class Generation:
         if resident is not None:
             resident.engine.wake()
 
-    def _prepare(self, model: LoadedModel) -> list[int] | str:
+    def _prepare(self, model: LoadedModel) -> list[int] | str | VisionPrompt:
         self.warnings = check_supported(self.params, model.supported_params, model.loader_name, strict=self._strict)
         prompt = self._prepare_prompt(model)
         self._manager.constraints.check(self.params, model)  # here, not in the queue: a compile may take seconds
@@ -169,12 +185,22 @@ class Generation:
             stats.seconds = time.perf_counter() - started
             self.text = "".join(pieces)
 
-    def _prepare_prompt(self, model: LoadedModel) -> list[int] | str:
+    def _prepare_prompt(self, model: LoadedModel) -> list[int] | str | VisionPrompt:
         """The prompt as the model reads it. Token ids are made once, when the Generation is made (in the caller's
         thread, before it queues), and again only if another model serves it. A prompt longer than the context
         minus max_new_tokens loses its oldest tokens (with a warning), or is refused with ContextLengthExceeded when
-        the Generation was made with cut_to_fit=False."""
+        the Generation was made with cut_to_fit=False. A prompt with images is never cut (an image's tokens
+        cannot be cut): one too long is refused."""
         params = self.params
+        if isinstance(self.prompt, ImagePrompt):
+            if self._prepared_for is not model or self._vision is None:
+                vision = encode_image_prompt(model, self.prompt, params, self._add_bos)
+                if len(vision.ids) > model.context_length - params.max_new_tokens:
+                    raise ContextLengthExceeded(context=model.context_length, prompt_tokens=len(vision.ids),
+                                                max_new_tokens=params.max_new_tokens, what="the prompt with its images")
+                self._vision, self.prompt_ids, self._prepared_for = vision, vision.ids, model
+                self.stats.prompt_tokens = len(vision.ids)
+            return self._vision
         if Capability.TOKENIZE not in model.capabilities:
             self.stats.prompt_tokens = 0
             self._prepared_for = model
