@@ -65,9 +65,9 @@ class ImagesUnsupported(InvalidInput):
     support set up)."""
 
     def __init__(self, model: str, detail: str = ""):
-        super().__init__(f"{model} reads no images: {detail or 'it is a text-only model'}. Send text only, or use a "
-                         "vision model (a Transformers folder whose config has a vision_config; a GGUF with its "
-                         "mmproj*.gguf beside it, for llama.cpp).", field="messages")
+        super().__init__(f"{model} reads no images: {detail or 'it is not a vision model here'}. Send text only, "
+                         "or load a vision-language model with the Transformers loader (a folder whose config.json "
+                         "has a vision_config).", field="messages")
         self.model = model
 
 
