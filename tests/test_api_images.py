@@ -141,3 +141,20 @@ def test_an_image_url_the_server_would_fetch_is_a_400(client: openai.OpenAI) -> 
     with pytest.raises(openai.BadRequestError, match="base64"):
         client.chat.completions.create(model=VLM, messages=ask(QUESTION, image_part("data:image/png,rawbytes")),
                                        max_tokens=4)
+
+
+def test_an_image_block_through_the_anthropic_sdk(services: Services, client: openai.OpenAI) -> None:
+    import anthropic
+
+    claude = anthropic.Anthropic(base_url=str(client.base_url).removesuffix("/v1/"), api_key="unused", max_retries=0,
+                                 timeout=300)
+    block = {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": RED.split(",", 1)[1]}}
+    plain = claude.messages.create(model=VLM, max_tokens=4, messages=[{"role": "user", "content": QUESTION}])
+    seen = claude.messages.create(model=VLM, max_tokens=4, messages=[
+        {"role": "user", "content": [{"type": "text", "text": QUESTION}, block]}])
+    assert seen.usage.input_tokens >= plain.usage.input_tokens + IMAGE_SEQ_LEN
+    with pytest.raises(anthropic.BadRequestError, match="reads no images"):
+        claude.messages.create(model=TEXT_ONLY, max_tokens=4, messages=[{"role": "user", "content": [block]}])
+    with pytest.raises(anthropic.BadRequestError, match="does not fetch"):
+        claude.messages.create(model=VLM, max_tokens=4, messages=[{"role": "user", "content": [
+            {"type": "image", "source": {"type": "url", "url": "https://example.com/cat.png"}}]}])

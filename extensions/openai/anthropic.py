@@ -42,6 +42,18 @@ def _text_of(content: Any, where: str) -> str:
     return "".join(texts)
 
 
+def _image_part(block: AnthropicBlock, where: str) -> dict[str, Any]:
+    """An image block with a base64 source as OpenAI's image_url part (a data URL); a url source is refused, as
+    on /v1/chat/completions: the server fetches nothing."""
+    extra = block.model_extra or {}
+    source = extra.get("source") if isinstance(extra.get("source"), dict) else {}
+    if source.get("type") != "base64" or not isinstance(source.get("data"), str):
+        raise ApiError(400, f"An image block's source must be of type base64 with its data (got "
+                            f"{source.get('type') or 'none'}): this server does not fetch images from URLs.",
+                       param=where)
+    return {"type": "image_url", "image_url": {"url": f"data:{source.get('media_type') or ''};base64,{source['data']}"}}
+
+
 def _document_part(block: AnthropicBlock, where: str) -> dict[str, Any]:
     """A document block (a base64 or plain-text source, its title the file's name) as OpenAI's file content part,
     which the chat path reads as an attachment (modules.chat.attachments)."""
@@ -67,10 +79,12 @@ def to_openai_messages(body: MessagesRequest) -> list[dict[str, Any]]:
         if isinstance(message.content, str):
             messages.append({"role": message.role, "content": message.content})
             continue
-        texts, calls, thinking, files = [], [], [], []
+        texts, calls, thinking, files, images = [], [], [], [], []
         for block in message.content:
             if block.type == "text":
                 texts.append(block.text or "")
+            elif block.type == "image" and message.role == "user":  # in its place among the texts
+                images.append((len(texts), _image_part(block, f"messages.{number}.content")))
             elif block.type == "document" and message.role == "user":
                 files.append(_document_part(block, f"messages.{number}.content"))
             elif block.type == "thinking" and message.role == "assistant":  # templates that want it render it
@@ -86,10 +100,17 @@ def to_openai_messages(body: MessagesRequest) -> list[dict[str, Any]]:
             else:
                 raise ApiError(400, f"{block.type} blocks are not supported in {message.role} messages.",
                                param=f"messages.{number}.content")
-        if texts or calls or files or not message.content:
+        if texts or calls or files or images or not message.content:
             entry: dict[str, Any] = {"role": message.role, "content": "".join(texts)}
+            if images:  # text and image_url parts in the blocks' order (modules.chat.images reads them)
+                parts: list[dict[str, Any]] = [{"type": "text", "text": text} for text in texts]
+                for offset, (position, part) in enumerate(images):
+                    parts.insert(position + offset, part)
+                entry["content"] = parts
             if files:  # read as the message's attachments by the chat path
-                entry["content"] = [*files, {"type": "text", "text": entry["content"]}]
+                content = entry["content"]
+                entry["content"] = [*files, *(content if isinstance(content, list) else
+                                              [{"type": "text", "text": content}])]
             if calls:
                 entry["tool_calls"] = calls
             if any(thinking):
