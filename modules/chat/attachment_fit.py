@@ -64,3 +64,23 @@ def _too_large(model: LoadedModel, messages: list[dict[str, Any]], files: list[A
         others = context
     return AttachmentTooLarge(files=tokens, room=context - max_new_tokens - others, context=context, others=others,
                               max_new_tokens=max_new_tokens)
+
+
+def file_tokens(model: LoadedModel, attachment: Attachment) -> int | None:
+    """The tokens a file adds to its message on `model`: its block and the blank line after it (None: the model
+    cannot count)."""
+    if Capability.TOKENIZE not in model.capabilities:
+        return None
+    return model.token_count(render_attachment(attachment) + "\n\n")
+
+
+def check_files_fit(model: LoadedModel, files: list[Attachment], *, context: int, max_new_tokens: int) -> list[int]:
+    """Each file's tokens (0 where the model cannot count), refusing with AttachmentTooLarge files that alone,
+    with nothing else in the prompt, would not fit `context` beside `max_new_tokens`: what a page checks when a
+    file is attached, before the whole prompt is built."""
+    counts = [file_tokens(model, file) or 0 for file in files]
+    if sum(counts) + max_new_tokens > context:
+        raise AttachmentTooLarge(files={file.name: count for file, count in zip(files, counts)},
+                                 room=context - max_new_tokens, context=context, others=0,
+                                 max_new_tokens=max_new_tokens)
+    return counts

@@ -275,9 +275,14 @@ def with_extension(name: str, media_type: str) -> str:
 def render_attachment(attachment: Attachment) -> str:
     """One file as the model reads it: its name, then its text in a fenced block (a fence longer than any run of
     backticks in the text)."""
-    longest = max((len(run) for run in re.findall(r"`+", attachment.text)), default=0)
+    return f"File: {attachment.name}\n{fenced(attachment.text.rstrip(), attachment.language)}"
+
+
+def fenced(text: str, language: str = "") -> str:
+    """`text` in a Markdown fenced block whose fence is longer than any run of backticks in it."""
+    longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
     fence = "`" * max(3, longest + 1)
-    return f"File: {attachment.name}\n{fence}{attachment.language}\n{attachment.text.rstrip()}\n{fence}"
+    return f"{fence}{language}\n{text}\n{fence}"
 
 
 def message_text(content: str, attachments: list[Attachment]) -> str:

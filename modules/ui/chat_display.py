@@ -3,7 +3,8 @@
 A stored message may show as more than one Chatbot entry: a reply's thinking is an entry of its own above the
 answer (a "thought": Gradio's message metadata with a title, drawn as a collapsible block, open with a spinner
 while the model thinks, closed once it answers); tool calls and results are such blocks too
-(modules.ui.tool_messages). Events of the Chatbot (select, edit) carry the entry's index, so
+(modules.ui.tool_messages), and so is each file attached to a message (its name, kind and size; opened, its
+text). Events of the Chatbot (select, edit) carry the entry's index, so
 `entry_owners` says which stored message (and which part of it) each entry shows. Nothing here imports Gradio.
 """
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from modules.chat.attachments import Attachment, fenced
 from modules.chat.history import ChatMessage
 from modules.request_hooks import visible_text
 from modules.ui.tool_messages import tool_entries
@@ -27,7 +29,10 @@ LATEX_DELIMITERS: list[dict[str, str | bool]] = [
     {"left": "$", "right": "$", "display": False},
 ]
 
-Part = Literal["content", "reasoning"]
+Part = Literal["content", "reasoning", "attachment"]
+
+#: How much of an attached file's text its block shows (the model reads all of it).
+SHOWN_FILE_CHARS = 4000
 
 
 @dataclass(frozen=True)
@@ -50,13 +55,24 @@ def _entries(messages: list[ChatMessage]) -> list[tuple[EntryOwner, dict[str, An
             entries.append((EntryOwner(index, "reasoning"), {
                 "role": "assistant", "content": message.reasoning_content or "",
                 "metadata": {"title": THINKING_TITLE, "status": "pending" if thinking else "done"}}))
+        for file in message.attachments:
+            entries.append((EntryOwner(index, "attachment"), attachment_entry(message.role, file)))
         if index in tools:
             entries.append((EntryOwner(index, "content"), tools[index]))
-        elif message.content or not has_thinking:
+        elif message.content or not (has_thinking or message.attachments):
             role = message.role if message.role in ("user", "assistant", "system") else "assistant"
             entries.append((EntryOwner(index, "content"),
                             {"role": role, "content": visible_text(message.content, message.metadata)}))
     return entries
+
+
+def attachment_entry(role: str, file: Attachment) -> dict[str, Any]:
+    """A file on its message: a closed block titled with its name, kind and size, holding its text."""
+    text = file.text[:SHOWN_FILE_CHARS]
+    more = len(file.text) - len(text)
+    shown = fenced(text) + (f"\n\n… {more:,} more characters (the model reads them all)" if more else "")
+    return {"role": role if role in ("user", "assistant") else "user", "content": shown,
+            "metadata": {"title": f"📎 {file.label}", "status": "done"}}
 
 
 def chatbot_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:

@@ -88,6 +88,8 @@ def wire_message_controls(ctx: UiContext, view: ChatView, controls: MessageContr
         before = history.model_copy(deep=True)
         if owner.part == "reasoning":
             history.edit_reasoning(owner.index, text.strip() or None)
+        elif owner.part == "attachment":
+            raise ConfigError("An attached file cannot be edited: edit the message's text, or send the file again.")
         elif message.role == "tool" or message.tool_calls:
             raise ConfigError("A tool call or a tool's result cannot be edited.")
         else:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from loaders.batching import Adapter
+from modules.chat.attachments import Attachment
 from modules.chat.history import ChatHistory, ChatMessage
 from modules.chat.model_prompt import chat_character
 from modules.chat.reasoning import ReasoningSplitter
@@ -76,12 +77,13 @@ def turn_request(chat: ChatSettings, params: GenerationParams, messages: list[di
 
 def run_turn(services: Services, session: UiSession, chat: ChatSettings, params: GenerationParams,
              action: Action, text: str = "", choice: ModelChoice | None = None,
-             tools: ToolPick | None = None) -> Iterator[TurnUpdate]:
+             tools: ToolPick | None = None, attachments: list[Attachment] | None = None) -> Iterator[TurnUpdate]:
     """Stream one turn, answered by the model `choice` names (loaded first when it is not resident and the page
     may load models; else refused, before anything is saved). The chat is saved when the user's message is added
     and again when the reply ends (also when it is stopped: a cut reply is kept); both record the model and LoRAs.
     Extensions' hooks apply (modules.extensions). With `tools` (the page's pick, recorded on the turn's messages)
-    a message is answered through the tool loop (modules.ui.tool_turns).
+    a message is answered through the tool loop (modules.ui.tool_turns). `attachments` go with a message sent
+    (kept on it; files too large for the context are refused before it is saved).
 
     Another page may have the same chat open: each save merges what it added meanwhile, or raises
     ChatChangedError. Until a save succeeds `session.history` keeps the chat as it was, so a refused message is
@@ -99,7 +101,13 @@ def run_turn(services: Services, session: UiSession, chat: ChatSettings, params:
     stamp = choice.stamp(name) if tools is None else {**choice.stamp(name), **tools.stamp()}
     hooks = RequestHooks(services, params, chat, source="ui")
     manager.check_constraint(hooks.params, model=name)  # a refused grammar must not leave the message unanswered
-    history = _prepare(services, session, chat, action, text, hooks, stamp)
+    if attachments and action == "send":  # files that do not fit the context are refused before anything is kept
+        before = [m.model_dump(include={"role", "content"}) for m in greeting_messages(services, chat)] \
+            if session.history is None else session.history.prompt_messages()
+        prepare_chat(services, turn_request(chat, params, [*before, {"role": "user", "content": text,
+                                                                     "attachments": attachments}],
+                                            "send", model=name, adapters=adapters), hooks=hooks)
+    history = _prepare(services, session, chat, action, text, hooks, stamp, attachments or [])
     prompt_messages = history.prompt_messages() if history is not None else [
         m.model_dump(include={"role", "content"}) for m in greeting_messages(services, chat)]
     if tools is not None and tools.names and action == "send":
@@ -165,17 +173,18 @@ def run_turn(services: Services, session: UiSession, chat: ChatSettings, params:
 
 
 def _prepare(services: Services, session: UiSession, chat: ChatSettings, action: Action, text: str,
-             hooks: RequestHooks, stamp: dict[str, Any]) -> ChatHistory | None:
+             hooks: RequestHooks, stamp: dict[str, Any], attachments: list[Attachment]) -> ChatHistory | None:
     """The chat the reply goes into (a copy of the page's open chat), after adding and saving the user's message
-    (send; its metadata records `stamp`, the model it was sent to) or checking there is something to regenerate or
-    continue."""
+    (send, with its `attachments`; its metadata records `stamp`, the model it was sent to) or checking there is
+    something to regenerate or continue."""
     history = session.history.model_copy(deep=True) if session.history is not None else None
     messages = history.messages if history is not None else greeting_messages(services, chat)
     if action == "send":
-        if not text.strip():
+        if not text.strip() and not attachments:
             raise ConfigError("Type a message first.")
         model_text, visible = hooks.user_text(text)
-        user = ChatMessage(role="user", content=model_text, metadata=with_visible(stamp, model_text, visible))
+        user = ChatMessage(role="user", content=model_text, metadata=with_visible(stamp, model_text, visible),
+                           attachments=attachments)
         if history is None:
             history = session.store.new(session.character, [*messages, user], mode=chat.mode)
         else:

@@ -37,7 +37,7 @@ from modules.ui.tool_messages import TOOL_ERROR_KEY, ToolPick, call_text
 log = logging.getLogger(__name__)
 
 #: The keys of a message the prompt reads (the loop's own keys stay out of it).
-_PROMPT_KEYS = ("role", "content", "name", "tool_calls", "tool_call_id", "reasoning_content")
+_PROMPT_KEYS = ("role", "content", "name", "tool_calls", "tool_call_id", "reasoning_content", "attachments")
 
 
 class TurnStopped(Exception):
