@@ -10,9 +10,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from playwright.sync_api import Browser, Page, expect
-
 from attachment_files import make_pdf
+from playwright.sync_api import Browser, Page, expect
 from ui_helpers import Server, Workspace, chat_event, new_chat, open_app, run_event, set_text
 
 pytestmark = pytest.mark.browser
