@@ -22,6 +22,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -69,12 +70,15 @@ def start(command: list[str], url: str, env: dict[str, str] | None = None) -> su
     """Start a server and wait until its /v1/models answers."""
     import httpx
 
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    # a file, not a pipe: a server that logs much (llama.cpp's load) would block on a pipe nobody reads
+    log = tempfile.TemporaryFile()
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log,
                                env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
     deadline = time.monotonic() + STARTUP_S
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise SystemExit(f"{command[:4]} exited: {process.stderr.read().decode(errors='replace')[-2000:]}")
+            log.seek(0)
+            raise SystemExit(f"{command[:4]} exited: {log.read().decode(errors='replace')[-2000:]}")
         try:
             if httpx.get(url + "/v1/models", timeout=2).status_code == 200:
                 return process
