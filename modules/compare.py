@@ -208,6 +208,26 @@ def save_run(rows: list[Row], folder: Path, *, prompts: list[str], text_source: 
     return json_path, csv_path
 
 
+def list_runs(folder: Path) -> list[str]:
+    """The saved runs in `folder` (their JSON files' stems), newest first."""
+    if not folder.is_dir():
+        return []
+    return sorted((p.stem for p in folder.glob("*.json") if not p.name.startswith(".")), reverse=True)
+
+
+def load_run(folder: Path, stamp: str) -> tuple[list[Row], list[str], str]:
+    """A run save_run wrote: (rows, prompts, text source). A missing or damaged file is a ConfigError."""
+    from modules.paths import resolve_inside
+
+    path = resolve_inside(folder, f"{stamp}.json", what="saved comparison", must_exist=True)
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+        rows = [Row(**row) for row in document["rows"]]
+        return rows, list(document.get("prompts", [])), str(document.get("text_source", ""))
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"{path.name} is not a readable saved comparison: {exc}") from None
+
+
 def format_table(rows: list[Row], prompts: list[str]) -> str:
     """The measurements as an aligned text table, then each prompt with every model's answer."""
     header = ("model", "loader", "file", "RSS +", "load s", "prompt t/s", "gen t/s", "perplexity")
