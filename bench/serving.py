@@ -66,8 +66,11 @@ def serve(port: int, loader: str, parallel: int) -> None:
         time.sleep(3600)
 
 
-def start(command: list[str], url: str, env: dict[str, str] | None = None) -> subprocess.Popen:
-    """Start a server and wait until its /v1/models answers."""
+def start(command: list[str], url: str, env: dict[str, str] | None = None, *,
+          any_answer: bool = False) -> subprocess.Popen:
+    """Start a server and wait until its /v1/models answers 200 (with `any_answer`, answers at all:
+    `transformers serve` answers it with a 500 offline, while it scans the hub cache, and serves the folder it was
+    given all the same)."""
     import httpx
 
     # a file, not a pipe: a server that logs much (llama.cpp's load) would block on a pipe nobody reads
@@ -80,7 +83,7 @@ def start(command: list[str], url: str, env: dict[str, str] | None = None) -> su
             log.seek(0)
             raise SystemExit(f"{command[:4]} exited: {log.read().decode(errors='replace')[-2000:]}")
         try:
-            if httpx.get(url + "/v1/models", timeout=2).status_code == 200:
+            if httpx.get(url + "/v1/models", timeout=2).status_code == 200 or any_answer:
                 return process
         except httpx.HTTPError:
             pass
@@ -162,10 +165,11 @@ def run_loader(loader: str, args: argparse.Namespace, questions: list[str]) -> d
                    "--n_ctx", "8192", "--port", str(peer_port), "--host", "127.0.0.1"]
         peer_model = STARTER_GGUF
     else:
-        command = ["transformers", "serve", "--continuous-batching", "--port", str(peer_port), "--host",
+        command = [sys.executable, "-c", "from transformers.cli.transformers import main; main()", "serve",
+                   "--continuous-batching", "--port", str(peer_port), "--host",
                    "127.0.0.1", str(ROOT / "models" / STARTER_HF_DIR)]
         peer_model = str(ROOT / "models" / STARTER_HF_DIR)
-    peer = start(command, peer_url, {"HF_HUB_OFFLINE": "1"})
+    peer = start(command, peer_url, {"HF_HUB_OFFLINE": "1"}, any_answer=loader == "transformers")
     try:
         stream(peer_url, peer_model, questions[0], 8)
         peer_figures = {n: measure(peer_url, peer_model, questions, n, args.tokens) for n in args.clients}
