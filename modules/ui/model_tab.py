@@ -1,6 +1,7 @@
 """Model tab: pick, load, unload and reload a model with its loader's options (drawn from the loader's typed
 Options), save them as that model's settings in user_data/models.yaml (modules.model_settings), apply LoRAs,
-download from the hub, and see what is loaded: the default model, and every resident model with its slots, queue
+download from the hub, quantize or convert a model and compare models (modules.ui.quantize_panel,
+compare_panel), and see what is loaded: the default model, and every resident model with its slots, queue
 and memory. With --multi-user everything that changes the shared models, the models folder or models.yaml is the
 operator's (modules.ui.operator); every page keeps the list of models and what is resident, so that its user knows
 what answers them."""
@@ -23,7 +24,9 @@ from modules.presets import list_presets
 from modules.serving.residents import Resident
 from modules.ui.access import may_administer, refuse_unless_admin
 from modules.ui.common import UiContext, error_text, user_errors
+from modules.ui.compare_panel import build_compare_panel
 from modules.ui.operator import operator_only
+from modules.ui.quantize_panel import build_quantize_panel
 from modules.ui.widgets import FieldPanel
 
 #: Seconds between refreshes of the resident models while the Model tab is open.
@@ -190,6 +193,8 @@ def build_model_tab(ctx: UiContext, tabs: gr.Tabs | None = None) -> None:
                                      elem_id="download-pattern")
                 fetch = gr.Button("Download", size="sm", elem_id="download-start")
                 fetch_status = gr.Markdown(elem_id="download-status")
+    build_quantize_panel(ctx, model)
+    build_compare_panel(ctx)
 
     all_options = [c for panel in panels.values() for c in panel.inputs]
     form = [loader, *groups.values(), *all_options, preset_box, template_box, aliases_box, settings_note]
