@@ -97,8 +97,8 @@ class BackgroundTask:
                 self._state = _replace(self._state, **final)
 
 
-def _replace(state: TaskState, **changes: Any) -> TaskState:
-    return TaskState(**{**state.__dict__, **changes})
+def _replace(current: TaskState, **changes: Any) -> TaskState:
+    return TaskState(**{**current.__dict__, **changes})
 
 
 def _duration(seconds: float | None) -> str:
