@@ -158,3 +158,51 @@ def test_an_image_block_through_the_anthropic_sdk(services: Services, client: op
     with pytest.raises(anthropic.BadRequestError, match="does not fetch"):
         claude.messages.create(model=VLM, max_tokens=4, messages=[{"role": "user", "content": [
             {"type": "image", "source": {"type": "url", "url": "https://example.com/cat.png"}}]}])
+
+
+# --- the Responses API: input_image and input_file parts take the same path ------------------------------------------
+FACT = "The lighthouse keeper on Varnholm island is called Edda Quist."
+
+
+def said(*parts: dict | str) -> list[dict]:
+    """A Responses API input: one user message of input_text / input_image / input_file parts."""
+    return [{"role": "user", "content": [{"type": "input_text", "text": p} if isinstance(p, str) else p
+                                         for p in parts]}]
+
+
+def test_responses_read_an_input_image_as_its_image_tokens(client: openai.OpenAI) -> None:
+    plain = client.responses.create(model=VLM, input=said(QUESTION), max_output_tokens=4, temperature=0)
+    seen = client.responses.create(model=VLM, input=said(QUESTION, {"type": "input_image", "image_url": RED,
+                                                                    "detail": "auto"}),
+                                   max_output_tokens=4, temperature=0)
+    assert seen.usage.input_tokens >= plain.usage.input_tokens + IMAGE_SEQ_LEN
+    assert seen.status in ("completed", "incomplete") and seen.usage.output_tokens > 0
+    chat = client.chat.completions.create(model=VLM, messages=ask(QUESTION, image_part(RED)), max_tokens=4,
+                                          temperature=0)
+    assert seen.usage.input_tokens == chat.usage.prompt_tokens  # the same prompt as the chat route's
+
+
+def test_responses_refuse_an_input_image_on_a_text_only_model(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError, match="reads no images") as caught:
+        client.responses.create(model=TEXT_ONLY, input=said(QUESTION, {"type": "input_image", "image_url": RED}),
+                                max_output_tokens=4)
+    assert caught.value.status_code == 400 and caught.value.code == "images_unsupported"
+    assert caught.value.param == "input"
+
+
+def test_responses_read_an_input_file_into_the_prompt(services: Services, client: openai.OpenAI) -> None:
+    import base64
+
+    question = "Who keeps the lighthouse on Varnholm?"
+    data = "data:text/plain;base64," + base64.b64encode(FACT.encode()).decode()
+    plain = client.responses.create(model=TEXT_ONLY, input=said(question), max_output_tokens=8, temperature=0)
+    read = client.responses.create(model=TEXT_ONLY, input=said(
+        {"type": "input_file", "filename": "keepers.txt", "file_data": data}, question),
+        max_output_tokens=8, temperature=0)
+    fact_tokens = len(services.manager.require_model(TEXT_ONLY).encode(FACT))
+    assert read.usage.input_tokens >= plain.usage.input_tokens + fact_tokens
+    chat = client.chat.completions.create(model=TEXT_ONLY, max_tokens=8, temperature=0, messages=[
+        {"role": "user", "content": [{"type": "file", "file": {"filename": "keepers.txt", "file_data": data}},
+                                     {"type": "text", "text": question}]}])
+    assert read.usage.input_tokens == chat.usage.prompt_tokens  # the file's block, as the chat route writes it
+    assert read.output_text == chat.choices[0].message.content

@@ -196,7 +196,11 @@ def test_a_streamed_function_call(client: openai.OpenAI) -> None:
 # --- errors -------------------------------------------------------------------------------------------------------
 @pytest.mark.slow
 @pytest.mark.parametrize(("body", "param"), [
-    ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "data:,"}]}]}, "input.0.content.0"),
+    ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "data:,"}]}]}, "input"),
+    ({"input": [{"role": "user", "content": [{"type": "input_image", "file_id": "file-1"}]}]}, "input.0.content.0"),
+    ({"input": [{"role": "user", "content": [{"type": "input_file", "file_url": "https://x/a.pdf"}]}]},
+     "input.0.content.0"),
+    ({"input": [{"role": "user", "content": [{"type": "input_audio", "input_audio": {}}]}]}, "input.0.content.0"),
     ({"input": "Hi", "tools": [{"type": "web_search"}]}, "tools.0.type"),
     ({"input": [{"type": "item_reference", "id": "msg_1"}]}, "input.0.type"),
     ({"input": []}, "input"),

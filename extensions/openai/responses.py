@@ -139,27 +139,71 @@ _TEXT_PARTS = ("input_text", "output_text", "text")
 
 # --- input items -> chat messages ---------------------------------------------------------------------------------
 def _text_of(content: Any, where: str) -> str:
-    """A message's content (or a call's output) as text: a string, or a list of text parts."""
+    """A call's output as text: a string, or a list of text parts."""
+    parts = _chat_parts(content, where, media=False)
+    return parts if isinstance(parts, str) else "".join(part["text"] for part in parts)
+
+
+def _chat_parts(content: Any, where: str, *, media: bool = True) -> str | list[dict[str, Any]]:
+    """A message's content as the chat completions route takes it: a string stays one; Responses parts become
+    its parts (input_text -> text, input_image -> image_url, input_file -> file), so images and files take the
+    one chat path as they do there (modules.chat.images, modules.chat.attachments). Only text parts: one string.
+    `media` False: text parts only (a function call's output)."""
     if content is None or isinstance(content, str):
         return content or ""
     if not isinstance(content, list):
-        raise ApiError(400, f"{where} must be a string or a list of input_text parts.", param=where)
-    texts = []
+        raise ApiError(400, f"{where} must be a string or a list of content parts.", param=where)
+    parts: list[dict[str, Any]] = []
     for number, part in enumerate(content):
         kind = part.get("type") if isinstance(part, dict) else None
+        at = f"{where}.{number}"
         if kind in _TEXT_PARTS and isinstance(part.get("text"), str):
-            texts.append(part["text"])
+            parts.append({"type": "text", "text": part["text"]})
         elif kind == "refusal" and isinstance(part.get("refusal"), str):
-            texts.append(part["refusal"])
+            parts.append({"type": "text", "text": part["refusal"]})
+        elif media and kind == "input_image":
+            parts.append(_image_part(part, at))
+        elif media and kind == "input_file":
+            parts.append(_file_part(part, at))
         else:
-            raise ApiError(400, f"Only text content parts (input_text) are supported; {where}.{number} is "
-                                f"{kind or 'not a part'} (this model reads no images, files or audio).",
-                           param=f"{where}.{number}")
-    return "".join(texts)
+            what = "input_text, input_image and input_file" if media else "input_text"
+            raise ApiError(400, f"Content parts of type {kind or '(not a part)'} are not supported here ({at}); "
+                                f"send {what} parts.", param=at)
+    if all(part["type"] == "text" for part in parts):
+        return "".join(part["text"] for part in parts)
+    return parts
+
+
+def _image_part(part: dict[str, Any], where: str) -> dict[str, Any]:
+    """An input_image as an image_url part; only its image_url (a base64 data URL, which the core checks) is read:
+    this server keeps no uploaded files and fetches nothing."""
+    url = part.get("image_url")
+    if not isinstance(url, str) or not url:
+        why = "file_id is not supported: this server keeps no uploaded files" if part.get("file_id") \
+            else "it has no image_url"
+        raise ApiError(400, f"{where} (an input_image) cannot be read: {why}. Send the image inline as image_url, "
+                            "a data URL (data:image/png;base64,...).", param=where)
+    return {"type": "image_url", "image_url": {"url": url}}
+
+
+def _file_part(part: dict[str, Any], where: str) -> dict[str, Any]:
+    """An input_file as a file part (file_data, base64 or a data URL, with its filename), read into text by the
+    core as the chat completions route reads one."""
+    data = part.get("file_data")
+    if not isinstance(data, str) or not data:
+        why = ("file_id is not supported: this server keeps no uploaded files" if part.get("file_id") else
+               "file_url is not supported: this server fetches nothing" if part.get("file_url") else
+               "it has no file_data")
+        raise ApiError(400, f"{where} (an input_file) cannot be read: {why}. Send the file inline as file_data "
+                            "(base64, or a data URL such as data:application/pdf;base64,...) with its filename.",
+                       param=where)
+    name = part.get("filename")
+    return {"type": "file", "file": {"file_data": data, **({"filename": name} if isinstance(name, str) else {})}}
 
 
 def input_messages(items: str | list[InputItem] | None) -> list[dict[str, Any]]:
-    """The request's input as chat messages: a string is one user message; function_call items become the
+    """The request's input as chat messages: a string is one user message; a message's input_image and input_file
+    parts become image_url and file parts (as /v1/chat/completions takes them); function_call items become the
     assistant's tool_calls (joined to the assistant message before them), function_call_output items tool
     messages. Reasoning items are left out (this server writes none)."""
     if items is None:
@@ -172,7 +216,7 @@ def input_messages(items: str | list[InputItem] | None) -> list[dict[str, Any]]:
         if item.type == "message":
             if item.role is None:
                 raise ApiError(400, f"{where} is a message without a role.", param=f"{where}.role")
-            messages.append({"role": item.role, "content": _text_of(item.content, f"{where}.content")})
+            messages.append({"role": item.role, "content": _chat_parts(item.content, f"{where}.content")})
         elif item.type == "function_call":
             if not item.call_id or not item.name or item.arguments is None:
                 raise ApiError(400, f"{where} (a function_call) needs call_id, name and arguments.", param=where)
@@ -276,7 +320,10 @@ async def create_response(body: ResponsesRequest, request: Request) -> Any:
     try:
         plan = await run_in_threadpool(ChatPlan, state.services, chat_body, target.model, fit=fit)
     except WorkbenchError as exc:
-        raise api_error_from(exc, "input") from None
+        error = api_error_from(exc, "input")
+        if error.param and error.param.startswith("messages"):  # the chat path names the chat route's field
+            error.param = "input"
+        raise error from None
     run = await start_run(state.services, request, plan.prompt, plan.params, plan.add_bos, target=target)
     first = await first_chunk(run)
     warnings = plan.warnings + run.generation.warnings
