@@ -13,11 +13,11 @@ import gradio as gr
 import pandas as pd
 
 from modules.compare import DEFAULT_PROMPTS, Row, compare, list_runs, load_run, save_run
-from modules.errors import ConfigError
+from modules.errors import ConfigError, WorkbenchError
 from modules.quantize.job import ProgressCallback
 from modules.ui.access import refuse_unless_admin
-from modules.ui.background_task import BackgroundTask, progress_html
-from modules.ui.common import UiContext, user_errors
+from modules.ui.background_task import BackgroundTask, TaskState, progress_html
+from modules.ui.common import UiContext, error_text, user_errors
 from modules.ui.operator import operator_only
 from modules.ui.quantize_panel import POLL_S, read_text_choice, text_files
 
@@ -80,6 +80,7 @@ def build_compare_panel(ctx: UiContext) -> None:
         with gr.Row():
             start = gr.Button("Start", variant="primary", elem_id="compare-start")
             stop = gr.Button("Stop", variant="stop", elem_id="compare-stop")
+        note = gr.Markdown(elem_id="compare-message")
         progress = gr.HTML(progress_html(task.state(), "compare-progress-box"), elem_id="compare-progress")
         with gr.Row():
             saved = gr.Dropdown(choices=list_runs(saved_dir), value=None, label="Saved runs", scale=3,
@@ -102,9 +103,16 @@ def build_compare_panel(ctx: UiContext) -> None:
 
     @user_errors
     def on_start(models: list[str] | None, text_name: str | None, tokens: float | None, per_answer: float | None,
-                 prompt_text: str, request: gr.Request) -> tuple[str, Any]:
+                 prompt_text: str, request: gr.Request) -> tuple[Any, Any, str]:
         refuse_unless_admin(settings, request.username, "Comparing models")
-        models = list(models or [])
+        try:
+            state = start_job(list(models or []), text_name, tokens, per_answer, prompt_text)
+        except WorkbenchError as exc:  # said beside the button; the progress box keeps the last run
+            return gr.skip(), gr.skip(), f"**Error:** {error_text(exc)}"
+        return progress_html(state, "compare-progress-box"), gr.Timer(active=True), ""
+
+    def start_job(models: list[str], text_name: str | None, tokens: float | None, per_answer: float | None,
+                  prompt_text: str) -> TaskState:
         if not models:
             raise ConfigError("Pick the models to compare.")
         text, source = read_text_choice(text_name, None, "held-out text")
@@ -123,9 +131,8 @@ def build_compare_panel(ctx: UiContext) -> None:
             json_path, _ = save_run(rows, saved_dir, prompts=asked, text_source=source)
             return rows, asked, json_path.stem
 
-        state = task.start(", ".join(models), run, lambda result: f"Saved as {result[2]} (JSON and CSV) in "
-                                                                 "user_data/comparisons/.")
-        return progress_html(state, "compare-progress-box"), gr.Timer(active=True)
+        return task.start(", ".join(models), run, lambda result: f"Saved as {result[2]} (JSON and CSV) in "
+                                                                "user_data/comparisons/.")
 
     @user_errors
     def on_stop(request: gr.Request) -> str:
@@ -166,7 +173,7 @@ def build_compare_panel(ctx: UiContext) -> None:
 
     chosen.focus(lambda: gr.update(choices=manager.list_models()), None, chosen, show_progress="hidden")
     saved.focus(lambda: gr.update(choices=list_runs(saved_dir)), None, saved, show_progress="hidden")
-    start.click(on_start, [chosen, text_choice, max_tokens, new_tokens, prompts], [progress, timer],
+    start.click(on_start, [chosen, text_choice, max_tokens, new_tokens, prompts], [progress, timer, note],
                 api_name="compare_start")
     stop.click(on_stop, None, progress, api_name="compare_stop")
     timer.tick(on_tick, [shown, metric], [progress, table, chart, saved, rows_state, timer, shown],

@@ -17,8 +17,8 @@ from modules.quantize.gguf import gguf_name, inspect_source, make_gguf
 from modules.quantize.job import ProgressCallback, human_size, output_path
 from modules.quantize.llama_tools import GGUF_TYPES, gguf_type
 from modules.ui.access import refuse_unless_admin
-from modules.ui.background_task import BackgroundTask, progress_html
-from modules.ui.common import UiContext, user_errors
+from modules.ui.background_task import BackgroundTask, TaskState, progress_html
+from modules.ui.common import UiContext, error_text, user_errors
 from modules.ui.operator import operator_only
 
 #: The project's shipped texts (calibration and held-out text for the panels).
@@ -94,6 +94,7 @@ def build_quantize_panel(ctx: UiContext, model_list: gr.Dropdown) -> None:
         with gr.Row():
             start = gr.Button("Start", variant="primary", elem_id="quantize-start")
             stop = gr.Button("Stop", variant="stop", elem_id="quantize-stop")
+        note = gr.Markdown(elem_id="quantize-message")
         progress = gr.HTML(progress_html(task.state(), "quantize-progress-box"), elem_id="quantize-progress")
     timer = gr.Timer(POLL_S, active=False)
     shown = gr.State(None)
@@ -109,8 +110,16 @@ def build_quantize_panel(ctx: UiContext, model_list: gr.Dropdown) -> None:
 
     @user_errors
     def on_start(source_name: str | None, type_name: str, out_name: str, replace: bool, calibration_name: str | None,
-                 uploaded: str | None, request: gr.Request) -> tuple[str, Any]:
+                 uploaded: str | None, request: gr.Request) -> tuple[Any, Any, str]:
         refuse_unless_admin(settings, request.username, "Quantizing a model")
+        try:
+            state = start_job(source_name, type_name, out_name, replace, calibration_name, uploaded)
+        except WorkbenchError as exc:  # said beside the button; the progress box keeps the last job
+            return gr.skip(), gr.skip(), f"**Error:** {error_text(exc)}"
+        return progress_html(state, "quantize-progress-box"), gr.Timer(active=True), ""
+
+    def start_job(source_name: str | None, type_name: str, out_name: str, replace: bool,
+                  calibration_name: str | None, uploaded: str | None) -> TaskState:
         if not source_name:
             raise ConfigError("Pick a source model first.")
         type_name = gguf_type(type_name).name
@@ -119,9 +128,8 @@ def build_quantize_panel(ctx: UiContext, model_list: gr.Dropdown) -> None:
                              overwrite=bool(replace))
         text, _ = read_text_choice(calibration_name, uploaded, "calibration text")
         # make_gguf checks again in the thread (overwrite=True there: the check above is the user's answer)
-        state = task.start(f"{source_name} → {target.name}", job_for(source_name, type_name, target, text),
-                           finished)
-        return progress_html(state, "quantize-progress-box"), gr.Timer(active=True)
+        return task.start(f"{source_name} → {target.name}", job_for(source_name, type_name, target, text),
+                          finished)
 
     @user_errors
     def on_stop(request: gr.Request) -> str:
@@ -147,7 +155,7 @@ def build_quantize_panel(ctx: UiContext, model_list: gr.Dropdown) -> None:
     source.focus(lambda: gr.update(choices=sources(models)), None, source, show_progress="hidden")
     calibration.focus(lambda: gr.update(choices=[NO_CALIBRATION, *text_files()]), None, calibration,
                       show_progress="hidden")
-    start.click(on_start, [source, kind, name, overwrite, calibration, upload], [progress, timer],
+    start.click(on_start, [source, kind, name, overwrite, calibration, upload], [progress, timer, note],
                 api_name="quantize_start")
     stop.click(on_stop, None, progress, api_name="quantize_stop")
     timer.tick(on_tick, shown, [progress, model_list, timer, shown], show_progress="hidden",
