@@ -17,8 +17,6 @@ from __future__ import annotations
 import json
 import statistics
 import sys
-import threading
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,21 +30,13 @@ need_packages("llama_cpp", requirements="requirements.txt")
 
 from loaders.batching import SequenceRequest  # noqa: E402
 from loaders.llama_cpp_batch import LlamaCppBatch  # noqa: E402
-from modules.chat.templates import render_chat  # noqa: E402
 from modules.generation_params import GenerationParams  # noqa: E402
 from modules.model_manager import ModelManager  # noqa: E402
 from modules.starter import STARTER_GGUF  # noqa: E402
 
-ROWS = (1, 4, 8, 16)
-TOPICS = ["a lighthouse", "a fox", "the sea", "a city at night", "a clock", "a garden", "a train", "the moon",
-          "a library", "a storm", "a violin", "a desert", "a river", "a mountain", "a market", "a snowfall"]
+from batching_measures import ROWS, alternate, prompts, stream_rounds  # noqa: E402
+
 LONG = GenerationParams(do_sample=False, max_new_tokens=100_000, ban_eos_token=True)
-
-
-def prompts(manager: ModelManager) -> list[list[int]]:
-    model = manager.require_model()
-    return [model.encode(render_chat(model.chat_template, [{"role": "user", "content": f"Write a story about {t}."}],
-                                     add_generation_prompt=True)) for t in TOPICS]
 
 
 def step_ratio(model, all_ids: list[list[int]], rows: int, steps: int) -> tuple[float, float, float]:
@@ -66,18 +56,7 @@ def step_ratio(model, all_ids: list[list[int]], rows: int, steps: int) -> tuple[
             many.add(key, SequenceRequest(all_ids[key % len(all_ids)], LONG))
         while not all(s.generating for s in many._sequences.values()):
             many.step()
-        ones, manys, ratios = [], [], []
-        for step in range(steps + 3):
-            started = time.perf_counter()
-            one.step()
-            middle = time.perf_counter()
-            many.step()
-            ended = time.perf_counter()
-            if step >= 3:
-                ones.append(middle - started)
-                manys.append(ended - middle)
-                ratios.append((ended - middle) / (middle - started))
-        return statistics.median(ones), statistics.median(manys), statistics.median(ratios)
+        return alternate(one.step, many.step, steps)
     finally:
         for decoder in (one, many):
             if decoder is not None:
@@ -93,29 +72,6 @@ def llama_cpp_clear(model) -> None:
     import llama_cpp
 
     llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(model._llama._ctx.ctx), True)
-
-
-def streams(manager: ModelManager, all_ids: list[list[int]], count: int, tokens: int) -> tuple[float, float, int]:
-    """(aggregate tok/s, median TTFT, tokens made) of `count` concurrent requests."""
-    params = GenerationParams(do_sample=False, max_new_tokens=tokens, ban_eos_token=True)
-    firsts: list[float] = []
-    made = [0] * count
-    started = time.perf_counter()
-
-    def run(index: int) -> None:
-        generation = manager.generate(all_ids[index % len(all_ids)], params, client=f"c{index}")
-        for chunk in generation:
-            if chunk.tokens and not made[index]:
-                firsts.append(time.perf_counter() - started)
-            made[index] += len(chunk.tokens)
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    seconds = time.perf_counter() - started
-    return sum(made) / seconds, statistics.median(firsts), sum(made)
 
 
 def main() -> None:
@@ -141,18 +97,7 @@ def main() -> None:
         model._batch = None  # the engine makes its own decoder again
     print("step ratio:", result["step_ratio"], flush=True)
 
-    streams(manager, all_ids, 2, 8)  # warm-up
-    runs: dict[int, list[tuple[float, float, int]]] = {n: [] for n in ROWS}
-    for round_ in range(args.rounds):
-        for count in ROWS:
-            runs[count].append(streams(manager, all_ids, count, args.tokens))
-            print(f"round {round_ + 1}: {count} streams {runs[count][-1][0]:.1f} tok/s, "
-                  f"TTFT {runs[count][-1][1]:.2f} s", flush=True)
-    agg = {n: statistics.median(r[0] for r in runs[n]) for n in ROWS}
-    result["agg_tok_s"] = {n: round(v, 2) for n, v in agg.items()}
-    result["agg_ratio"] = {n: round(v / agg[1], 2) for n, v in agg.items()}
-    result["ttft_s"] = {n: round(statistics.median(r[1] for r in runs[n]), 3) for n in ROWS}
-    result["cut_short"] = sum(r[2] != n * args.tokens for n in ROWS for r in runs[n])
+    result.update(stream_rounds(manager, all_ids, args.rounds, args.tokens))
     manager.unload()
     print(json.dumps(result))
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import statistics
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -40,22 +39,12 @@ import torch  # noqa: E402
 from loaders.batching import SequenceRequest  # noqa: E402
 from loaders.transformers_batch import TransformersBatch  # noqa: E402
 from loaders.transformers_loader import input_device  # noqa: E402
-from modules.chat.templates import render_chat  # noqa: E402
 from modules.cpu_threads import in_short_lived_thread  # noqa: E402
 from modules.generation_params import GenerationParams  # noqa: E402
 from modules.model_manager import ModelManager  # noqa: E402
 from modules.starter import STARTER_HF_DIR  # noqa: E402
 
-ROWS = (1, 4, 8, 16)
-TOPICS = ["a lighthouse", "a fox", "the sea", "a city at night", "a clock", "a garden", "a train", "the moon",
-          "a library", "a storm", "a violin", "a desert", "a river", "a mountain", "a market", "a snowfall"]
-
-
-def prompts(manager: ModelManager) -> list[list[int]]:
-    model = manager.require_model()
-    return [model.encode(render_chat(model.chat_template, [{"role": "user", "content": f"Write a story about {t}."}],
-                                     add_generation_prompt=True)) for t in TOPICS]
-
+from batching_measures import ROWS, alternate, prompts, stream_rounds  # noqa: E402
 
 class BareRows:
     """`rows` copies of one prompt decoded by bare forwards over a DynamicCache (greedy)."""
@@ -93,42 +82,8 @@ class OurRows:
 
 
 def step_ratio(one, many, steps: int) -> tuple[float, float, float]:
-    """(median seconds of a 1-row step, of a many-row step, median of their per-pair ratios): the two batches
-    step in turn, so drift in the machine's speed touches both alike."""
-    ones, manys, ratios = [], [], []
-    for step in range(steps + 3):
-        started = time.perf_counter()
-        one.step()
-        middle = time.perf_counter()
-        many.step()
-        ended = time.perf_counter()
-        if step >= 3:
-            ones.append(middle - started)
-            manys.append(ended - middle)
-            ratios.append((ended - middle) / (middle - started))
-    return statistics.median(ones), statistics.median(manys), statistics.median(ratios)
-
-
-def streams(manager: ModelManager, all_ids: list[list[int]], count: int, tokens: int) -> tuple[float, float, int]:
-    """(aggregate tokens/s, median time to first token, tokens) of `count` concurrent requests."""
-    params = GenerationParams(do_sample=False, max_new_tokens=tokens, ban_eos_token=True)
-    firsts: list[float] = []
-    totals = [0] * count
-
-    def run(index: int, started: float) -> None:
-        for chunk in manager.generate(all_ids[index % len(all_ids)], params):
-            if chunk.tokens and totals[index] == 0:
-                firsts.append(time.perf_counter() - started)
-            totals[index] += len(chunk.tokens)
-
-    started = time.perf_counter()
-    threads = [threading.Thread(target=run, args=(i, started)) for i in range(count)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    seconds = time.perf_counter() - started
-    return sum(totals) / seconds, statistics.median(firsts), sum(totals)
+    """(median seconds of a 1-row step, of a many-row step, median of their per-pair ratios)."""
+    return alternate(one.step, many.step, steps)
 
 
 def library_cb(manager: ModelManager, all_ids: list[list[int]], tokens: int) -> dict[str, float]:
@@ -188,18 +143,7 @@ def main() -> None:
     print("step ratio (bare / ours):", {r: (result["step_ratio"]["bare"][r], result["step_ratio"]["ours"][r])
                                         for r in ROWS}, flush=True)
 
-    streams(manager, all_ids, 2, 8)  # warm-up
-    runs: dict[int, list[tuple[float, float, int]]] = {n: [] for n in ROWS}
-    for round_ in range(args.rounds):
-        for count in ROWS:
-            runs[count].append(streams(manager, all_ids, count, args.tokens))
-            print(f"round {round_ + 1}: {count} streams {runs[count][-1][0]:.1f} tok/s, "
-                  f"TTFT {runs[count][-1][1]:.2f} s", flush=True)
-    agg = {n: statistics.median(r[0] for r in runs[n]) for n in ROWS}
-    result["agg_tok_s"] = {n: round(v, 2) for n, v in agg.items()}
-    result["agg_ratio"] = {n: round(v / agg[1], 2) for n, v in agg.items()}
-    result["ttft_s"] = {n: round(statistics.median(r[1] for r in runs[n]), 3) for n in ROWS}
-    result["cut_short"] = sum(r[2] != n * args.tokens for n in ROWS for r in runs[n])
+    result.update(stream_rounds(manager, all_ids, args.rounds, args.tokens))
     if args.library_cb:
         result.update(in_short_lived_thread(lambda: library_cb(manager, all_ids, args.tokens)))
     manager.unload()
