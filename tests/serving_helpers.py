@@ -81,3 +81,42 @@ def finish(runs: list[Run]) -> None:
         run.generation.cancel()
     for run in runs:
         run.join()
+
+
+def tokens_while_a_long_prompt_is_read(manager: ModelManager, running_prompts: list[list[int]],
+                                       long_ids: list[int]) -> list[int]:
+    """How many tokens each of the running requests received between the moment a request with `long_ids` was
+    submitted and its first token: with the prompt read a chunk per step between the others' steps, about one per
+    chunk; read whole first, one or two."""
+    params = GenerationParams(do_sample=False, max_new_tokens=4000, ban_eos_token=True)
+    running = [start(manager, ids, params) for ids in running_prompts]
+    try:
+        wait_until(lambda: all(run.tokens for run in running), "the running requests generate")
+        submitted = time.monotonic()
+        reader = start(manager, long_ids, GenerationParams(do_sample=False, max_new_tokens=2))
+        reader.join()
+        first = reader.tokens[0][0]
+        return [sum(submitted < moment < first for moment, _ in run.tokens) for run in running]
+    finally:
+        finish(running)
+
+
+def check_cancel_frees_a_slot(manager: ModelManager, prompts: list[list[int]], slots: int) -> None:
+    """With every slot busy one more request waits; cancelling a running one lets it in at once (not after the
+    others end), and the slots are all free afterwards."""
+    long = GenerationParams(do_sample=False, max_new_tokens=4000, ban_eos_token=True)
+    running = [start(manager, ids, long) for ids in prompts[:slots]]
+    engine = manager.resident().engine
+    waiting = start(manager, prompts[0][:8], GenerationParams(do_sample=False, max_new_tokens=4))
+    try:
+        wait_until(lambda: engine.busy_slots == slots and engine.waiting == 1, "every slot running, one waiting")
+        wait_until(lambda: all(run.tokens for run in running), "every running request has a token")
+        assert not waiting.tokens
+        running[3].generation.cancel()
+        waiting.join()
+        assert len(waiting.ids) == 4 and waiting.generation.stats.finish_reason == "length"
+        assert not any(run.done for i, run in enumerate(running) if i != 3)  # it took the freed slot
+    finally:
+        finish(running)
+    assert running[3].generation.stats.finish_reason == "cancelled"
+    wait_until(lambda: engine.busy_slots == 0, "the slots are free again")

@@ -10,12 +10,11 @@ alone's second choice, within TIE_NATS of the first. A mixed-up sequence, positi
 """
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
-from conftest import wait_until
-from serving_helpers import alone, alone_events, chat_ids, finish, start
+from serving_helpers import (alone, alone_events, chat_ids, check_cancel_frees_a_slot, start,
+                             tokens_while_a_long_prompt_is_read)
 
 from loaders.llama_cpp_loader import LlamaCppOptions
 from modules.errors import ContextLengthExceeded
@@ -148,20 +147,10 @@ def test_the_next_turn_of_a_conversation_reuses_its_slot(manager: ModelManager):
 def test_a_long_prompt_is_read_in_chunks_while_the_others_generate(manager: ModelManager, verdict_text: str):
     model = manager.require_model()
     long_ids = chat_ids(manager, "Summarise this story:\n\n" + model.decode(model.encode(verdict_text)[:1500]))
-    params = GenerationParams(do_sample=False, max_new_tokens=4000, ban_eos_token=True)
-    running = [start(manager, chat_ids(manager, q), params) for q in QUESTIONS[:4]]
-    try:
-        wait_until(lambda: all(run.tokens for run in running), "the running requests generate")
-        submitted = time.monotonic()
-        reader = start(manager, long_ids, GenerationParams(do_sample=False, max_new_tokens=2))
-        reader.join()
-        first = reader.tokens[0][0]
-        # The prompt (~1,550 tokens) is read 128 tokens a step while the others take a token each step: each got
-        # about a dozen tokens while it was read. Read whole first, they would have got one or two.
-        between = [sum(submitted < moment < first for moment, _ in run.tokens) for run in running]
-        assert min(between) >= len(long_ids) // 128 - 3, (between, len(long_ids))
-    finally:
-        finish(running)
+    between = tokens_while_a_long_prompt_is_read(manager, [chat_ids(manager, q) for q in QUESTIONS[:4]], long_ids)
+    # The prompt (~1,550 tokens) is read 128 tokens a step while the others take a token each step: each got
+    # about a dozen tokens while it was read. Read whole first, they would have got one or two.
+    assert min(between) >= len(long_ids) // 128 - 3, (between, len(long_ids))
 
 
 def test_each_sequence_has_its_own_grammar_and_penalties(manager: ModelManager):
@@ -194,22 +183,7 @@ def test_a_row_with_no_way_on_ends_and_the_others_go_on(manager: ModelManager):
 
 
 def test_cancelling_a_request_frees_its_slot_for_a_waiting_one(manager: ModelManager):
-    long = GenerationParams(do_sample=False, max_new_tokens=4000, ban_eos_token=True)
-    running = [start(manager, chat_ids(manager, q), long) for q in QUESTIONS]
-    engine = manager.resident().engine
-    waiting = start(manager, chat_ids(manager, "Say hi."), GenerationParams(do_sample=False, max_new_tokens=4))
-    try:
-        wait_until(lambda: engine.busy_slots == SLOTS and engine.waiting == 1, "eight running, one waiting")
-        wait_until(lambda: all(run.tokens for run in running), "every running request has a token")
-        assert not waiting.tokens
-        running[3].generation.cancel()
-        waiting.join()
-        assert len(waiting.ids) == 4 and waiting.generation.stats.finish_reason == "length"
-        assert not any(run.done for i, run in enumerate(running) if i != 3)  # it took the freed slot
-    finally:
-        finish(running)
-    assert running[3].generation.stats.finish_reason == "cancelled"
-    wait_until(lambda: engine.busy_slots == 0, "the slots are free again")
+    check_cancel_frees_a_slot(manager, [chat_ids(manager, q) for q in QUESTIONS], SLOTS)
 
 
 def test_a_full_context_ends_the_longest_sequence_and_keeps_the_rest(starter_gguf: Path, tmp_path: Path):

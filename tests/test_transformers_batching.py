@@ -10,13 +10,12 @@ bfloat16 the batch's arithmetic rounds differently and a reply may change after 
 from __future__ import annotations
 
 import threading
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import MODEL_DIR, wait_until
-from serving_helpers import alone, chat_ids, start
+from serving_helpers import (alone, chat_ids, check_cancel_frees_a_slot, start, tokens_while_a_long_prompt_is_read)
 
 from loaders.batching import Adapter
 from loaders.transformers_loader import TransformersOptions
@@ -141,49 +140,16 @@ def test_logprobs_of_a_row_match_its_logprobs_alone(manager: ModelManager):
 
 
 def test_cancelling_a_request_frees_its_slot_for_a_waiting_one(manager: ModelManager):
-    long = GenerationParams(do_sample=False, max_new_tokens=4000, ban_eos_token=True)
-    prompts = [chat_ids(manager, q) for q in QUESTIONS]
-    running = [start(manager, ids, long) for ids in prompts]
-    engine = manager.resident().engine
-    waiting = start(manager, chat_ids(manager, "Say hi."), GenerationParams(do_sample=False, max_new_tokens=4))
-    try:
-        wait_until(lambda: engine.busy_slots == SLOTS and engine.waiting == 1, "eight running, one waiting")
-        wait_until(lambda: all(run.tokens for run in running), "every running request has a token")
-        assert not waiting.tokens
-        running[3].generation.cancel()
-        waiting.join()
-        assert len(waiting.ids) == 4 and waiting.generation.stats.finish_reason == "length"
-        assert not any(run.done for i, run in enumerate(running) if i != 3)  # it took the freed slot, not a late one
-        running[3].join()
-        assert running[3].generation.stats.finish_reason == "cancelled"
-    finally:
-        for run in running:
-            run.generation.cancel()
-        for run in running:
-            run.join()
-    wait_until(lambda: engine.busy_slots == 0, "the slots are free again")
+    check_cancel_frees_a_slot(manager, [chat_ids(manager, q) for q in QUESTIONS], SLOTS)
 
 
 def test_a_long_prompt_is_read_in_chunks_while_the_others_generate(manager: ModelManager, verdict_text: str):
     model = manager.require_model()
     long_ids = chat_ids(manager, "Summarise this story:\n\n" + model.decode(model.encode(verdict_text)[:1100]))
-    params = GenerationParams(do_sample=False, max_new_tokens=4000, ban_eos_token=True)
-    running = [start(manager, chat_ids(manager, q), params) for q in QUESTIONS[:4]]
-    try:
-        wait_until(lambda: all(run.tokens for run in running), "the running requests generate")
-        submitted = time.monotonic()
-        reader = start(manager, long_ids, GenerationParams(do_sample=False, max_new_tokens=2))
-        reader.join()
-        first = reader.tokens[0][0]
-        # The prompt (~1,150 tokens) is read 128 tokens a step while the others take a token each step: each got
-        # several tokens while it was read. Read in one forward, they would have got one or two.
-        between = [sum(submitted < moment < first for moment, _ in run.tokens) for run in running]
-        assert min(between) >= 4, between
-    finally:
-        for run in running:
-            run.generation.cancel()
-        for run in running:
-            run.join()
+    between = tokens_while_a_long_prompt_is_read(manager, [chat_ids(manager, q) for q in QUESTIONS[:4]], long_ids)
+    # The prompt (~1,150 tokens) is read 128 tokens a step while the others take a token each step: each got
+    # several tokens while it was read. Read in one forward, they would have got one or two.
+    assert min(between) >= 4, between
 
 
 def test_a_lora_per_request_beside_requests_without(manager: ModelManager):
