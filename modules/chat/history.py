@@ -29,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 
 from modules.chat.attachments import Attachment
 from modules.chat.files import file_in
+from modules.chat.image_store import ImageFolder, StoredImage, with_images
 from modules.chat.merge import adds_text, merge_chats, same_content
 from modules.errors import ChatChangedError, ConfigError, PathError
 from modules.paths import atomic_write_text
@@ -49,7 +50,8 @@ class ChatMessage(BaseModel):
     the one shown, `swipes[swipe_index]`. `reasoning_content` is the reply's thinking (modules.chat.reasoning),
     kept apart from its content; `swipe_reasoning`, when set, holds each alternative's thinking. `attachments` are
     the files sent with a user message, their text read out (modules.chat.attachments): `content` is what the user
-    typed, and the model reads the files before it."""
+    typed, and the model reads the files before it. `images` are the images sent with a user message, kept in the
+    chats' images folder (modules.chat.image_store) and read before its text."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -64,6 +66,7 @@ class ChatMessage(BaseModel):
     reasoning_content: str | None = None
     swipe_reasoning: list[str | None] = Field(default_factory=list)
     attachments: list[Attachment] = Field(default_factory=list)
+    images: list[StoredImage] = Field(default_factory=list)
     metadata: dict[str, Any] = Field(default_factory=dict)  # anything else a caller wants kept with the message
 
     @model_validator(mode="after")
@@ -109,7 +112,7 @@ class ChatHistory(BaseModel):
 
     @property
     def preview(self) -> str:
-        first = next((m.content or " ".join(f"[{a.name}]" for a in m.attachments)
+        first = next((m.content or " ".join(f"[{a.name}]" for a in [*m.attachments, *m.images])
                       for m in self.messages if m.role == "user"), "")
         text = " ".join(first.split())
         return text if len(text) <= 80 else text[:79] + "…"
@@ -118,13 +121,22 @@ class ChatHistory(BaseModel):
     def title(self) -> str:
         return self.name or self.preview or "New chat"
 
-    def prompt_messages(self) -> list[dict[str, Any]]:
+    def prompt_messages(self, images: ImageFolder | None = None) -> list[dict[str, Any]]:
         """The messages as the chat path (modules.chat.request) takes them: no swipes, times or metadata; a
-        message's attached files under "attachments" (written into its text there)."""
+        message's attached files under "attachments" (written into its text there); its images, read from
+        `images` (HistoryStore.images: a chat with images needs it), as image_url parts before its text."""
         keep = {"role", "content", "name", "tool_calls", "tool_call_id", "reasoning_content"}
-        return [{**m.model_dump(include=keep, exclude_none=True), **({"attachments": list(m.attachments)}
-                                                                     if m.attachments else {})}
-                for m in self.messages]
+        messages = []
+        for m in self.messages:
+            message = m.model_dump(include=keep, exclude_none=True)
+            if m.attachments:
+                message["attachments"] = list(m.attachments)
+            if m.images:
+                if images is None:
+                    raise ConfigError("This chat has images: read it with its images folder.")
+                message["content"] = with_images(m.content, [images.part(image) for image in m.images])
+            messages.append(message)
+        return messages
 
     def add_swipe(self, index: int, text: str, reasoning: str | None = None) -> None:
         """Keep a regenerated reply (and its thinking) as a new alternative of assistant message `index` and show
@@ -236,6 +248,10 @@ class HistoryStore:
             raise PathError(f"The chat id {chat_id!r} is not valid: use letters, digits, '-', '_' and '.', starting "
                             "with a letter or digit.")
         return file_in(self._folder(character), chat_id, ".json", what="chat")
+
+    def images(self, character: str) -> ImageFolder:
+        """The folder of the images sent in the character's chats (by content hash, shared by its chats)."""
+        return ImageFolder(self._folder(character) / "images")
 
     def characters(self) -> list[str]:
         """Characters that have a folder of chats."""

@@ -4,7 +4,8 @@ A stored message may show as more than one Chatbot entry: a reply's thinking is 
 answer (a "thought": Gradio's message metadata with a title, drawn as a collapsible block, open with a spinner
 while the model thinks, closed once it answers); tool calls and results are such blocks too
 (modules.ui.tool_messages), and so is each file attached to a message (its name, kind and size; opened, its
-text). Events of the Chatbot (select, edit) carry the entry's index, so
+text). Each image sent with a message is an entry of its own too: a thumbnail (modules.chat.image_store), its alt
+text the image's name, type, pixels and size. Events of the Chatbot (select, edit) carry the entry's index, so
 `entry_owners` says which stored message (and which part of it) each entry shows. Nothing here imports Gradio.
 """
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any, Literal
 
 from modules.chat.attachments import Attachment, fenced
 from modules.chat.history import ChatMessage
+from modules.chat.image_store import ImageFolder, StoredImage
 from modules.request_hooks import visible_text
 from modules.ui.tool_messages import tool_entries
 
@@ -29,7 +31,7 @@ LATEX_DELIMITERS: list[dict[str, str | bool]] = [
     {"left": "$", "right": "$", "display": False},
 ]
 
-Part = Literal["content", "reasoning", "attachment"]
+Part = Literal["content", "reasoning", "attachment", "image"]
 
 #: How much of an attached file's text its block shows (the model reads all of it).
 SHOWN_FILE_CHARS = 4000
@@ -43,9 +45,11 @@ class EntryOwner:
     part: Part
 
 
-def _entries(messages: list[ChatMessage]) -> list[tuple[EntryOwner, dict[str, Any]]]:
-    """Each Chatbot entry of the chat with what it shows: per stored message its thinking (if it has any), then
-    its text, or its tool calls / its tool result as a block."""
+def _entries(messages: list[ChatMessage], images: ImageFolder | None = None) -> list[tuple[EntryOwner,
+                                                                                         dict[str, Any]]]:
+    """Each Chatbot entry of the chat with what it shows: per stored message its thinking (if it has any), its
+    files and images (thumbnails from `images`; None: named only), then its text, or its tool calls / its tool
+    result as a block."""
     tools = tool_entries(messages)
     entries: list[tuple[EntryOwner, dict[str, Any]]] = []
     for index, message in enumerate(messages):
@@ -57,9 +61,11 @@ def _entries(messages: list[ChatMessage]) -> list[tuple[EntryOwner, dict[str, An
                 "metadata": {"title": THINKING_TITLE, "status": "pending" if thinking else "done"}}))
         for file in message.attachments:
             entries.append((EntryOwner(index, "attachment"), attachment_entry(message.role, file)))
+        for image in message.images:
+            entries.append((EntryOwner(index, "image"), image_entry(message.role, image, images)))
         if index in tools:
             entries.append((EntryOwner(index, "content"), tools[index]))
-        elif message.content or not (has_thinking or message.attachments):
+        elif message.content or not (has_thinking or message.attachments or message.images):
             role = message.role if message.role in ("user", "assistant", "system") else "assistant"
             entries.append((EntryOwner(index, "content"),
                             {"role": role, "content": visible_text(message.content, message.metadata)}))
@@ -75,9 +81,19 @@ def attachment_entry(role: str, file: Attachment) -> dict[str, Any]:
             "metadata": {"title": f"📎 {file.label}", "status": "done"}}
 
 
-def chatbot_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
-    """The chat as Gradio's Chatbot takes it."""
-    return [entry for _, entry in _entries(messages)]
+def image_entry(role: str, image: StoredImage, images: ImageFolder | None) -> dict[str, Any]:
+    """An image on its message: its thumbnail, or its name when it cannot be shown."""
+    role = role if role in ("user", "assistant") else "user"
+    thumbnail = images.thumbnail(image) if images is not None else None
+    if thumbnail is None:
+        return {"role": role, "content": f"🖼 {image.label} (not shown: the image file is missing or unreadable)"}
+    return {"role": role, "content": {"path": str(thumbnail), "mime_type": "image/png", "orig_name": image.name,
+                                      "alt_text": f"🖼 {image.label}"}}
+
+
+def chatbot_messages(messages: list[ChatMessage], images: ImageFolder | None = None) -> list[dict[str, Any]]:
+    """The chat as Gradio's Chatbot takes it; `images`, the chat's images folder, gives the thumbnails."""
+    return [entry for _, entry in _entries(messages, images)]
 
 
 def entry_owners(messages: list[ChatMessage]) -> list[EntryOwner]:

@@ -90,6 +90,8 @@ def wire_message_controls(ctx: UiContext, view: ChatView, controls: MessageContr
             history.edit_reasoning(owner.index, text.strip() or None)
         elif owner.part == "attachment":
             raise ConfigError("An attached file cannot be edited: edit the message's text, or send the file again.")
+        elif owner.part == "image":
+            raise ConfigError("An image cannot be edited: edit the message's text, or send the image again.")
         elif message.role == "tool" or message.tool_calls:
             raise ConfigError("A tool call or a tool's result cannot be edited.")
         else:

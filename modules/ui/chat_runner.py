@@ -15,6 +15,7 @@ from typing import Any, Literal
 from loaders.batching import Adapter
 from modules.chat.attachments import Attachment
 from modules.chat.history import ChatHistory, ChatMessage
+from modules.chat.image_store import PendingImage, with_images
 from modules.chat.model_prompt import chat_character
 from modules.chat.reasoning import ReasoningSplitter
 from modules.chat.request import ChatRequest, finish_reply, prepare_chat
@@ -77,13 +78,16 @@ def turn_request(chat: ChatSettings, params: GenerationParams, messages: list[di
 
 def run_turn(services: Services, session: UiSession, chat: ChatSettings, params: GenerationParams,
              action: Action, text: str = "", choice: ModelChoice | None = None,
-             tools: ToolPick | None = None, attachments: list[Attachment] | None = None) -> Iterator[TurnUpdate]:
+             tools: ToolPick | None = None, attachments: list[Attachment] | None = None,
+             images: list[PendingImage] | None = None) -> Iterator[TurnUpdate]:
     """Stream one turn, answered by the model `choice` names (loaded first when it is not resident and the page
     may load models; else refused, before anything is saved). The chat is saved when the user's message is added
     and again when the reply ends (also when it is stopped: a cut reply is kept); both record the model and LoRAs.
     Extensions' hooks apply (modules.extensions). With `tools` (the page's pick, recorded on the turn's messages)
     a message is answered through the tool loop (modules.ui.tool_turns). `attachments` go with a message sent
-    (kept on it; files too large for the context are refused before it is saved).
+    (kept on it; files too large for the context are refused before it is saved), and so do `images` (stored in
+    the chats' images folder and read by the model before the text; a model that reads no images refuses them
+    before anything is saved).
 
     Another page may have the same chat open: each save merges what it added meanwhile, or raises
     ChatChangedError. Until a save succeeds `session.history` keeps the chat as it was, so a refused message is
@@ -95,20 +99,25 @@ def run_turn(services: Services, session: UiSession, chat: ChatSettings, params:
     resident = find_resident(manager, choice.model, may_load=may_administer(services.settings, session.user))
     adapters = choice.adapters(manager)  # a LoRA that is gone is refused before a model loads for it
     if resident is None:
-        yield TurnUpdate(_show(session.history, chat, services), status=f"Loading {choice.model}…", loading=True)
+        yield TurnUpdate(_show(session.history, chat, services, session), status=f"Loading {choice.model}…",
+                         loading=True)
         resident = manager.ensure(str(choice.model))
     name = resident.name
     stamp = choice.stamp(name) if tools is None else {**choice.stamp(name), **tools.stamp()}
     hooks = RequestHooks(services, params, chat, source="ui")
     manager.check_constraint(hooks.params, model=name)  # a refused grammar must not leave the message unanswered
-    if attachments and action == "send":  # files that do not fit the context are refused before anything is kept
+    folder = session.store.images(session.character)
+    if (attachments or images) and action == "send":
+        # files that do not fit the context, and images for a model that reads none, are refused before anything
+        # is kept
         before = [m.model_dump(include={"role", "content"}) for m in greeting_messages(services, chat)] \
-            if session.history is None else session.history.prompt_messages()
-        prepare_chat(services, turn_request(chat, params, [*before, {"role": "user", "content": text,
-                                                                     "attachments": attachments}],
+            if session.history is None else session.history.prompt_messages(folder)
+        content = with_images(text, [image.part() for image in images or []])
+        prepare_chat(services, turn_request(chat, params, [*before, {"role": "user", "content": content,
+                                                                     "attachments": attachments or []}],
                                             "send", model=name, adapters=adapters), hooks=hooks)
-    history = _prepare(services, session, chat, action, text, hooks, stamp, attachments or [])
-    prompt_messages = history.prompt_messages() if history is not None else [
+    history = _prepare(services, session, chat, action, text, hooks, stamp, attachments or [], images or [])
+    prompt_messages = history.prompt_messages(folder) if history is not None else [
         m.model_dump(include={"role", "content"}) for m in greeting_messages(services, chat)]
     if tools is not None and tools.names and action == "send":
         from modules.ui.tool_turns import run_tool_turn  # it builds on this module
@@ -124,11 +133,15 @@ def run_turn(services: Services, session: UiSession, chat: ChatSettings, params:
     added = history is not None and action in ("send", "regenerate") and history.messages[-1].role != "assistant"
     if added:
         history.messages.append(ChatMessage(role="assistant", content=""))
-    status_head = (f"Model: {choice.describe(name)} · Prompt: "
-                   f"{prepared.prompt_tokens if prepared.prompt_tokens is not None else '?'} of {prepared.context} "
-                   "tokens")
-    if prepared.dropped_messages:
-        status_head += f" ({prepared.dropped_messages} oldest messages left out to fit)"
+
+    def head(tokens: int | None) -> str:
+        line = (f"Model: {choice.describe(name)} · Prompt: {tokens if tokens is not None else '?'} of "
+                f"{prepared.context} tokens")
+        if prepared.dropped_messages:
+            line += f" ({prepared.dropped_messages} oldest messages left out to fit)"
+        return line
+
+    status_head = head(prepared.prompt_tokens)
     session.generation = generation
     set_reply = _reply_setter(history, action, stamp)
     # the reply's thinking streams apart from its answer (modules.chat.reasoning), as finish_reply reads it
@@ -148,7 +161,8 @@ def run_turn(services: Services, session: UiSession, chat: ChatSettings, params:
                     set_reply(base + reply, None)
                 else:
                     set_reply(split.content, None, split.reasoning, thinking=split.thinking)
-            yield TurnUpdate(_show(history, chat, services), impersonation=base + reply if impersonate else None,
+            yield TurnUpdate(_show(history, chat, services, session),
+                             impersonation=base + reply if impersonate else None,
                              status=status_head + " · writing…", warnings=warnings)
             warnings = []
         failed = False
@@ -166,25 +180,29 @@ def run_turn(services: Services, session: UiSession, chat: ChatSettings, params:
     stats = generation.stats
     ending = {"cancelled": " · stopped", "length": " · hit max_new_tokens", "error": " · failed"}.get(
         stats.finish_reason, "")
+    if prepared.images and stats.prompt_tokens:  # the prompt's text counts an image as its marker alone
+        status_head = head(stats.prompt_tokens)
     status = (f"{status_head} · reply: {stats.completion_tokens} tokens in {stats.seconds:.1f} s "
               f"({stats.tokens_per_second:.1f} tokens/s){ending}")
-    yield TurnUpdate(_show(session.history, chat, services), impersonation=base + reply if impersonate else None,
-                     status=status, done=True)
+    yield TurnUpdate(_show(session.history, chat, services, session),
+                     impersonation=base + reply if impersonate else None, status=status, done=True)
 
 
 def _prepare(services: Services, session: UiSession, chat: ChatSettings, action: Action, text: str,
-             hooks: RequestHooks, stamp: dict[str, Any], attachments: list[Attachment]) -> ChatHistory | None:
+             hooks: RequestHooks, stamp: dict[str, Any], attachments: list[Attachment],
+             images: list[PendingImage]) -> ChatHistory | None:
     """The chat the reply goes into (a copy of the page's open chat), after adding and saving the user's message
-    (send, with its `attachments`; its metadata records `stamp`, the model it was sent to) or checking there is
-    something to regenerate or continue."""
+    (send, with its `attachments` and `images`, the images stored first; its metadata records `stamp`, the model
+    it was sent to) or checking there is something to regenerate or continue."""
     history = session.history.model_copy(deep=True) if session.history is not None else None
     messages = history.messages if history is not None else greeting_messages(services, chat)
     if action == "send":
-        if not text.strip() and not attachments:
+        if not text.strip() and not attachments and not images:
             raise ConfigError("Type a message first.")
         model_text, visible = hooks.user_text(text)
+        folder = session.store.images(session.character)
         user = ChatMessage(role="user", content=model_text, metadata=with_visible(stamp, model_text, visible),
-                           attachments=attachments)
+                           attachments=attachments, images=[folder.save(image) for image in images])
         if history is None:
             history = session.store.new(session.character, [*messages, user], mode=chat.mode)
         else:
@@ -235,6 +253,8 @@ def _reply_setter(history: ChatHistory | None, action: Action, stamp: dict[str, 
     return set_reply
 
 
-def _show(history: ChatHistory | None, chat: ChatSettings, services: Services) -> list[dict[str, Any]]:
+def _show(history: ChatHistory | None, chat: ChatSettings, services: Services,
+          session: UiSession) -> list[dict[str, Any]]:
     messages = history.messages if history is not None else greeting_messages(services, chat)
-    return chatbot_messages(messages)  # modules.ui.chat_display: thinking, tool calls and results as blocks
+    # modules.ui.chat_display: thinking, tool calls and results, files and images as blocks
+    return chatbot_messages(messages, session.store.images(session.character))

@@ -16,6 +16,7 @@ from modules.ui.character_panel import build_character_panel
 from modules.ui.chat_attachments import AttachmentsPanel, build_attach_button, build_attachments_panel, wire_attachments
 from modules.ui.chat_display import LATEX_DELIMITERS, owner_of
 from modules.ui.chat_histories_panel import build_chat_histories_panel
+from modules.ui.chat_images import ImagesPanel, build_image_button, build_images_panel, wire_images
 from modules.ui.chat_message_controls import build_message_controls, wire_message_controls
 from modules.ui.chat_runner import Action, run_turn, shown_messages
 from modules.ui.chat_tools import ToolsPanel, build_tool_approval, build_tools_panel, wire_chat_pick
@@ -48,7 +49,9 @@ def build_chat_tab(ctx: UiContext) -> ChatView:
                     send = gr.Button("Send", variant="primary", elem_id="chat-send")
                     stop = gr.Button("Stop", variant="stop", elem_id="chat-stop")
                     attach = build_attach_button()
+                    image = build_image_button()
             files = build_attachments_panel(attach)  # the files going with the next message
+            images = build_images_panel(image)  # the images going with the next message
             with gr.Row():
                 regenerate = gr.Button("Regenerate", size="sm", elem_id="chat-regenerate")
                 continue_ = gr.Button("Continue", size="sm", elem_id="chat-continue")
@@ -71,8 +74,9 @@ def build_chat_tab(ctx: UiContext) -> ChatView:
             chats = build_chat_histories_panel(ctx, chatbot)
             view = ChatView(chatbot, chats, status, message, reload)
             build_character_panel(ctx, view)
-    turns = _wire_turns(ctx, view, picker, tools, files, send, regenerate, continue_, impersonate, stop)
+    turns = _wire_turns(ctx, view, picker, tools, files, images, send, regenerate, continue_, impersonate, stop)
     wire_attachments(ctx, files, status, picker.read, picker.inputs)
+    wire_images(ctx, images, status, picker.read, picker.inputs)
     wire_message_controls(ctx, view, message_controls, *turns)
     wire_chat_pick(ctx, tools, chats)
     _wire_edits(ctx, view, remove_last, replace_last, copy_last, dummy_message, dummy_reply, new_chat, branch)
@@ -119,13 +123,13 @@ def _chat_choice(ctx: UiContext, session: UiSession | None, chat_id: str | None)
 
 
 def _wire_turns(ctx: UiContext, view: ChatView, picker: ModelPicker, tools: ToolsPanel, files: AttachmentsPanel,
-                send: gr.Button, regenerate: gr.Button, continue_: gr.Button, impersonate: gr.Button,
-                stop: gr.Button) -> tuple[Any, Any, list[Any], list[gr.Button]]:
+                images: ImagesPanel, send: gr.Button, regenerate: gr.Button, continue_: gr.Button,
+                impersonate: gr.Button, stop: gr.Button) -> tuple[Any, Any, list[Any], list[gr.Button]]:
     """Wire the turn buttons; returns (the turn handler factory, its inputs, its outputs, the buttons it locks)
     for other controls that start a turn."""
-    inputs = {*ctx.generation_inputs, view.message, *picker.inputs, *tools.inputs, *files.inputs}
+    inputs = {*ctx.generation_inputs, view.message, *picker.inputs, *tools.inputs, *files.inputs, *images.inputs}
     outputs = [view.chatbot, view.message, view.status, view.chats, view.reload, picker.model, *tools.turn_outputs,
-               *files.turn_outputs]
+               *files.turn_outputs, *images.turn_outputs]
 
     def turn(action: Action):
         @user_errors
@@ -136,7 +140,8 @@ def _wire_turns(ctx: UiContext, view: ChatView, picker: ModelPicker, tools: Tool
             first, started = True, False  # the box is cleared once the turn starts (after a load of its model)
             try:
                 for update in run_turn(ctx.services, session, chat, params, action, text, picker.read(data),
-                                       tools.read(data), files.read(data) if action == "send" else None):
+                                       tools.read(data), files.read(data) if action == "send" else None,
+                                       images.read(data) if action == "send" else None):
                     warn(update.warnings)
                     if update.impersonation is not None:
                         box = update.impersonation
@@ -149,10 +154,10 @@ def _wire_turns(ctx: UiContext, view: ChatView, picker: ModelPicker, tools: Tool
                     first = False
                     sent = action == "send" and isinstance(box, str) and not box  # its files went with it
                     yield (update.messages, box, update.status, chats, reload, models, *tools.turn_values(update),
-                           *files.turn_values(sent))
+                           *files.turn_values(sent), *images.turn_values(sent))
             except ChatChangedError as exc:  # the typed message stays in the box; a reply was kept as a copy
                 yield (gr.skip(), gr.skip(), *refused(ctx, session, chat, exc), gr.skip(), *tools.turn_values(None),
-                       *files.turn_values(False))
+                       *files.turn_values(False), *images.turn_values(False))
         handler.__name__ = f"chat_{action}"
         return handler
 

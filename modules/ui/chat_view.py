@@ -39,7 +39,8 @@ def show(ctx: UiContext, session: UiSession, chat: ChatSettings) -> tuple[list[d
     choices, warnings = chat_choices(session)
     warn(warnings)
     current = session.history.id if session.history is not None else None
-    return (chatbot_messages(shown_messages(ctx.services, session, chat)),
+    images = session.store.images(session.character)
+    return (chatbot_messages(shown_messages(ctx.services, session, chat), images),
             gr.update(choices=choices, value=current))
 
 

@@ -160,10 +160,11 @@ def run_tool_turn(services: Services, session: UiSession, chat: ChatSettings, pa
         return {"role": "assistant", "content": text, "visible": reply.shown}
 
     loop = ToolLoop(generate, runner, max_rounds=services.settings.tool_max_rounds, approve=turn.ask)
+    folder = session.store.images(session.character)  # the images the chat's messages carry
 
     def work() -> None:
         try:
-            for message in loop.run(history.prompt_messages()):
+            for message in loop.run(history.prompt_messages(folder)):
                 kind = loop.results[-1].error if message["role"] == "tool" else None
                 turn.events.put(("message", message, kind))
             turn.events.put(("done", loop.outcome))
@@ -200,7 +201,7 @@ def run_tool_turn(services: Services, session: UiSession, chat: ChatSettings, pa
             elif kind == "approval":
                 call, spec = event[1], event[2]
                 line = status.waiting(call)
-                yield TurnUpdate(chatbot_messages(history.messages), status=line, warnings=warnings,
+                yield TurnUpdate(chatbot_messages(history.messages, folder), status=line, warnings=warnings,
                                  approval=f"**{spec.name}** asks to run: `{call_text(_openai(call))}`")
                 warnings = []
                 continue
@@ -209,7 +210,7 @@ def run_tool_turn(services: Services, session: UiSession, chat: ChatSettings, pa
             else:
                 outcome = event[1]
                 break
-            yield TurnUpdate(chatbot_messages(history.messages), status=line, warnings=warnings)
+            yield TurnUpdate(chatbot_messages(history.messages, folder), status=line, warnings=warnings)
             warnings = []
     finally:
         turn.stop()  # no-op once the loop ended; else (Stop, the page gone, an error) it ends after this step
@@ -222,7 +223,8 @@ def run_tool_turn(services: Services, session: UiSession, chat: ChatSettings, pa
             if cut.content:
                 history.messages.append(ChatMessage(role="assistant", content=cut.content, metadata=dict(stamp)))
         session.history = session.store.save(history, keep_copy_on_conflict=True)
-    yield TurnUpdate(chatbot_messages(session.history.messages), status=status.done(outcome, services), done=True)
+    yield TurnUpdate(chatbot_messages(session.history.messages, folder), status=status.done(outcome, services),
+                     done=True)
 
 
 def _chat_message(message: dict[str, Any], error: str | None, stamp: dict[str, Any]) -> ChatMessage:

@@ -1,0 +1,117 @@
+"""The Chat tab's images: an Image button beside the message box for PNG, JPEG, WebP, GIF and BMP files, the images
+waiting to go with the next message (name, type, pixels and size) and a way to take them back. An image is checked
+when it is attached (modules.chat.image_store.read_image), and refused at once when the page's model is loaded and
+reads no images (the ImagesUnsupported message); it goes with the next message sent, is stored in the chats'
+images folder and shows on the message as a thumbnail (modules.ui.chat_display)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+
+from loaders.base import Capability
+from modules.chat.image_store import IMAGE_EXTENSIONS, PendingImage, read_image
+from modules.chat.images import MAX_IMAGE_BYTES
+from modules.errors import ConfigError, ImagesUnsupported, InvalidInput, WorkbenchError
+from modules.ui.common import UiContext, session_of, user_errors
+from modules.ui.model_choice import ModelChoice
+
+#: The most images one message may carry.
+MAX_IMAGES = 8
+
+
+@dataclass
+class ImagesPanel:
+    button: gr.UploadButton
+    pending: gr.State  # list[PendingImage]: the images going with the next message
+    listing: gr.Markdown
+    clear: gr.Button
+
+    @property
+    def inputs(self) -> list[Any]:
+        return [self.pending]
+
+    def read(self, data: dict[Any, Any]) -> list[PendingImage]:
+        return list(data[self.pending] or [])
+
+    @property
+    def turn_outputs(self) -> list[Any]:
+        return [self.pending, self.listing, self.clear]
+
+    @staticmethod
+    def turn_values(sent: bool) -> tuple[Any, Any, Any]:
+        """Once the message went (`sent`), its images are no longer waiting."""
+        return _shown([]) if sent else (gr.skip(), gr.skip(), gr.skip())
+
+
+def build_image_button() -> gr.UploadButton:
+    """The Image button; place it beside the message box."""
+    return gr.UploadButton("🖼 Image", file_count="multiple", file_types=IMAGE_EXTENSIONS, type="filepath",
+                           size="sm", elem_id="chat-image")
+
+
+def build_images_panel(button: gr.UploadButton) -> ImagesPanel:
+    """The list of images waiting for the next message (place it under the message box) and its Remove button."""
+    pending = gr.State([])
+    with gr.Row(equal_height=True):
+        listing = gr.Markdown(visible=False, elem_id="chat-images")
+        clear = gr.Button("Remove images", size="sm", scale=0, min_width=140, visible=False,
+                          elem_id="chat-images-clear")
+    return ImagesPanel(button, pending, listing, clear)
+
+
+def wire_images(ctx: UiContext, panel: ImagesPanel, status: gr.Markdown, model: Any, model_inputs: list[Any]) -> None:
+    """Read the images the button uploads into the waiting list; `model(data)` gives the page's ModelChoice from
+    `model_inputs` (a loaded model that reads no images refuses them here, one not loaded when they are sent)."""
+    button, pending, listing, clear = panel.button, panel.pending, panel.listing, panel.clear
+
+    @user_errors
+    def attach(data: dict[Any, Any]) -> tuple[Any, ...]:
+        session_of(data[ctx.session])
+        _check_vision(ctx, model(data))
+        paths = data[button] or []
+        images = [*panel.read(data), *(_read(path) for path in (paths if isinstance(paths, list) else [paths]))]
+        if len(images) > MAX_IMAGES:
+            raise InvalidInput(f"A message may carry up to {MAX_IMAGES} images; {len(images)} were attached.")
+        return *_shown(images), f"Attached: {len(images)} image(s)."
+
+    button.upload(attach, {ctx.session, button, pending, *model_inputs}, [pending, listing, clear, status])
+    clear.click(lambda: (*_shown([]), "Images removed."), None, [pending, listing, clear, status], queue=False)
+
+
+def _check_vision(ctx: UiContext, choice: ModelChoice) -> None:
+    """Refuse images at once when the page's model is loaded and reads none (ImagesUnsupported)."""
+    try:
+        loaded = ctx.services.manager.require_model(choice.model)
+    except WorkbenchError:
+        return  # not loaded: the turn checks it once the model is
+    if Capability.VISION not in loaded.capabilities:
+        raise ImagesUnsupported(loaded.name)
+
+
+def _read(path: str | Path) -> PendingImage:
+    """The image an upload left at `path` (Gradio's temporary copy, named as the user's file)."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        raise ConfigError(f"The uploaded image {path.name} is gone: {exc}") from None
+    if size > MAX_IMAGE_BYTES:  # refused before it is read into memory
+        raise InvalidInput(f"{path.name} is over {MAX_IMAGE_BYTES // 2**20} MiB, the most an image may be.")
+    return read_image(path.name, path.read_bytes())
+
+
+def _shown(images: list[PendingImage]) -> tuple[Any, Any, Any]:
+    """(the waiting images, their list, the Remove button)."""
+    if not images:
+        return [], gr.update(value="", visible=False), gr.update(visible=False)
+    lines = [f"🖼 **{_escape(image.name)}** {_escape(image.label[len(image.name):].strip())}" for image in images]
+    text = "Going with your next message:  \n" + "  \n".join(lines)
+    return images, gr.update(value=text, visible=True), gr.update(visible=True)
+
+
+def _escape(text: str) -> str:
+    """Text shown in Markdown as written."""
+    return "".join(f"\\{c}" if c in "\\`*_{}[]()#+-.!|<>~" else c for c in text)
