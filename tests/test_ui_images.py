@@ -14,8 +14,7 @@ from pathlib import Path
 
 import pytest
 from playwright.sync_api import Browser, Page, expect
-from ui_helpers import (STARTER, Server, Workspace, answered, chat_event, new_chat, open_app, run_event, set_text,
-                        tab)
+from ui_helpers import STARTER, Server, Workspace, answered, chat_event, new_chat, open_app, run_event, set_text, tab
 from vision_helpers import IMAGE_SEQ_LEN, make_tiny_vlm
 
 from modules.ui.model_choice import NOT_LOADED
