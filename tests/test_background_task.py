@@ -47,7 +47,6 @@ def test_stop_sets_the_jobs_cancel_event() -> None:
         running.set()
         if cancel.wait(30):
             raise Cancelled("The job was cancelled; nothing was kept.")
-        return None
 
     task.start("x", job, str)
     assert running.wait(30)
