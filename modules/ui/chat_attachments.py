@@ -5,7 +5,6 @@ file that cannot be read, or that alone would not fit the context, is refused at
 with the next message sent and are kept with it in the chat (modules.ui.chat_display shows them on it)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,33 +22,13 @@ from modules.chat.attachments import (
 from modules.errors import ConfigError, InvalidInput, WorkbenchError
 from modules.ui.common import UiContext, session_of, user_errors
 from modules.ui.model_choice import ModelChoice
+from modules.ui.pending_uploads import PendingPanel, build_pending_panel, escape_markdown
 
 #: The most files one message may carry.
 MAX_FILES = 10
 
 
-@dataclass
-class AttachmentsPanel:
-    button: gr.UploadButton
-    pending: gr.State  # list[Attachment]: the files going with the next message
-    listing: gr.Markdown
-    clear: gr.Button
-
-    @property
-    def inputs(self) -> list[Any]:
-        return [self.pending]
-
-    def read(self, data: dict[Any, Any]) -> list[Attachment]:
-        return list(data[self.pending] or [])
-
-    @property
-    def turn_outputs(self) -> list[Any]:
-        return [self.pending, self.listing, self.clear]
-
-    @staticmethod
-    def turn_values(sent: bool) -> tuple[Any, Any, Any]:
-        """Once the message went (`sent`), its files are no longer waiting."""
-        return _shown([]) if sent else (gr.skip(), gr.skip(), gr.skip())
+AttachmentsPanel = PendingPanel  # the waiting files (Attachment)
 
 
 def build_attach_button() -> gr.UploadButton:
@@ -60,12 +39,7 @@ def build_attach_button() -> gr.UploadButton:
 
 def build_attachments_panel(button: gr.UploadButton) -> AttachmentsPanel:
     """The list of files waiting for the next message (place it under the message box) and its Remove button."""
-    pending = gr.State([])
-    with gr.Row(equal_height=True):
-        listing = gr.Markdown(visible=False, elem_id="chat-attachments")
-        clear = gr.Button("Remove files", size="sm", scale=0, min_width=130, visible=False,
-                          elem_id="chat-attachments-clear")
-    return AttachmentsPanel(button, pending, listing, clear)
+    return build_pending_panel(button, _shown, clear_label="Remove files", elem_id="chat-attachments", min_width=130)
 
 
 def wire_attachments(ctx: UiContext, panel: AttachmentsPanel, status: gr.Markdown, model: Any,
@@ -125,11 +99,7 @@ def _shown(files: list[Attachment], counts: list[int] | None = None) -> tuple[An
     lines = []
     for number, file in enumerate(files):
         tokens = f" · {counts[number]:,} tokens" if counts is not None else ""
-        lines.append(f"📎 **{_escape(file.name)}** ({KIND_LABELS[file.kind]}, {format_size(file.size)}{tokens})")
+        size = format_size(file.size)
+        lines.append(f"📎 **{escape_markdown(file.name)}** ({KIND_LABELS[file.kind]}, {size}{tokens})")
     text = "Going with your next message:  \n" + "  \n".join(lines)
     return files, gr.update(value=text, visible=True), gr.update(visible=True)
-
-
-def _escape(name: str) -> str:
-    """A file name shown in Markdown as written."""
-    return "".join(f"\\{c}" if c in "\\`*_{}[]()#+-.!|<>~" else c for c in name)

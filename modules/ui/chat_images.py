@@ -5,7 +5,6 @@ reads no images (the ImagesUnsupported message); it goes with the next message s
 images folder and shows on the message as a thumbnail (modules.ui.chat_display)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,33 +16,13 @@ from modules.chat.images import MAX_IMAGE_BYTES
 from modules.errors import ConfigError, ImagesUnsupported, InvalidInput, WorkbenchError
 from modules.ui.common import UiContext, session_of, user_errors
 from modules.ui.model_choice import ModelChoice
+from modules.ui.pending_uploads import PendingPanel, build_pending_panel, escape_markdown
 
 #: The most images one message may carry.
 MAX_IMAGES = 8
 
 
-@dataclass
-class ImagesPanel:
-    button: gr.UploadButton
-    pending: gr.State  # list[PendingImage]: the images going with the next message
-    listing: gr.Markdown
-    clear: gr.Button
-
-    @property
-    def inputs(self) -> list[Any]:
-        return [self.pending]
-
-    def read(self, data: dict[Any, Any]) -> list[PendingImage]:
-        return list(data[self.pending] or [])
-
-    @property
-    def turn_outputs(self) -> list[Any]:
-        return [self.pending, self.listing, self.clear]
-
-    @staticmethod
-    def turn_values(sent: bool) -> tuple[Any, Any, Any]:
-        """Once the message went (`sent`), its images are no longer waiting."""
-        return _shown([]) if sent else (gr.skip(), gr.skip(), gr.skip())
+ImagesPanel = PendingPanel  # the waiting images (PendingImage)
 
 
 def build_image_button() -> gr.UploadButton:
@@ -54,12 +33,7 @@ def build_image_button() -> gr.UploadButton:
 
 def build_images_panel(button: gr.UploadButton) -> ImagesPanel:
     """The list of images waiting for the next message (place it under the message box) and its Remove button."""
-    pending = gr.State([])
-    with gr.Row(equal_height=True):
-        listing = gr.Markdown(visible=False, elem_id="chat-images")
-        clear = gr.Button("Remove images", size="sm", scale=0, min_width=140, visible=False,
-                          elem_id="chat-images-clear")
-    return ImagesPanel(button, pending, listing, clear)
+    return build_pending_panel(button, _shown, clear_label="Remove images", elem_id="chat-images", min_width=140)
 
 
 def wire_images(ctx: UiContext, panel: ImagesPanel, status: gr.Markdown, model: Any, model_inputs: list[Any]) -> None:
@@ -107,11 +81,7 @@ def _shown(images: list[PendingImage]) -> tuple[Any, Any, Any]:
     """(the waiting images, their list, the Remove button)."""
     if not images:
         return [], gr.update(value="", visible=False), gr.update(visible=False)
-    lines = [f"🖼 **{_escape(image.name)}** {_escape(image.label[len(image.name):].strip())}" for image in images]
+    lines = [f"🖼 **{escape_markdown(image.name)}** {escape_markdown(image.label[len(image.name):].strip())}"
+             for image in images]
     text = "Going with your next message:  \n" + "  \n".join(lines)
     return images, gr.update(value=text, visible=True), gr.update(visible=True)
-
-
-def _escape(text: str) -> str:
-    """Text shown in Markdown as written."""
-    return "".join(f"\\{c}" if c in "\\`*_{}[]()#+-.!|<>~" else c for c in text)
