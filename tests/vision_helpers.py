@@ -1,6 +1,7 @@
 """A tiny random-weight vision-language model made on the fly (no small vision model ships offline): an Idefics3
 (SmolVLM's architecture) of a few layers over the starter's tokenizer, with a 32-pixel image processor, so an
-image becomes 4 image tokens between its marker tokens. Its answers are noise; tests check the plumbing."""
+image becomes 4 image tokens between its marker tokens. Its answers are noise; tests check the plumbing.
+make_tiny_vlm_gguf converts it with llama.cpp's own converter into the text GGUF and its mmproj GGUF."""
 from __future__ import annotations
 
 import base64
@@ -9,6 +10,7 @@ from pathlib import Path
 
 #: Image tokens per image: (image_size / patch_size)^2 / scale_factor^2 = (32 / 8)^2 / 2^2.
 IMAGE_SEQ_LEN = 4
+SMOLVLM_ROW_COL_TOKENS = [f"<row_{row}_col_{col}>" for row in range(1, 7) for col in range(1, 7)]
 
 
 def make_tiny_vlm(folder: Path, tokenizer_dir: Path) -> Path:
@@ -18,6 +20,9 @@ def make_tiny_vlm(folder: Path, tokenizer_dir: Path) -> Path:
     from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    # SmolVLM's tokenizer has these as single tokens; llama.cpp's mtmd looks "<global-img>" up as one token (an
+    # absent one becomes token -1 in the prompt, which llama_decode refuses).
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<global-img>", *SMOLVLM_ROW_COL_TOKENS]})
     images = Idefics3ImageProcessorPil(size={"longest_edge": 32}, max_image_size={"longest_edge": 32},
                                        do_image_splitting=False)
     processor = Idefics3Processor(image_processor=images, tokenizer=tokenizer, image_seq_len=IMAGE_SEQ_LEN,
@@ -26,7 +31,8 @@ def make_tiny_vlm(folder: Path, tokenizer_dir: Path) -> Path:
         text_config={"model_type": "llama", "vocab_size": len(tokenizer), "hidden_size": 32, "intermediate_size": 64,
                      "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
                      "max_position_embeddings": 1024, "bos_token_id": tokenizer.bos_token_id,
-                     "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id},
+                     "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id,
+                     "architectures": ["VLlama3ForCausalLM"]},  # as SmolVLM's: what llama.cpp's converter reads
         vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
                        "image_size": 32, "patch_size": 8},
         scale_factor=2, image_token_id=processor.image_token_id, tie_word_embeddings=False)
@@ -47,3 +53,15 @@ def png_data_url(color: tuple[int, int, int], size: tuple[int, int] = (40, 30)) 
 
 def image_part(url: str) -> dict:
     return {"type": "image_url", "image_url": {"url": url}}
+
+
+def make_tiny_vlm_gguf(vlm_dir: Path, folder: Path) -> tuple[Path, Path]:
+    """The text GGUF and the mmproj GGUF of the model in `vlm_dir`, written to `folder` by llama.cpp's own
+    converter (as the Model tab's convert runs it); returns (model, mmproj)."""
+    from modules.quantize.llama_tools import run_converter
+
+    folder.mkdir(parents=True, exist_ok=True)
+    model, mmproj = folder / "tiny-vlm.F16.gguf", folder / "mmproj-tiny-vlm.F16.gguf"
+    run_converter("convert_hf_to_gguf.py", [str(vlm_dir), "--outtype", "f16", "--outfile", str(model)])
+    run_converter("convert_hf_to_gguf.py", [str(vlm_dir), "--mmproj", "--outtype", "f16", "--outfile", str(mmproj)])
+    return model, mmproj
