@@ -217,6 +217,12 @@ class LlamaCppBatch(BatchDecoder):
         for key in list(self._sequences):
             self.remove(key)
 
+    def forget(self) -> None:
+        """Forget what each slot's KV held: the model read a prompt with images into the context alone and
+        emptied the cache after it."""
+        for slot in self._slots:
+            slot.tokens, slot.prompt_read = [], 0
+
     def release(self) -> None:
         """Free the batch buffer (the model is being unloaded)."""
         self.close()

@@ -20,10 +20,12 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field, field_validator, model_validator
 
-from loaders.base import Capability, LoadedModel, Loader, LoaderOptions, ModelInfo, gguf_files
+from loaders.base import (Capability, ImagePrompt, LoadedModel, Loader, LoaderOptions, ModelInfo, VisionPrompt,
+                          gguf_files)
 from loaders.batching import Adapter, BatchDecoder, SequenceRequest
 from loaders.gguf_header import diagnose, trained_context
 from loaders.llama_cpp_sampling import SUPPORTED_PARAMS, Candidates, build_sampler_chains, trial_compiler
+from loaders.llama_cpp_vision import Projector, find_mmproj, is_mmproj
 from modules.constraints import TrialCompiler
 from modules.errors import ContextLengthExceeded, GenerationError, InvalidInput, ModelLoadError
 from modules.generation_params import GenerationParams, TokenEvent, TopLogprob
@@ -57,6 +59,9 @@ class LlamaCppOptions(LoaderOptions):
         "With several slots: one unified KV cache that every slot may fill up to the whole n_ctx (together they "
         "share it), or (off) n_ctx split evenly, n_ctx/parallel per slot. Split, a request's reply never depends "
         "on what the other slots hold; unified, it may change where two tokens are nearly tied."))
+    mmproj: str | None = Field(None, description=(
+        "Multimodal projector (a vision model's mmproj GGUF, a file name in the model's folder) that lets the "
+        "model read images; by default the one mmproj*.gguf beside the model file, if any."))
 
     @field_validator("flash_attn", mode="before")
     @classmethod
@@ -100,7 +105,10 @@ class LlamaCppLoader(Loader):
     @classmethod
     def load(cls, path: Path, options: LoaderOptions) -> "LlamaCppModel":
         assert isinstance(options, LlamaCppOptions)
-        files = gguf_files(path)
+        if path.is_file() and is_mmproj(path):
+            raise ModelLoadError(f"{path.name} is a multimodal projector (mmproj), not a model: load the model "
+                                 "file beside it, which reads images through it.")
+        files = [f for f in gguf_files(path) if not is_mmproj(f)]
         if not files:
             raise ModelLoadError(f"{path.name} holds no .gguf file; the llama.cpp loader needs GGUF weights.")
         if len(files) > 1:
@@ -147,6 +155,18 @@ class LlamaCppModel(LoadedModel):
         except (ValueError, RuntimeError, OSError) as exc:
             raise ModelLoadError(diagnose(file) or f"llama.cpp could not load {file.name}: {exc}") from None
         llama = self._llama
+        self._projector: Projector | None = None
+        try:
+            mmproj = find_mmproj(file, options.mmproj)
+            if mmproj is not None:
+                self._projector = Projector(mmproj, llama, use_gpu=options.n_gpu_layers != 0,
+                                            n_threads=int(llama.context_params.n_threads_batch))
+        except BaseException:
+            llama.close()
+            raise
+        if self._projector is not None:
+            self.capabilities = self.capabilities | {Capability.VISION}
+            self.image_marker = self._projector.marker
         self._vocab = llama._model.vocab
         self._n_vocab = llama.n_vocab()
         self.vocab_size = self._n_vocab
@@ -239,16 +259,27 @@ class LlamaCppModel(LoadedModel):
         """How modules.constraints trial-compiles grammars for this model: llama.cpp with its vocabulary."""
         return trial_compiler(self.path)
 
-    def stream(self, prompt: list[int] | str, params: GenerationParams,
+    def encode_images(self, prompt: ImagePrompt, *, add_bos: bool = False) -> VisionPrompt:
+        if self._projector is None:
+            return super().encode_images(prompt, add_bos=add_bos)
+        return self._projector.encode(prompt, add_bos=add_bos)
+
+    def stream(self, prompt: list[int] | str | VisionPrompt, params: GenerationParams,
                cancel: threading.Event) -> Iterator[TokenEvent]:
-        ids = self.encode(prompt, add_bos=params.add_bos_token) if isinstance(prompt, str) else list(prompt)
+        vision = prompt if isinstance(prompt, VisionPrompt) else None
+        if vision is not None:
+            ids = list(vision.ids)
+        else:
+            ids = self.encode(prompt, add_bos=params.add_bos_token) if isinstance(prompt, str) else list(prompt)
         if not ids:
             raise InvalidInput("The prompt is empty: there is nothing to continue.")
         if len(ids) >= self.context_length:
             raise ContextLengthExceeded(context=self.context_length, prompt_tokens=len(ids),
                                         max_new_tokens=params.max_new_tokens)
         with self._lock:
-            if self.slots > 1:  # the context is the batch decoder's: one sequence through it
+            if vision is not None:
+                yield from self._stream_vision(vision, params, cancel)
+            elif self.slots > 1:  # the context is the batch decoder's: one sequence through it
                 yield from self._stream_alone(ids, params, cancel)
             else:
                 yield from self._decode_loop(ids, params, cancel)
@@ -285,14 +316,39 @@ class LlamaCppModel(LoadedModel):
         finally:
             decoder.remove(key)
 
-    def _decode_loop(self, ids: list[int], params: GenerationParams, cancel: threading.Event) -> Iterator[TokenEvent]:
+    def _stream_vision(self, prompt: VisionPrompt, params: GenerationParams,
+                       cancel: threading.Event) -> Iterator[TokenEvent]:
+        """A prompt with images, alone on the context (the engine runs such requests alone): read into sequence 0
+        from an empty cache, generated from as the single-sequence loop does; the cache is emptied after it (no
+        later prompt reuses it: image positions hold no tokens to compare), and the batch decoder's slots forget
+        what they held."""
+        if self._batch is not None and self._batch.active:
+            raise GenerationError(f"{self.name} is decoding served requests; generate through the ModelManager.")
+        llama = self._llama
+        try:
+            yield from self._decode_loop(list(prompt.ids), params, cancel, vision=prompt)
+        finally:
+            llama._ctx.kv_cache_clear()
+            llama.reset()
+            self._prompt_kv_valid = 0
+            if self._batch is not None:
+                self._batch.forget()
+
+    def _decode_loop(self, ids: list[int], params: GenerationParams, cancel: threading.Event,
+                     vision: VisionPrompt | None = None) -> Iterator[TokenEvent]:
         llama = self._llama
         lib = self._lib
-        chains = build_sampler_chains(lib, llama, params, ids, eog_tokens=self._eog)
+        history = vision.inputs.text_ids if vision is not None else ids
+        chains = build_sampler_chains(lib, llama, params, history, eog_tokens=self._eog)
         candidates = Candidates(lib, self._n_vocab)
         decoder = Utf8Stream()
         try:
-            self._eval_prompt(ids, cancel)
+            if vision is not None:
+                assert self._projector is not None
+                self._prompt_kv_valid = 0
+                self.evaluated_prompt_tokens += self._projector.read(llama, vision.inputs, self._eval, cancel)
+            else:
+                self._eval_prompt(ids, cancel)
             token: int | None = None  # the previous token, fed back before sampling the next
             for _ in range(params.max_new_tokens):
                 if cancel.is_set():
@@ -470,7 +526,8 @@ class LlamaCppModel(LoadedModel):
             extra={"architecture": self._metadata.get("general.architecture", ""),
                    "n_ctx_train": self._lib.llama_model_n_ctx_train(self._llama._model.model),
                    "parallel": self.slots, "flash_attn": self.options.flash,
-                   "kv_unified": self.options.kv_unified or self.slots == 1},
+                   "kv_unified": self.options.kv_unified or self.slots == 1,
+                   "mmproj": self._projector.file.name if self._projector is not None else None},
         )
 
     def unload(self) -> None:
@@ -487,6 +544,9 @@ class LlamaCppModel(LoadedModel):
                 self._lib.llama_adapter_lora_free(handle)
             self._request_loras = {}
         finally:
+            if self._projector is not None:
+                self._projector.close()
+                self._projector = None
             llama.close()
             self._llama = None
 

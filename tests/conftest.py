@@ -108,6 +108,17 @@ def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory, starter_hf: Path) -
     return save_tiny_llama(tmp_path_factory.mktemp("models") / "tiny-llama", starter_hf)
 
 
+@pytest.fixture(scope="session")
+def tiny_vlm_gguf(tmp_path_factory: pytest.TempPathFactory, starter_hf: Path) -> Path:
+    """A folder holding the tiny random vision-language model (tests/vision_helpers.py) as llama.cpp reads it: its
+    text GGUF and its mmproj GGUF, made by llama.cpp's converter once per session."""
+    from vision_helpers import make_tiny_vlm, make_tiny_vlm_gguf
+
+    folder = tmp_path_factory.mktemp("tiny-vlm-gguf")
+    make_tiny_vlm_gguf(make_tiny_vlm(folder / "hf", starter_hf), folder / "gguf")
+    return folder / "gguf"
+
+
 @pytest.fixture(scope="module")
 def browser():
     """Debian's Chromium through Playwright, one per test module (see ui_helpers.launch_browser)."""
