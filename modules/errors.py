@@ -66,8 +66,8 @@ class ImagesUnsupported(InvalidInput):
 
     def __init__(self, model: str, detail: str = ""):
         super().__init__(f"{model} reads no images: {detail or 'it is not a vision model here'}. Send text only, "
-                         "or load a vision-language model with the Transformers loader (a folder whose config.json "
-                         "has a vision_config).", field="messages")
+                         "or load a vision-language model: a Transformers folder whose config.json has a "
+                         "vision_config, or a GGUF model with its mmproj*.gguf beside it.", field="messages")
         self.model = model
 
 

@@ -133,6 +133,7 @@ class ModelManager:
             return []
         names = sorted(p.name for p in self.model_dir.iterdir()
                        if not p.name.startswith(".") and not p.name.endswith((".part", ".converting"))
+                       and not p.name.lower().startswith("mmproj")  # a vision model's projector, no model
                        and (p.suffix.lower() == ".gguf" or (p.is_dir() and _looks_like_model(p))))
         if self.model_settings is not None:  # remote engines: no file stands for them
             try:

@@ -101,8 +101,11 @@ def test_text_replies_are_the_same_before_and_after_an_image(client: openai.Open
     assert text_reply() == before
 
 
-def test_an_mmproj_is_no_model_and_a_named_one_must_exist(tiny_vlm_gguf: Path) -> None:
+def test_an_mmproj_is_no_model_and_a_named_one_must_exist(tmp_path: Path, tiny_vlm_gguf: Path) -> None:
     mmproj = next(tiny_vlm_gguf.glob("mmproj*.gguf"))
+    flat = models_folder(tmp_path, {p.name: p for p in tiny_vlm_gguf.glob("*.gguf")})  # both files in models/
+    assert ModelManager(flat, tmp_path / "loras").list_models() == [p.name for p in tiny_vlm_gguf.glob("*.gguf")
+                                                                    if p != mmproj]
     options = LlamaCppLoader.parse_options({"n_ctx": 256, "parallel": 1})
     with pytest.raises(ModelLoadError, match="multimodal projector"):
         LlamaCppLoader.load(mmproj, options)
