@@ -7,7 +7,7 @@ import threading
 import jsonschema
 import pytest
 
-from conftest import FRANCE, MODEL_DIR
+from conftest import FRANCE, MODEL_DIR, wait_until
 from modules.chat.templates import choose_template, render_chat
 from modules.errors import UnsupportedParameter
 from modules.generation_params import GenerationParams
@@ -183,22 +183,39 @@ def test_unsupported_knob_is_reported_never_ignored_silently(manager):
 
 
 def test_generation_runs_one_at_a_time_in_arrival_order(manager):
+    """With one slot, requests run one at a time, in the order they arrived (with more slots they are admitted in
+    that order and decoded together: test_llama_cpp_batching, test_transformers_batching)."""
+    info = manager.info()
+    manager.load(info.name, info.loader, {"parallel": 1})
     order: list[int] = []
     lock = threading.Lock()
+    # the first runs until the three others have queued behind it, then is stopped
+    generations = [manager.generate("Count to 100:", GenerationParams(do_sample=False, max_new_tokens=4000,
+                                                                      ban_eos_token=True))]
+    generations += [manager.generate(f"Count to {index}:", GenerationParams(do_sample=False, max_new_tokens=4))
+                    for index in range(1, 4)]
 
     def client(index: int) -> None:
-        generation = manager.generate(f"Count to {index}:", GenerationParams(do_sample=False, max_new_tokens=4))
-        for _ in generation:
+        for _ in generations[index]:
             pass
         with lock:
             order.append(index)
 
     threads = []
-    for index in range(4):
-        thread = threading.Thread(target=client, args=(index,))
-        thread.start()
-        threads.append(thread)
-        threading.Event().wait(0.05)  # arrive in order
-    for thread in threads:
-        thread.join(timeout=60)
-    assert order == [0, 1, 2, 3]
+    try:
+        for index in range(4):
+            thread = threading.Thread(target=client, args=(index,))
+            thread.start()
+            threads.append(thread)
+            wait_until(lambda: manager.busy if index == 0 else manager.waiting == index,
+                       "the request reached the model")  # arrived in order
+        generations[0].cancel()
+        for thread in threads:
+            thread.join(timeout=120)
+        assert order == [0, 1, 2, 3]
+        assert generations[0].stats.finish_reason == "cancelled"
+        assert all(g.stats.completion_tokens == 4 for g in generations[1:])
+    finally:
+        for generation in generations:
+            generation.cancel()
+        manager.load(info.name, info.loader)
