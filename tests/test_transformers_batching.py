@@ -4,8 +4,8 @@ caller uses it: concurrent requests decode together, each gets what it gets alon
 The starter's Transformers copy is loaded once, in float32, with 8 slots. Replies are compared with the same
 request run alone through `LoadedModel.stream` (the path every model took before batching). In float32 a row of a
 batch and a sequence alone agree to rounding far below what moves a greedy pick, so the comparison is exact; in
-bfloat16 the batch's arithmetic rounds differently and a reply may change after some tokens (docs/benchmarks.md,
-"Batched decoding (Transformers)"), which is why this module loads float32.
+bfloat16 the batch's arithmetic rounds differently and a reply may change after some tokens (the README's "What
+batching changes"), which is why this module loads float32.
 """
 from __future__ import annotations
 
