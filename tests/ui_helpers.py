@@ -225,6 +225,15 @@ def set_text(page: Page, selector: str, value: str) -> None:
     """Type into a Gradio textbox or number box and commit it (Gradio reads the value on blur/input). Typing
     waits until no event is in flight: one that lands afterwards could redraw the box with its old value."""
     box = page.locator(f"{selector} textarea, {selector} input").first
+    for _ in range(2):  # a box just unfolded may still be given its form value once, over what was typed
+        wait_idle(page)
+        box.fill(value)
+        box.blur()
+        try:
+            expect(box).to_have_value(value, timeout=2000)
+            return
+        except AssertionError:
+            continue
     wait_idle(page)
     box.fill(value)
     box.blur()
