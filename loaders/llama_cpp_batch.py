@@ -22,11 +22,11 @@ may use the whole n_ctx, and together they share its cells (kv_unified off: n_ct
 What batching changes: llama.cpp's arithmetic depends on the batch and on where a sequence's cells lie in the cache
 (how sums over them are split into SIMD lanes; a quantized model's activations round to 8 bits, which magnifies the
 last bits), so a reply may differ by a near-tie token when other sequences run beside it: measured on the starter
-(Q4_1), log-probabilities moved by up to 0.1 nats when other conversations held cells of the unified cache. So a
-sequence that starts while none runs gets the unified cache to itself (the idle slots give up their KV; its own
-slot's prefix stays): a request alone gives the same tokens as in a fresh context, warm or cold (prompts are read
-in the same aligned chunks). With kv_unified off each slot's cache starts at cell 0 of its own stream, so a request
-gives the same tokens alone whatever the other slots hold, and idle slots keep their KV. parallel 1 is the
+(Q4_1), log-probabilities moved by up to 0.17 nats over 8 tokens when other conversations held cells of the unified
+cache. So a sequence that starts while none runs gets the unified cache to itself (the idle slots give up their KV;
+its own slot's prefix stays): a request alone gives the same tokens as in a fresh context, warm or cold (prompts are
+read in the same aligned chunks). With kv_unified off each slot's cache starts at cell 0 of its own stream, so a
+request gives the same tokens alone whatever the other slots hold, and idle slots keep their KV. parallel 1 is the
 single-sequence loop, bit for bit as before.
 """
 from __future__ import annotations
