@@ -408,6 +408,28 @@ def test_the_loop_stops_after_its_rounds(examples: ToolRunner) -> None:
     assert (loop.outcome, loop.rounds) == ("round_limit", 2)
 
 
+def test_the_loop_goes_on_from_a_cut_reply_or_from_calls_left_without_results(examples: ToolRunner) -> None:
+    question = {"role": "user", "content": "What is 6 times 7?"}
+    cut = {"role": "assistant", "content": "Let me work it out"}
+    whole = {**calls(("calculate", {"expression": "6 * 7"})), "content": "Let me work it out"}
+    script = Script(whole, {"role": "assistant", "content": "It is 42."})
+    loop = ToolLoop(script, examples, max_rounds=1)
+    added = list(loop.run([question, cut], continue_last=True))
+    assert script.seen[0] == [question, cut]  # the first generation continues the cut reply...
+    assert [m["role"] for m in added] == ["assistant", "tool", "assistant"] and added[0] is whole
+    assert script.seen[1] == [question, whole, added[1]]  # ...which the whole reply replaces
+    assert added[1]["content"] == "42" and loop.outcome == "answered"
+
+    left = calls(("calculate", {"expression": "2 + 2"}), ("calculate", {"expression": "3 + 3"}))
+    answered = {"role": "tool", "tool_call_id": "call_0", "name": "calculate", "content": "4"}
+    script = Script({"role": "assistant", "content": "4 and 6."})
+    loop = ToolLoop(script, examples, max_rounds=1)
+    added = list(loop.run([question, left, answered], pending=left["tool_calls"][1:]))
+    assert [m.get("tool_call_id") for m in added] == ["call_1", None]  # the call left over runs, then the model
+    assert added[0]["content"] == "6" and script.seen == [[question, left, answered, added[0]]]
+    assert (loop.outcome, loop.rounds) == ("answered", 1)
+
+
 def test_tools_that_need_approval_run_only_when_approved(tmp_path: Path) -> None:
     found = load_file(write_tool(tmp_path, "weather.py", TYPED_TOOL))
     runner = ToolRunner(found.tools)

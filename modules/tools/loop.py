@@ -14,6 +14,10 @@ Usage::
     for message in loop.run(messages):   # each new message: assistant replies and tool results, in order
         show(message)
     loop.outcome                          # "answered" or "round_limit"
+
+A turn may also go on from where an earlier one stopped: `continue_last` (the first generation continues the
+conversation's last reply, and its reply takes that reply's place) or `pending` (calls of the last reply that
+have no result yet, run before the model is asked again).
 """
 from __future__ import annotations
 
@@ -51,14 +55,23 @@ class ToolLoop:
         self.results: list[ToolResult] = []
         self.outcome: Literal["answered", "round_limit"] | None = None
 
-    def run(self, messages: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-        """Yield each message the turn adds (replies and tool results); `messages` itself is not changed."""
+    def run(self, messages: list[dict[str, Any]], *, continue_last: bool = False,
+            pending: list[dict[str, Any]] | None = None) -> Iterator[dict[str, Any]]:
+        """Yield each message the turn adds (replies and tool results); `messages` itself is not changed.
+        `continue_last`: `generate` continues the last message (a reply cut short), and the reply it returns (the
+        whole reply) replaces that message, the first one yielded. `pending`: OpenAI tool_calls entries of the last
+        reply that have no result yet; they run first, as the turn's first round."""
         conversation = list(messages)
+        calls = [ToolCall.from_openai(call) for call in pending or []]
         while True:
-            reply = self.generate(list(conversation))
-            conversation.append(reply)
-            yield reply
-            calls = [ToolCall.from_openai(call) for call in reply.get("tool_calls") or []]
+            if not calls:
+                reply = self.generate(list(conversation))
+                if continue_last:
+                    conversation[-1], continue_last = reply, False
+                else:
+                    conversation.append(reply)
+                yield reply
+                calls = [ToolCall.from_openai(call) for call in reply.get("tool_calls") or []]
             if not calls:
                 self.outcome = "answered"
                 return
@@ -73,6 +86,7 @@ class ToolLoop:
                 self.outcome = "round_limit"
                 return
             self.rounds += 1
+            calls = []
 
     def _run(self, call: ToolCall) -> ToolResult:
         spec = self.runner.spec(call.name)
