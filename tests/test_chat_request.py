@@ -11,7 +11,8 @@ from conftest import FRANCE, MODEL_DIR
 from extensions.openai.errors import api_error_from
 from extensions.openai.internal import predict_request
 from extensions.openai.mapping import chat_request as api_chat_request
-from extensions.openai.protocol import ChatCompletionRequest, PredictRequest
+from extensions.openai.protocol import ChatCompletionRequest
+from extensions.openai.protocol_internal import PredictRequest
 from modules.chat.request import ALPACA_STOP_STRINGS, ChatRequest, finish_reply, prepare_chat
 from modules.errors import InvalidInput
 from modules.extensions import ExtensionRegistry

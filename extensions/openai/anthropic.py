@@ -17,8 +17,9 @@ from extensions.openai.completions import (STREAMED, ChatPlan, api_state, first_
                                            warnings_header)
 from extensions.openai.errors import ApiError, api_error_from, documented_errors, validation_error
 from extensions.openai.mapping import check_template_str
-from extensions.openai.protocol import (AnthropicBlock, AnthropicUsage, ChatCompletionRequest, MessagesCountRequest,
-                                        MessagesRequest, MessagesResponse, MessagesTokenCount)
+from extensions.openai.protocol import ChatCompletionRequest
+from extensions.openai.protocol_anthropic import (AnthropicBlock, AnthropicUsage, MessagesCountRequest, MessagesRequest,
+                                                  MessagesResponse, MessagesTokenCount)
 from extensions.openai.streaming import (CallStart, GenerationRun, ReasoningPiece, ReplyEvent, TextPiece, guarded,
                                         sse)
 from extensions.openai.target import resolve_target

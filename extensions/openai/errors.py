@@ -43,7 +43,8 @@ DOCUMENTED_STATUSES = (400, 401, 404, 413, 500, 503)
 
 def documented_errors(*, anthropic: bool = False) -> dict[int | str, dict[str, Any]]:
     """`responses=` for a router or route: the error statuses with their body's schema."""
-    from extensions.openai.protocol import AnthropicErrorResponse, ErrorResponse
+    from extensions.openai.protocol import ErrorResponse
+    from extensions.openai.protocol_anthropic import AnthropicErrorResponse
 
     model = AnthropicErrorResponse if anthropic else ErrorResponse
     return {status: {"model": model} for status in DOCUMENTED_STATUSES}

@@ -12,11 +12,13 @@ from extensions.openai.completions import ERRORS, api_state, first_chunk, start_
 from extensions.openai.embeddings import router as embeddings_router
 from extensions.openai.errors import ApiError, api_error_from
 from extensions.openai.mapping import check_token_ids
-from extensions.openai.protocol import (DecodeRequest, DecodeResponse, EncodeRequest, EncodeResponse, HealthResponse,
-                                        LoadModelRequest, LoadModelResponse, LoraLoadRequest, LoraNamesResponse,
-                                        ModelCard, ModelInfoResponse, ModelList, ModelNamesResponse, PredictRequest,
-                                        PredictResponse, ResidentModel, ResidentModelsResponse, StatusResponse,
-                                        TokenCountRequest, TokenCountResponse, UnloadModelRequest)
+from extensions.openai.protocol import ModelCard, ModelList
+from extensions.openai.protocol_internal import (DecodeRequest, DecodeResponse, EncodeRequest, EncodeResponse,
+                                                 HealthResponse, LoadModelRequest, LoadModelResponse, LoraLoadRequest,
+                                                 LoraNamesResponse, ModelInfoResponse, ModelNamesResponse,
+                                                 PredictRequest, PredictResponse, ResidentModel,
+                                                 ResidentModelsResponse, StatusResponse, TokenCountRequest,
+                                                 TokenCountResponse, UnloadModelRequest)
 from extensions.openai.target import resolve_target
 from modules.chat.request import ChatRequest, finish_reply, prepare_chat
 from modules.errors import WorkbenchError

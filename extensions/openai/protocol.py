@@ -1,5 +1,7 @@
-"""Every request and response of the API as pydantic models: OpenAI's (completions, chat, models, embeddings),
-Anthropic's Messages, text-generation-webui's internal routes, /predict and the error object.
+"""The API's shared request pieces (the GenerationParams knobs every generation request accepts, LoRA references,
+limits) and OpenAI's requests and responses (completions, chat, models, embeddings, the error object) as pydantic
+models. Anthropic's Messages: protocol_anthropic.py; the Responses API: protocol_responses.py; text-generation-webui's
+internal routes and /predict: protocol_internal.py.
 
 Generation requests also accept every GenerationParams knob under its own name (text-generation-webui's names:
 `min_p`, `top_k`, `repetition_penalty`, `dry_multiplier`, `ban_eos_token`, `custom_token_bans`, `grammar_string`,
@@ -95,7 +97,9 @@ class _Extras(BaseModel):
 GenerationKnobs = create_model("GenerationKnobs", __base__=_Extras, **_knob_fields())
 
 
-class _Model(BaseModel):
+class StrictModel(BaseModel):
+    """A request part that refuses unknown fields and values of the wrong type."""
+
     model_config = ConfigDict(extra="forbid", populate_by_name=True, strict=True)
 
 
@@ -112,19 +116,6 @@ class ErrorResponse(BaseModel):
     error: ErrorDetail
 
 
-class AnthropicErrorDetail(BaseModel):
-    type: str
-    message: str
-    error_id: str | None = Field(None, description="On a 500: the id the server's log line carries too.")
-
-
-class AnthropicErrorResponse(BaseModel):
-    """Errors of the routes under /v1/messages, in Anthropic's shape."""
-
-    type: Literal["error"] = "error"
-    error: AnthropicErrorDetail
-
-
 # --- shared pieces ----------------------------------------------------------------------------------------------
 class Usage(BaseModel):
     prompt_tokens: int
@@ -132,39 +123,39 @@ class Usage(BaseModel):
     total_tokens: int
 
 
-class StreamOptions(_Model):
+class StreamOptions(StrictModel):
     include_usage: bool = False
 
 
-class JsonSchemaFormat(_Model):
+class JsonSchemaFormat(StrictModel):
     name: str = "response"
     description: str | None = None
     schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
     strict: bool | None = None
 
 
-class ResponseFormat(_Model):
+class ResponseFormat(StrictModel):
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JsonSchemaFormat | None = None
 
 
-class FunctionDef(_Model):
+class FunctionDef(StrictModel):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     description: str | None = None
     parameters: dict[str, Any] | None = None
     strict: bool | None = None
 
 
-class Tool(_Model):
+class Tool(StrictModel):
     type: Literal["function"] = "function"
     function: FunctionDef
 
 
-class FunctionName(_Model):
+class FunctionName(StrictModel):
     name: str
 
 
-class NamedToolChoice(_Model):
+class NamedToolChoice(StrictModel):
     type: Literal["function"] = "function"
     function: FunctionName
 
@@ -374,7 +365,7 @@ class ModelList(BaseModel):
 
 
 # --- /v1/embeddings ---------------------------------------------------------------------------------------------
-class EmbeddingRequest(_Model):
+class EmbeddingRequest(StrictModel):
     input: str | Annotated[list[str], Field(max_length=2048)] = Field(
         min_length=1, description="Text or texts (at most 2048) to embed (token arrays are not accepted).")
     model: str | None = None
@@ -399,208 +390,3 @@ class EmbeddingResponse(BaseModel):
     data: list[Embedding]
     model: str
     usage: EmbeddingUsage
-
-
-# --- /v1/messages (Anthropic) -----------------------------------------------------------------------------------
-class AnthropicBlock(BaseModel):
-    """A content block: text, tool_use (id, name, input) or tool_result (tool_use_id, content)."""
-
-    model_config = ConfigDict(extra="allow", strict=True)
-    type: Literal["text", "image", "tool_use", "tool_result", "thinking", "redacted_thinking", "document"]
-    text: str | None = None
-    id: str | None = None
-    name: str | None = None
-    input: dict[str, Any] | None = None
-    tool_use_id: str | None = None
-    content: str | list[dict[str, Any]] | None = None
-    is_error: bool | None = None
-
-
-class AnthropicMessage(_Model):
-    role: Literal["user", "assistant"]
-    content: str | list[AnthropicBlock]
-
-
-class AnthropicTool(BaseModel):
-    model_config = ConfigDict(extra="allow", strict=True)
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
-    description: str | None = None
-    input_schema: dict[str, Any] = Field(default_factory=lambda: {"type": "object"})
-
-
-class AnthropicToolChoice(_Model):
-    type: Literal["auto", "any", "tool", "none"]
-    name: str | None = None
-    disable_parallel_tool_use: bool | None = None
-
-
-class AnthropicThinking(_Model):
-    """Extended thinking: "enabled" or "disabled" reach the chat template as enable_thinking (budget_tokens is
-    accepted; the reply's max_tokens bounds the thinking)."""
-
-    type: Literal["enabled", "disabled"]
-    budget_tokens: int | None = Field(None, ge=0)
-
-
-class MessagesRequest(GenerationKnobs):  # type: ignore[misc, valid-type]
-    model: str | None = None
-    max_tokens: int = Field(ge=1)
-    messages: list[AnthropicMessage] = Field(min_length=1)
-    system: str | list[AnthropicBlock] | None = None
-    stop_sequences: Annotated[list[str], Field(max_length=MAX_STOPS)] | None = None
-    temperature: float | None = Field(None, ge=0, le=1)
-    top_p: float | None = Field(None, ge=0, le=1)
-    stream: bool = False
-    tools: Annotated[list[AnthropicTool], Field(max_length=MAX_TOOLS)] | None = None
-    tool_choice: AnthropicToolChoice | None = None
-    metadata: dict[str, Any] | None = None
-    thinking: AnthropicThinking | None = None
-
-
-class MessagesCountRequest(MessagesRequest):
-    """POST /v1/messages/count_tokens: a Messages request without max_tokens."""
-
-    max_tokens: int | None = Field(None, ge=1)  # type: ignore[assignment]
-
-
-class MessagesTokenCount(BaseModel):
-    input_tokens: int
-
-
-class AnthropicUsage(BaseModel):
-    input_tokens: int
-    output_tokens: int
-
-
-class MessagesResponse(BaseModel):
-    id: str
-    type: Literal["message"] = "message"
-    role: Literal["assistant"] = "assistant"
-    model: str
-    content: list[dict[str, Any]]
-    stop_reason: Literal["end_turn", "max_tokens", "stop_sequence", "tool_use"] | None
-    stop_sequence: str | None = None
-    usage: AnthropicUsage
-
-
-# --- internal routes (text-generation-webui's) ------------------------------------------------------------------
-class ModelInfoResponse(BaseModel):
-    model_name: str | None
-    lora_names: list[str] = Field(default_factory=list)
-    loader: str | None = None
-    context_length: int | None = None
-    capabilities: list[str] = Field(default_factory=list)
-    supported_params: list[str] = Field(default_factory=list)
-    chat_template: str | None = None
-    bos_token: str | None = None
-    eos_token: str | None = None
-
-
-class ModelNamesResponse(BaseModel):
-    model_names: list[str]
-
-
-class LoraNamesResponse(BaseModel):
-    lora_names: list[str] = Field(description="LoRAs in loras/; a request's `lora` may name one by its place "
-                                              "here (llama.cpp's `id`).")
-
-
-class ResidentModel(BaseModel):
-    """A model in memory and what it is doing."""
-
-    name: str
-    default: bool = Field(description="Requests that name no model get this one.")
-    loader: str
-    context_length: int
-    memory_bytes: int
-    loras: list[str]
-    slots: int = Field(description="Requests it decodes at once.")
-    slots_busy: int
-    queued: int = Field(description="Requests waiting for a slot.")
-    max_queue: int = Field(description="Most requests that may wait (0: no limit); beyond it 503 overloaded.")
-    loaded_seconds_ago: float
-    idle_seconds: float | None = Field(description="Seconds since its last request ended; None while in use.")
-    unloads_in_seconds: float | None = Field(
-        description="When idle, seconds until it is unloaded (keep_alive or --idle-unload); None: it stays.")
-
-
-class ResidentModelsResponse(BaseModel):
-    models: list[ResidentModel] = Field(description="Most recently used first.")
-    max_models: int = Field(description="Most models resident at once (0: no limit).")
-    memory_budget_bytes: int = Field(description="Memory the resident models may use (0: no limit).")
-    loading: str | None = Field(None, description="A model being loaded now.")
-
-
-class UnloadModelRequest(_Model):
-    model_name: str | None = Field(None, min_length=1, description="The model to unload; empty = the default one.")
-
-
-class LoadModelRequest(_Model):
-    model_name: str = Field(min_length=1)
-    loader: str | None = None
-    args: dict[str, Any] = Field(default_factory=dict, description="Loader options, e.g. {\"n_ctx\": 4096}.")
-
-
-class LoadModelResponse(BaseModel):
-    status: Literal["ok"] = "ok"
-    model_name: str
-    loader: str
-    seconds: float
-    warnings: list[str] = Field(default_factory=list)
-
-
-class LoraLoadRequest(_Model):
-    lora_names: list[str]
-    lora_scales: list[float] | None = None
-
-
-class EncodeRequest(_Model):
-    text: str
-    add_bos: bool = False
-    model: str | None = Field(None, description="A resident model; empty = the default one.")
-
-
-class EncodeResponse(BaseModel):
-    tokens: list[int]
-    length: int
-
-
-class DecodeRequest(_Model):
-    tokens: list[Annotated[int, Field(ge=0, lt=2**31)]]
-    model: str | None = Field(None, description="A resident model; empty = the default one.")
-
-
-class DecodeResponse(BaseModel):
-    text: str
-
-
-class TokenCountRequest(_Model):
-    text: str
-    model: str | None = Field(None, description="A resident model; empty = the default one.")
-
-
-class TokenCountResponse(BaseModel):
-    length: int
-
-
-class StatusResponse(BaseModel):
-    status: str
-
-
-class HealthResponse(BaseModel):
-    status: Literal["ok", "loading", "no_model"] = "ok"
-    model_loaded: bool
-    loading_model: str | None = Field(None, description="While status is 'loading': the model being loaded.")
-    loading_seconds: float | None = Field(None, description="While status is 'loading': seconds so far.")
-
-
-# --- /predict (the seeds' instruction endpoint) -----------------------------------------------------------------
-class PredictRequest(_Model):
-    instruction: str = Field(min_length=1)
-    input: str = ""
-    temperature: float = Field(0.0, ge=0, le=2)
-    max_new_tokens: int = Field(256, ge=1, le=4096)
-
-
-class PredictResponse(BaseModel):
-    answer: str
