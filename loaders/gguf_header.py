@@ -10,7 +10,7 @@ import struct
 from pathlib import Path
 from typing import BinaryIO
 
-from gguf import GGUFValueType
+from gguf import GGUFValueType, LlamaFileType
 
 from modules.errors import ModelLoadError
 
@@ -56,6 +56,16 @@ def _value(handle: BinaryIO, kind: int, keep: bool) -> object:
     if kind not in _SCALAR:
         raise ValueError(f"unknown metadata type {kind}")
     return _read(handle, _SCALAR[kind])
+
+
+def file_type_name(file_type: object) -> str:
+    """The quantization type a GGUF's `general.file_type` names (Q4_K_M, F16, ...), for the model's info."""
+    if file_type in (None, ""):
+        return "GGUF"
+    try:
+        return LlamaFileType(int(file_type)).name.removeprefix("MOSTLY_").removeprefix("ALL_")
+    except ValueError:
+        return f"GGUF type {file_type}"
 
 
 def trained_context(file: Path) -> int:

@@ -13,7 +13,6 @@ import re
 import threading
 import weakref
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -23,7 +22,8 @@ from pydantic import Field, field_validator, model_validator
 from loaders.base import (Capability, ImagePrompt, LoadedModel, Loader, LoaderOptions, ModelInfo, VisionPrompt,
                           gguf_files)
 from loaders.batching import Adapter, BatchDecoder, SequenceRequest
-from loaders.gguf_header import diagnose, trained_context
+from loaders.gguf_header import diagnose, file_type_name, trained_context
+from loaders.llama_cpp_lora import ContextAdapters
 from loaders.llama_cpp_sampling import SUPPORTED_PARAMS, Candidates, build_sampler_chains, trial_compiler
 from loaders.llama_cpp_vision import Projector, find_mmproj, is_mmproj
 from modules.constraints import TrialCompiler
@@ -180,10 +180,7 @@ class LlamaCppModel(LoadedModel):
         self.max_token_bytes = max(len(self._piece(t, special=True)) for t in range(self._n_vocab)) or None
         self._piece_starts = self._special_token_pattern()
         self._metadata = metadata
-        self._loras: list[tuple[str, object]] = []
-        self._applied = AdapterSet()  # the applied LoRAs (apply_loras), what requests with adapters=None get
-        self._on_context = AdapterSet()  # the adapters set on the context now
-        self._request_loras: dict[tuple[str, int, int], object] = {}  # GGUF adapters requests named, by file
+        self._adapters = ContextAdapters(llama_cpp, llama._model.model, llama._ctx.ctx)
         self._lock = threading.Lock()  # one decode loop at a time per context
         self._prompt_kv_valid = 0  # leading KV entries computed as aligned prompt chunks
         self.slots = options.parallel
@@ -421,105 +418,40 @@ class LlamaCppModel(LoadedModel):
 
     # --- LoRA --------------------------------------------------------------------------------------------------
     def apply_loras(self, paths: list[Path], scales: list[float] | None = None) -> None:
-        lib = self._lib
-        scales = scales or [1.0] * len(paths)
-        loaded = []
-        files = []
-        for path in paths:
-            file = lora_file(path, ModelLoadError)
-            adapter = lib.llama_adapter_lora_init(self._llama._model.model, str(file).encode("utf-8"))
-            if not adapter:
-                for _, handle in loaded:
-                    lib.llama_adapter_lora_free(handle)
-                raise ModelLoadError(f"llama.cpp could not load the LoRA adapter {file.name} (wrong base "
-                                     "model or not a GGUF LoRA).")
-            loaded.append((path.name, adapter))
-            files.append(file)
-        self.remove_loras()
-        applied = AdapterSet(tuple(_file_key(f) + (float(s),) for f, s in zip(files, scales)),
-                             tuple(h for _, h in loaded), tuple(float(s) for s in scales))
-        if not self._set_context_adapters(applied):
-            for _, handle in loaded:
-                lib.llama_adapter_lora_free(handle)
-            raise ModelLoadError("llama.cpp refused the LoRA adapter(s) for this model.")
-        self._loras = loaded
-        self._applied = applied
+        self._adapters.apply(paths, scales)
         self._llama.reset()  # cached KV was computed without the adapter
         self._prompt_kv_valid = 0
 
     def remove_loras(self) -> None:
-        if not self._loras:
-            return
-        self._set_context_adapters(AdapterSet())
-        for _, handle in self._loras:
-            self._lib.llama_adapter_lora_free(handle)
-        self._loras = []
-        self._applied = AdapterSet()
-        self._llama.reset()
-        self._prompt_kv_valid = 0
+        if self._adapters.remove():
+            self._llama.reset()
+            self._prompt_kv_valid = 0
 
     def adapter_key(self, adapters: tuple[Adapter, ...] | None) -> tuple:
         """What identifies the weights a sequence with these adapters runs with (None: the applied set): KV
         computed under one key is reused only under the same key. Raises InvalidInput for an adapter that is no
         GGUF LoRA."""
-        if adapters is None:
-            return self._applied.key
-        return tuple(_file_key(self._request_lora_file(a)) + (float(a.scale),) for a in adapters)
+        return self._adapters.key(adapters)
 
     def use_adapters(self, adapters: tuple[Adapter, ...] | None) -> tuple:
-        """Set these adapters on the context (llama.cpp applies them to every sequence), loading each GGUF file
-        once; returns their key."""
-        if adapters is None:
-            wanted = self._applied
-        else:
-            handles = []
-            for adapter in adapters:
-                file = self._request_lora_file(adapter)
-                handle = self._request_loras.get(_file_key(file))
-                if handle is None:
-                    handle = self._lib.llama_adapter_lora_init(self._llama._model.model, str(file).encode("utf-8"))
-                    if not handle:
-                        raise InvalidInput(f"llama.cpp could not load the LoRA adapter {file.name} (wrong base "
-                                           "model or not a GGUF LoRA).")
-                    self._request_loras[_file_key(file)] = handle
-                handles.append(handle)
-            wanted = AdapterSet(self.adapter_key(adapters), tuple(handles), tuple(float(a.scale) for a in adapters))
-        if wanted.key != self._on_context.key and not self._set_context_adapters(wanted):
-            raise InvalidInput("llama.cpp refused the LoRA adapter(s) for this model.")
-        return wanted.key
+        """Set these adapters on the context (llama.cpp applies them to every sequence); returns their key."""
+        return self._adapters.use(adapters)
 
     def use_applied_adapters(self) -> None:
         """Put the applied set back on the context (after a group of requests with adapters of their own), so
         whoever drives the model directly (perplexity) sees the model as the Model tab shows it."""
-        if self._on_context.key != self._applied.key:
-            self._set_context_adapters(self._applied)
-
-    def _set_context_adapters(self, adapters: AdapterSet) -> bool:
-        lib = self._lib
-        n = len(adapters.handles)
-        handles = (lib.llama_adapter_lora_p_ctypes * n)(*adapters.handles) if n else None
-        factors = (ctypes.c_float * n)(*adapters.scales) if n else None
-        if lib.llama_set_adapters_lora(self._llama._ctx.ctx, handles, n, factors) != 0:
-            return False
-        self._on_context = adapters
-        return True
-
-    @staticmethod
-    def _request_lora_file(adapter: Adapter) -> Path:
-        if adapter.path is None:
-            raise InvalidInput(f"The LoRA {adapter.name} was not found in the LoRA folder.")
-        return lora_file(adapter.path, InvalidInput)
+        self._adapters.use_applied()
 
     @property
     def loras(self) -> list[str]:
-        return [name for name, _ in self._loras]
+        return self._adapters.names
 
     # --- lifecycle ---------------------------------------------------------------------------------------------
     def info(self) -> ModelInfo:
         file_type = self._metadata.get("general.file_type")
         return ModelInfo(
             name=self.name, loader=self.loader_name, path=str(self.path), context_length=self.context_length,
-            dtype=_FILE_TYPES.get(str(file_type), f"GGUF type {file_type}") if file_type else "GGUF",
+            dtype=file_type_name(file_type),
             device="cuda" if self.options.n_gpu_layers else "cpu",
             memory_bytes=int(self._lib.llama_model_size(self._llama._model.model)),
             loras=self.loras, capabilities=sorted(self.capabilities),
@@ -538,11 +470,7 @@ class LlamaCppModel(LoadedModel):
             if self._batch is not None:
                 self._batch.release()
                 self._batch = None
-            self.remove_loras()
-            self._set_context_adapters(AdapterSet())
-            for handle in self._request_loras.values():
-                self._lib.llama_adapter_lora_free(handle)
-            self._request_loras = {}
+            self._adapters.close()
         finally:
             if self._projector is not None:
                 self._projector.close()
@@ -555,30 +483,6 @@ def _unload_at_exit(ref: "weakref.ref[LlamaCppModel]") -> None:
     model = ref()
     if model is not None:
         model.unload()
-
-
-@dataclass(frozen=True)
-class AdapterSet:
-    """LoRA adapters as the context takes them: handles and scales, and the key that identifies their weights
-    (each GGUF file by path, modification time and size, with its scale; empty: the base model)."""
-
-    key: tuple = ()
-    handles: tuple = ()
-    scales: tuple[float, ...] = ()
-
-
-def lora_file(path: Path, error: type[Exception]) -> Path:
-    """The one GGUF file a LoRA folder (or file) holds; `error` says what is wrong otherwise."""
-    files = gguf_files(path)
-    if len(files) != 1:
-        raise error(f"The llama.cpp loader applies LoRA adapters as one GGUF file; {path.name} holds none (export "
-                    "the adapter to GGUF from the Training tab).")
-    return files[0]
-
-
-def _file_key(file: Path) -> tuple[str, int, int]:
-    stat = file.stat()
-    return str(file.resolve()), stat.st_mtime_ns, stat.st_size
 
 
 class Utf8Stream:
@@ -596,8 +500,3 @@ class Utf8Stream:
 def _logsumexp(values: np.ndarray) -> float:
     peak = float(values.max())
     return peak + float(np.log(np.exp(values - peak).sum()))
-
-
-_FILE_TYPES = {"0": "F32", "1": "F16", "2": "Q4_0", "3": "Q4_1", "7": "Q8_0", "8": "Q5_0", "9": "Q5_1",
-               "10": "Q2_K", "11": "Q3_K_S", "12": "Q3_K_M", "13": "Q3_K_L", "14": "Q4_K_S", "15": "Q4_K_M",
-               "16": "Q5_K_S", "17": "Q5_K_M", "18": "Q6_K", "32": "BF16"}
