@@ -132,6 +132,27 @@ def browser():
         browser.close()
 
 
+@pytest.fixture(scope="module")
+def server(workspace):
+    """webui.py on the module's `workspace` (a ui_helpers.Workspace), one per test module; a module that needs
+    other flags defines its own."""
+    from ui_helpers import Server
+
+    server = Server(workspace).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def page(browser, server):
+    """A fresh browser context on the module's server, one per test."""
+    from ui_helpers import open_app
+
+    page, _ = open_app(browser, server.url)
+    yield page
+    page.context.close()
+
+
 @pytest.fixture(scope="session")
 def quantized_models(tmp_path_factory: pytest.TempPathFactory, starter_gguf: Path, starter_hf: Path) -> dict:
     """A models folder holding the starter's GGUF and Transformers copy (links) and the Q4_K_M that

@@ -9,7 +9,6 @@ import base64
 import io
 import json
 import re
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -36,20 +35,6 @@ def workspace(tmp_path_factory: pytest.TempPathFactory, starter_gguf: Path) -> W
     (workspace.presets / "Five-Tokens.yaml").write_text("do_sample: false\nmax_new_tokens: 5\n")
     (workspace.presets / "Misspelt.yaml").write_text("temprature: 0.5\n")
     return workspace
-
-
-@pytest.fixture(scope="module")
-def server(workspace: Workspace) -> Iterator[Server]:
-    server = Server(workspace).start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def page(browser: Browser, server: Server) -> Iterator[Page]:
-    page, _ = open_app(browser, server.url)
-    yield page
-    page.context.close()
 
 
 def use_preset(page: Page, name: str, **changes: str | bool) -> None:

@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from attachment_files import make_pdf
 from playwright.sync_api import Browser, Page, expect
-from ui_helpers import Server, Workspace, chat_event, new_chat, open_app, run_event, set_text
+from ui_helpers import Workspace, chat_event, new_chat, open_app, run_event, set_text
 
 pytestmark = pytest.mark.browser
 
@@ -23,20 +22,6 @@ QUESTION = "Who keeps the lighthouse?"
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory: pytest.TempPathFactory, starter_gguf: Path) -> Workspace:
     return Workspace(tmp_path_factory.mktemp("webui-attachments"))
-
-
-@pytest.fixture(scope="module")
-def server(workspace: Workspace) -> Iterator[Server]:
-    server = Server(workspace).start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def page(browser: Browser, server: Server) -> Iterator[Page]:
-    page, _ = open_app(browser, server.url)
-    yield page
-    page.context.close()
 
 
 def pick(page: Page, path: Path) -> None:

@@ -7,17 +7,16 @@ The starter model does not think: a preset whose grammar makes it write a <think
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import yaml
-from playwright.sync_api import Browser, Page, expect
+from playwright.sync_api import Page, expect
 
 from conftest import FRANCE
 from test_chat_reasoning import THINK_GRAMMAR
 from test_ui_app import use_preset
-from ui_helpers import (Server, Workspace, answered, chat_event, chat_messages, new_chat, open_app, run_event,
+from ui_helpers import (Workspace, answered, chat_event, chat_messages, new_chat, run_event,
                         send, set_text, wait_ready)
 
 pytestmark = pytest.mark.browser
@@ -29,20 +28,6 @@ def workspace(tmp_path_factory: pytest.TempPathFactory, starter_gguf: Path) -> W
     (workspace.presets / "Thinks.yaml").write_text(yaml.safe_dump(
         {"do_sample": False, "max_new_tokens": 80, "grammar_string": THINK_GRAMMAR}))
     return workspace
-
-
-@pytest.fixture(scope="module")
-def server(workspace: Workspace) -> Iterator[Server]:
-    server = Server(workspace).start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def page(browser: Browser, server: Server) -> Iterator[Page]:
-    page, _ = open_app(browser, server.url)
-    yield page
-    page.context.close()
 
 
 def saved_chat(workspace: Workspace, page: Page) -> dict:
