@@ -9,9 +9,11 @@ from pathlib import Path
 
 import pytest
 from conftest import MODEL_DIR, wait_until
+from test_chat_reasoning import THINKING_TEMPLATE
 
 from modules.chat.history import ChatMessage, HistoryStore
 from modules.chat.request import ChatRequest, prepare_chat
+from modules.errors import ConfigError
 from modules.generation_params import GenerationParams
 from modules.services import build_services, start_toolbox
 from modules.settings import McpServerSettings, load_settings
@@ -217,3 +219,135 @@ def test_a_tool_that_raises_gives_the_model_an_error_and_the_turn_ends_with_an_a
 def _file(path: Path, text: str) -> Path:
     path.write_text(text)
     return path
+
+
+# --- Regenerate, Continue and Impersonate with tools picked, and thinking in a tool turn -----------------------
+#: The starter does not think, nor call tools by itself: this grammar makes every reply think, then call multiply.
+THINK_THEN_CALL = ('root ::= "<think>\\nThe user wants " [a-z ]{3,30} "\\n</think>\\n\\n<tool_call>\\n'
+                   '{\\"name\\": \\"multiply\\", \\"arguments\\": {\\"a\\": 12, \\"b\\": 7}}\\n</tool_call>"')
+HERMES_CALL = '<tool_call>\n{"name": "multiply", "arguments": {"a": 12, "b": 7}}\n</tool_call>'
+
+
+def act(services, session: UiSession, action: str, pick: ToolPick, text: str = "", params=GREEDY, on_approval=None):
+    """Run an `action` turn with `pick`; returns the last update (`on_approval(update)` answers approvals)."""
+    last = None
+    for update in run_turn(services, session, services.settings.chat, params, action, text,
+                           ModelChoice(STARTER_GGUF), pick):
+        if update.approval:
+            assert on_approval is not None, f"unexpected approval: {update.approval}"
+            on_approval(update)
+        last = update
+    return last
+
+
+def saved_messages(session: UiSession) -> list[ChatMessage]:
+    return session.store.load(session.character, session.history.id).messages
+
+
+@pytest.mark.slow
+def test_regenerate_runs_the_turn_again_with_its_tools(services) -> None:
+    session = UiSession.start(services, new_session_id())
+    pick = ToolPick(("multiply",), "required")
+    act(services, session, "send", pick, "What is 12 times 7?")
+    first = saved_messages(session)
+    last = act(services, session, "regenerate", pick)
+    assert last.done and "1 tool call" in last.status
+    again = saved_messages(session)
+    assert [m.role for m in again] == ["user", "assistant", "tool", "assistant"]  # the old turn replaced
+    assert again[1].tool_calls[0]["id"] != first[1].tool_calls[0]["id"]  # a new call, run again
+    assert again[2].content == "84" and again[2].tool_call_id == again[1].tool_calls[0]["id"]
+    assert [entry["metadata"]["title"] for entry in last.messages if entry.get("metadata")] == [
+        '🛠️ multiply({"a": 12, "b": 7})', "✅ multiply: result"]
+
+    plain = UiSession.start(services, new_session_id())  # a plain reply, regenerated with a call forced
+    act(services, plain, "send", ToolPick(), "What is 12 times 7?")
+    assert [m.role for m in saved_messages(plain)] == ["user", "assistant"]
+    act(services, plain, "regenerate", pick)
+    assert [m.role for m in saved_messages(plain)] == ["user", "assistant", "tool", "assistant"]
+
+
+@pytest.mark.slow
+def test_regenerate_asks_again_before_a_tool_that_needs_approval(services) -> None:
+    session = UiSession.start(services, new_session_id())
+    pick, asked = ToolPick(("clear_notes",), "required"), []
+
+    def deny(update) -> None:
+        asked.append(update.approval)
+        assert session.tool_turn.answer(False)
+
+    act(services, session, "send", pick, "Delete all my notes.", on_approval=deny)
+    act(services, session, "regenerate", pick, on_approval=deny)
+    assert len(asked) == 2 and all("clear_notes" in question for question in asked)
+    saved = saved_messages(session)
+    assert [m.content for m in saved if m.role == "tool"] == ["Error: the user declined this call of clear_notes"]
+    assert not (Path(services.settings.tools_dir) / "notes-cleared").exists()
+
+
+@pytest.mark.slow
+def test_continue_runs_the_calls_a_reply_holds_and_answers_results(services) -> None:
+    pick = ToolPick(("multiply",), "required")
+    session = UiSession.start(services, new_session_id())  # a reply holding a call, as a user wrote it
+    session.history = session.store.new(session.character, [
+        ChatMessage(role="user", content="What is 12 times 7?"),
+        ChatMessage(role="assistant", content=f"Let me compute it.\n{HERMES_CALL}")])
+    last = act(services, session, "continue", pick)
+    saved = saved_messages(session)
+    assert [m.role for m in saved[:3]] == ["user", "assistant", "tool"] and saved[-1].role in ("assistant", "tool")
+    assert saved[1].content == "Let me compute it." and saved[1].tool_calls[0]["function"]["name"] == "multiply"
+    assert saved[2].content == "84" and "✅ multiply: result" in [e.get("metadata", {}).get("title")
+                                                                 for e in last.messages]
+
+    left = UiSession.start(services, new_session_id())  # a turn stopped while its tool ran: the call runs now
+    left.history = left.store.new(left.character, [ChatMessage(role="user", content="What is 12 times 7?"),
+                                                   ChatMessage(role="assistant", content="", tool_calls=[CALL])])
+    act(services, left, "continue", pick)
+    saved = saved_messages(left)
+    assert [m.role for m in saved] == ["user", "assistant", "tool", "assistant"]
+    assert saved[2].tool_call_id == "call_1" and saved[2].content == "84" and saved[3].content
+
+    results = UiSession.start(services, new_session_id())  # a chat ending with a result: the model answers it
+    results.history = results.store.new(results.character, saved[:3])
+    with pytest.raises(ConfigError, match="pick tools"):  # without tools picked: it says how to go on
+        act(services, results, "continue", ToolPick())
+    act(services, results, "continue", pick)
+    saved = saved_messages(results)
+    assert [m.role for m in saved] == ["user", "assistant", "tool", "assistant"] and saved[3].content
+
+
+@pytest.mark.slow
+def test_impersonate_writes_the_users_text_and_runs_no_tool(services) -> None:
+    session = UiSession.start(services, new_session_id())
+    pick = ToolPick(("clear_notes",), "required")
+    session.history = session.store.new(session.character, [
+        ChatMessage(role="user", content="What is 12 times 7?"),
+        ChatMessage(role="assistant", content="", tool_calls=[CALL]),
+        ChatMessage(role="tool", content="84", name="multiply", tool_call_id="call_1"),
+        ChatMessage(role="assistant", content="It is 84.")])
+    before = saved_messages(session)
+    last = act(services, session, "impersonate", pick, "Thanks")  # no approval is asked: act would fail
+    assert last.done and last.impersonation.startswith("Thanks") and len(last.impersonation) > len("Thanks")
+    assert saved_messages(session) == before  # the chat is unchanged: the text waits in the box
+    assert not (Path(services.settings.tools_dir) / "notes-cleared").exists()
+
+
+@pytest.mark.slow
+def test_a_tool_turn_keeps_each_replys_thinking_apart(services) -> None:
+    session = UiSession.start(services, new_session_id())
+    thinks = GREEDY.model_copy(update={"max_new_tokens": 80, "grammar_string": THINK_THEN_CALL})
+    last = act(services, session, "send", ToolPick(("multiply",), "auto"), "What is 12 times 7?", params=thinks)
+    saved = saved_messages(session)
+    # every reply thinks and calls: two rounds run (tool_max_rounds: 2), the third call is refused
+    assert [m.role for m in saved] == ["user", "assistant", "tool", "assistant", "tool", "assistant", "tool"]
+    replies = [m for m in saved if m.role == "assistant"]
+    assert all(m.reasoning_content and m.reasoning_content.startswith("The user wants") for m in replies)
+    assert all("think>" not in m.content and m.tool_calls for m in replies)
+    titles = [entry.get("metadata", {}).get("title") for entry in last.messages]
+    assert titles[1:4] == ["Thinking", '🛠️ multiply({"a": 12, "b": 7})', "✅ multiply: result"]
+    assert "stopped: the limit of 2 rounds" in last.status
+    # the thinking goes back only to a template that renders it (the starter's does not; a Qwen3-like one does)
+    follow = [*session.history.prompt_messages(), {"role": "user", "content": "Thanks."}]
+    tools = services.toolbox.runner(["multiply"]).openai_tools()
+    for template, rendered in ((None, False), (THINKING_TEMPLATE, True)):
+        prepared = prepare_chat(services, ChatRequest(messages=follow, chat=services.settings.chat, params=GREEDY,
+                                                      tools=tools, template=template))
+        assert ("The user wants" in prepared.prompt) is rendered and "<tool_response>\n84" in prepared.prompt

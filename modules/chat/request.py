@@ -125,6 +125,16 @@ class ChatReply:
     reasoning: str | None = None  # the thinking the reply opened with (modules.chat.reasoning), None: none
     answer: str | None = None  # the answer as generated (`text` without the thinking)
 
+    def message(self, *, calls: bool = True) -> dict[str, Any]:
+        """The reply as a conversation keeps it (OpenAI's form): its tool calls and the text before them (unless
+        `calls` is False: a reply cut short keeps its text), else its answer; its thinking apart, as
+        reasoning_content, which a chat template renders back only when it reads that field."""
+        if calls and self.tool_calls:
+            return {"role": "assistant", "content": self.content or "", "tool_calls": self.tool_calls,
+                    "reasoning_content": self.reasoning}
+        return {"role": "assistant", "content": self.answer if self.answer is not None else self.text,
+                "reasoning_content": self.reasoning}
+
 
 def template_variables(chat: ChatSettings, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """What the chat template's render gets besides the messages: enable_thinking and reasoning_effort when the

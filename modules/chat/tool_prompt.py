@@ -40,7 +40,8 @@ def with_fallback_system(messages: list[dict[str, Any]], tools: list[dict[str, A
             calls = "\n".join(f"<tool_call>\n{json.dumps({'name': c['function']['name'], 'arguments': _args(c)})}"
                               "\n</tool_call>" for c in message["tool_calls"])
             content = (message.get("content") or "") + calls
-            out.append({"role": "assistant", "content": content})
+            thinking = {"reasoning_content": message["reasoning_content"]} if message.get("reasoning_content") else {}
+            out.append({"role": "assistant", "content": content, **thinking})  # a template may render the thinking
         elif message["role"] == "tool":
             out.append({"role": "user", "content": f"<tool_response>\n{message.get('content') or ''}\n"
                                                    "</tool_response>"})

@@ -84,10 +84,11 @@ def run_turn(services: Services, session: UiSession, chat: ChatSettings, params:
     may load models; else refused, before anything is saved). The chat is saved when the user's message is added
     and again when the reply ends (also when it is stopped: a cut reply is kept); both record the model and LoRAs.
     Extensions' hooks apply (modules.extensions). With `tools` (the page's pick, recorded on the turn's messages)
-    a message is answered through the tool loop (modules.ui.tool_turns). `attachments` go with a message sent
-    (kept on it; files too large for the context are refused before it is saved), and so do `images` (stored in
-    the chats' images folder and read by the model before the text; a model that reads no images refuses them
-    before anything is saved).
+    Send, Regenerate and Continue run through the tool loop (modules.ui.tool_turns): the model's calls run, the
+    replies keep their thinking; Impersonate writes the user's text and offers no tools. `attachments` go with a
+    message sent (kept on it; files too large for the context are refused before it is saved), and so do `images`
+    (stored in the chats' images folder and read by the model before the text; a model that reads no images
+    refuses them before anything is saved).
 
     Another page may have the same chat open: each save merges what it added meanwhile, or raises
     ChatChangedError. Until a save succeeds `session.history` keeps the chat as it was, so a refused message is
@@ -116,12 +117,16 @@ def run_turn(services: Services, session: UiSession, chat: ChatSettings, params:
         prepare_chat(services, turn_request(chat, params, [*before, {"role": "user", "content": content,
                                                                      "attachments": attachments or []}],
                                             "send", model=name, adapters=adapters), hooks=hooks)
-    history = _prepare(services, session, chat, action, text, hooks, stamp, attachments or [], images or [])
+    # Send, Regenerate and Continue run the tool loop when tools are picked (modules.ui.tool_turns); Impersonate
+    # never does: the model writes the user's next message into the box, and a user's message calls no tools
+    with_tools = tools is not None and bool(tools.names) and action != "impersonate"
+    history = _prepare(services, session, chat, action, text, hooks, stamp, attachments or [], images or [],
+                       with_tools=with_tools)
     prompt_messages = history.prompt_messages(folder) if history is not None else [
         m.model_dump(include={"role", "content"}) for m in greeting_messages(services, chat)]
-    if tools is not None and tools.names and action == "send":
+    if with_tools:
         from modules.ui.tool_turns import run_tool_turn  # it builds on this module
-        yield from run_tool_turn(services, session, chat, params, history, hooks, tools, choice=choice,
+        yield from run_tool_turn(services, session, chat, params, history, hooks, tools, action, choice=choice,
                                  model=name, adapters=adapters, stamp=stamp)
         return
     impersonate = action == "impersonate"
@@ -143,7 +148,7 @@ def run_turn(services: Services, session: UiSession, chat: ChatSettings, params:
 
     status_head = head(prepared.prompt_tokens)
     session.generation = generation
-    set_reply = _reply_setter(history, action, stamp)
+    set_reply = reply_setter(history, action, stamp)
     # the reply's thinking streams apart from its answer (modules.chat.reasoning), as finish_reply reads it
     split = ReasoningSplitter(prepared.thinking_opened) if prepared.parse_reasoning else None
     if split is not None:
@@ -190,10 +195,11 @@ def run_turn(services: Services, session: UiSession, chat: ChatSettings, params:
 
 def _prepare(services: Services, session: UiSession, chat: ChatSettings, action: Action, text: str,
              hooks: RequestHooks, stamp: dict[str, Any], attachments: list[Attachment],
-             images: list[PendingImage]) -> ChatHistory | None:
+             images: list[PendingImage], *, with_tools: bool = False) -> ChatHistory | None:
     """The chat the reply goes into (a copy of the page's open chat), after adding and saving the user's message
     (send, with its `attachments` and `images`, the images stored first; its metadata records `stamp`, the model
-    it was sent to) or checking there is something to regenerate or continue."""
+    it was sent to) or checking there is something to regenerate or continue (`with_tools`: a chat ending with
+    tool results can be continued, the model answering them)."""
     history = session.history.model_copy(deep=True) if session.history is not None else None
     messages = history.messages if history is not None else greeting_messages(services, chat)
     if action == "send":
@@ -213,12 +219,16 @@ def _prepare(services: Services, session: UiSession, chat: ChatSettings, action:
         if history is None or not any(m.role == "user" for m in messages):
             raise ConfigError("There is no message to regenerate a reply for.")
     elif action == "continue":
-        if history is None or not messages or messages[-1].role != "assistant":
+        last = messages[-1].role if history is not None and messages else None
+        if last == "tool" and not with_tools:
+            raise ConfigError("The chat ends with a tool's result: pick tools (the Tools panel) and Continue to "
+                              "have the model answer it.")
+        if last not in ("assistant", "tool"):
             raise ConfigError("There is no reply at the end of the chat to continue.")
     return history
 
 
-def _reply_setter(history: ChatHistory | None, action: Action, stamp: dict[str, Any]):
+def reply_setter(history: ChatHistory | None, action: Action, stamp: dict[str, Any]):
     """A function `set_reply(text, visible, reasoning=None, thinking=False)` that shows `text` (and the
     thinking `reasoning`) as the last reply: `visible` None while it streams (`thinking`: the model is still
     thinking), and the text to show (after extensions' output_modifier) when it ends, when the reply's metadata
