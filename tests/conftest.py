@@ -153,6 +153,20 @@ def page(browser, server):
     page.context.close()
 
 
+@pytest.fixture(scope="module")
+def api(served) -> str:
+    """The base URL of the module's `served` (URL, Services) pair; modules that serve otherwise define `api`."""
+    return served[0]
+
+
+@pytest.fixture(scope="module")
+def client(api: str):
+    """The official openai client on the module's server: no retries, so an error shows as the server sent it."""
+    import openai
+
+    return openai.OpenAI(base_url=api + "/v1", api_key="unused", max_retries=0, timeout=300)
+
+
 @pytest.fixture(scope="session")
 def quantized_models(tmp_path_factory: pytest.TempPathFactory, starter_gguf: Path, starter_hf: Path) -> dict:
     """A models folder holding the starter's GGUF and Transformers copy (links) and the Q4_K_M that

@@ -38,11 +38,6 @@ def api(tmp_path_factory: pytest.TempPathFactory, starter_gguf: Path):
 
 
 @pytest.fixture(scope="module")
-def client(api: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=api + "/v1", api_key="unused", max_retries=0, timeout=300)
-
-
-@pytest.fixture(scope="module")
 def claude(api: str) -> anthropic.Anthropic:
     return anthropic.Anthropic(base_url=api, api_key="unused", max_retries=0, timeout=300)
 

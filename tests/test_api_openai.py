@@ -36,16 +36,6 @@ def served(tmp_path_factory: pytest.TempPathFactory, starter_gguf: Path):
     manager.unload()
 
 
-@pytest.fixture(scope="module")
-def api(served) -> str:
-    return served[0]
-
-
-@pytest.fixture(scope="module")
-def client(api: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=api + "/v1", api_key="unused", max_retries=0, timeout=300)
-
-
 def ask(question: str = FRANCE) -> list[dict[str, str]]:
     return [{"role": "user", "content": question}]
 

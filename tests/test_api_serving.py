@@ -44,16 +44,6 @@ def served(tmp_path_factory: pytest.TempPathFactory, starter_gguf: Path):
     manager.close()
 
 
-@pytest.fixture(scope="module")
-def api(served) -> str:
-    return served[0]
-
-
-@pytest.fixture(scope="module")
-def client(api: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=api + "/v1", api_key="unused", max_retries=0, timeout=300)
-
-
 def resident(api: str) -> list[str]:
     """Names of the resident models, most recently used first (GET /v1/internal/models)."""
     return [m["name"] for m in httpx.get(api + "/v1/internal/models").json()["models"]]
