@@ -265,6 +265,14 @@ def test_regenerate_runs_the_turn_again_with_its_tools(services) -> None:
     act(services, plain, "regenerate", pick)
     assert [m.role for m in saved_messages(plain)] == ["user", "assistant", "tool", "assistant"]
 
+    joke = UiSession.start(services, new_session_id())  # no call before nor now: the old reply is an alternative
+    for action, seed in (("send", 1), ("regenerate", 2)):
+        act(services, joke, action, ToolPick(("multiply",), "auto"), "Tell me a joke about cats.",
+            params=GenerationParams(do_sample=True, seed=seed, max_new_tokens=30))
+    saved = saved_messages(joke)
+    assert [m.role for m in saved] == ["user", "assistant"] and not saved[1].tool_calls
+    assert len(saved[1].swipes) == 2 and saved[1].swipe_index == 1 and saved[1].swipes[0] != saved[1].content
+
 
 @pytest.mark.slow
 def test_regenerate_asks_again_before_a_tool_that_needs_approval(services) -> None:
