@@ -133,6 +133,22 @@ def browser():
 
 
 @pytest.fixture(scope="module")
+def services(tmp_path_factory: pytest.TempPathFactory, starter_gguf: Path):
+    """The Services of an app on throwaway folders (empty settings file) with the starter GGUF loaded, one per test
+    module; modules that need other settings or models define their own."""
+    from modules.services import build_services
+    from modules.settings import load_settings
+
+    folder = tmp_path_factory.mktemp("services")
+    (folder / "settings.yaml").write_text("")
+    services = build_services(load_settings(["--model-dir", str(MODEL_DIR), "--user-data-dir",
+                                             str(folder / "user_data"), "--settings", str(folder / "settings.yaml")]))
+    services.manager.load(STARTER_GGUF)
+    yield services
+    services.manager.unload()
+
+
+@pytest.fixture(scope="module")
 def server(workspace):
     """webui.py on the module's `workspace` (a ui_helpers.Workspace), one per test module; a module that needs
     other flags defines its own."""

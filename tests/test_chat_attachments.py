@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 from attachment_files import data_url, make_docx, make_pdf
-from conftest import MODEL_DIR
 
 from modules.chat.attachments import (
     Attachment,
@@ -22,9 +21,6 @@ from modules.chat.attachments import (
 from modules.chat.history import ChatMessage, HistoryStore
 from modules.chat.request import prepare_chat
 from modules.errors import ContextLengthExceeded, InvalidInput
-from modules.services import build_services
-from modules.settings import load_settings
-from modules.starter import STARTER_GGUF
 from modules.ui.chat_runner import turn_request
 
 FACT = "The lighthouse keeper on Varnholm island is called Edda Quist."
@@ -149,18 +145,6 @@ def test_attachments_are_kept_with_the_chat(tmp_path: Path) -> None:
 
 
 # --- on the one chat path, with the starter model ------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def services(tmp_path_factory: pytest.TempPathFactory, starter_gguf: Path):
-    folder = tmp_path_factory.mktemp("attachments")
-    (folder / "settings.yaml").write_text("")
-    settings = load_settings(["--model-dir", str(MODEL_DIR), "--user-data-dir", str(folder / "user_data"),
-                              "--settings", str(folder / "settings.yaml")])
-    services = build_services(settings)
-    services.manager.load(STARTER_GGUF)
-    yield services
-    services.manager.unload()
 
 
 def _prepare(services, messages, **params):

@@ -5,16 +5,11 @@ of the starter model made to think by a grammar, read back by finish_reply."""
 from __future__ import annotations
 
 import random
-from pathlib import Path
 
 import pytest
 
-from conftest import MODEL_DIR
 from modules.chat.reasoning import ReasoningSplitter, prompt_opens_thinking, split_reasoning
 from modules.chat.request import ChatRequest, finish_reply, prepare_chat
-from modules.services import build_services
-from modules.settings import load_settings
-from modules.starter import STARTER_GGUF
 
 #: The starter model does not think: this grammar makes it write a thinking block, then an answer.
 THINK_GRAMMAR = ('root ::= "<think>\\nThe user asks about " [a-z ]{3,40} "\\n</think>\\n\\n" '
@@ -105,18 +100,6 @@ def test_the_pieces_arrive_while_the_model_thinks() -> None:
 
 
 # --- on the starter model -------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def services(tmp_path_factory: pytest.TempPathFactory, starter_gguf: Path):
-    folder = tmp_path_factory.mktemp("chat-reasoning")
-    (folder / "settings.yaml").write_text("")
-    settings = load_settings(["--model-dir", str(MODEL_DIR), "--user-data-dir", str(folder / "user_data"),
-                              "--settings", str(folder / "settings.yaml")])
-    services = build_services(settings)
-    services.manager.load(STARTER_GGUF)
-    yield services
-    services.manager.unload()
-
-
 def request(services, messages, **fields) -> ChatRequest:
     name = services.manager.resident().name
     chat = fields.pop("chat", services.settings.chat)

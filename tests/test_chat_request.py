@@ -3,11 +3,10 @@ and /predict map their input onto a ChatRequest, and the same conversation gives
 whoever sends it; /predict writes the Alpaca prompt training writes; tools, hooks and errors ride the same path."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 
-from conftest import FRANCE, MODEL_DIR
+from conftest import FRANCE
 from extensions.openai.errors import api_error_from
 from extensions.openai.internal import predict_request
 from extensions.openai.mapping import chat_request as api_chat_request
@@ -17,9 +16,6 @@ from modules.chat.request import ALPACA_STOP_STRINGS, ChatRequest, finish_reply,
 from modules.errors import InvalidInput
 from modules.extensions import ExtensionRegistry
 from modules.generate import chat_request as cli_chat_request
-from modules.services import build_services
-from modules.settings import load_settings
-from modules.starter import STARTER_GGUF
 from modules.training.formatting import ALPACA_PREAMBLE_INPUT, alpaca_prompt
 from modules.ui.chat_runner import turn_request
 
@@ -27,18 +23,6 @@ SYSTEM = "You answer in one short sentence."
 WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "The weather in a city.",
                                             "parameters": {"type": "object", "properties": {
                                                 "city": {"type": "string"}}, "required": ["city"]}}}
-
-
-@pytest.fixture(scope="module")
-def services(tmp_path_factory: pytest.TempPathFactory, starter_gguf: Path):
-    folder = tmp_path_factory.mktemp("chat-request")
-    (folder / "settings.yaml").write_text("")
-    settings = load_settings(["--model-dir", str(MODEL_DIR), "--user-data-dir", str(folder / "user_data"),
-                              "--settings", str(folder / "settings.yaml")])
-    services = build_services(settings)
-    services.manager.load(STARTER_GGUF)
-    yield services
-    services.manager.unload()
 
 
 @pytest.fixture

@@ -7,13 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import FRANCE, MODEL_DIR
+from conftest import FRANCE
 from modules.errors import ConfigError
 from modules.generation_params import GenerationParams
 from modules.presets import load_preset
-from modules.services import build_services
-from modules.settings import ChatSettings, load_settings, loader_option_types
-from modules.starter import STARTER_GGUF
+from modules.settings import ChatSettings, loader_option_types
 from modules.ui.chat_runner import run_turn
 from modules.ui.session_state import UiSession, new_session_id
 from modules.ui.widgets import field_kind, from_widget, to_widget
@@ -41,22 +39,6 @@ def test_widget_values_that_are_not_json_are_refused_by_name() -> None:
         from_widget("json_schema", schema, '{"a":' * 100_000 + "1" + "}" * 100_000)
     with pytest.raises(ConfigError, match="'stop' is nested too deeply"):
         from_widget("stop", stops, "[" * 100_000 + "]" * 100_000)
-
-
-@pytest.fixture(scope="module")
-def services(tmp_path_factory: pytest.TempPathFactory, starter_gguf: Path):
-    folder = tmp_path_factory.mktemp("ui-logic")
-    settings = load_settings(["--model-dir", str(MODEL_DIR), "--user-data-dir", str(folder / "user_data"),
-                              "--settings", str(_empty(folder / "settings.yaml"))])
-    services = build_services(settings)
-    services.manager.load(STARTER_GGUF)
-    yield services
-    services.manager.unload()
-
-
-def _empty(path: Path) -> Path:
-    path.write_text("")
-    return path
 
 
 def run(services, session, params, action, text=""):
