@@ -3,7 +3,6 @@ chat turns (modules.ui.chat_runner) keep the chat on disk right, on the real sta
 from __future__ import annotations
 
 import threading
-from pathlib import Path
 
 import pytest
 
