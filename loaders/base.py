@@ -177,6 +177,11 @@ class Loader(ABC):
         """Load or raise ModelLoadError; never leave a half-loaded model behind."""
 
     @classmethod
+    def check_available(cls) -> None:
+        """Raise LoaderUnavailable when this machine cannot run the loader at all (its library or the hardware it
+        needs is missing): the model manager asks before a load unloads anything to make room."""
+
+    @classmethod
     def parse_options(cls, values: dict[str, Any] | None) -> LoaderOptions:
         try:
             return cls.Options(**(values or {}))
@@ -198,8 +203,11 @@ class LoaderEntry:
         return getattr(module, self.class_name)
 
 
+#: In the order `detect` asks them: the EXL2/EXL3 loaders before Transformers, whose folders theirs also look like.
 BUILTIN_LOADERS: tuple[LoaderEntry, ...] = (
     LoaderEntry("llama.cpp", "loaders.llama_cpp_loader", "LlamaCppLoader"),
+    LoaderEntry("exllamav2", "loaders.exllamav2_loader", "Exllamav2Loader"),
+    LoaderEntry("exllamav3", "loaders.exllamav3_loader", "Exllamav3Loader"),
     LoaderEntry("transformers", "loaders.transformers_loader", "TransformersLoader"),
     LoaderEntry("remote", "loaders.remote", "RemoteLoader"),
 )
@@ -244,7 +252,7 @@ class LoaderRegistry:
 
 
 _LOADER_ALIASES = {"llama_cpp": "llama.cpp", "llamacpp": "llama.cpp", "llama-cpp": "llama.cpp",
-                   "hf": "transformers", "huggingface": "transformers"}
+                   "hf": "transformers", "huggingface": "transformers", "exl2": "exllamav2", "exl3": "exllamav3"}
 
 
 def gguf_files(path: Path) -> list[Path]:

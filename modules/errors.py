@@ -75,6 +75,15 @@ class ModelLoadError(WorkbenchError):
     """A model could not be loaded; nothing was left half-loaded."""
 
 
+class LoaderUnavailable(ModelLoadError):
+    """A loader this machine cannot run: its library is not installed or the hardware it needs is absent (the
+    EXL2/EXL3 loaders without a CUDA GPU). `loader` names it; nothing was loaded."""
+
+    def __init__(self, message: str, *, loader: str):
+        super().__init__(message)
+        self.loader = loader
+
+
 class NoModelLoaded(WorkbenchError):
     """No model is loaded, so nothing can generate or tokenize."""
 

@@ -173,6 +173,7 @@ class ModelManager:
         cancelled with `cancel_running`. `loading` names it meanwhile. Whatever the caller leaves unset comes from
         models.yaml (see plan)."""
         plan = self.plan(name, loader, options)
+        plan.loader.check_available()  # refused before the resident models make room
         name = plan.name
         started = time.perf_counter()
         resident = self.pool.ensure(name, self._builder(plan), size_hint=plan.size, cancel_running=cancel_running,
@@ -195,6 +196,7 @@ class ModelManager:
         if resident is not None:
             return resident
         plan = self.plan(name)
+        plan.loader.check_available()
         name = plan.name
         resident = self.pool.ensure(name, self._builder(plan), size_hint=plan.size)
         if self._default is None:
