@@ -147,7 +147,7 @@ class ExllamaModel(LoadedModel):
         except WorkbenchError:
             self._free()
             raise
-        except (AssertionError, RuntimeError, ValueError, OSError, KeyError, TypeError, ImportError) as exc:
+        except Exception as exc:  # noqa: BLE001 - whatever the library raised, nothing of it stays on the GPU
             self._free()
             problem = "out of GPU memory" if "out of memory" in str(exc).lower() else f"{type(exc).__name__}: {exc}"
             raise ModelLoadError(f"{self.library} could not load {path.name}: {problem}") from None

@@ -4,7 +4,8 @@ The model loads onto the GPUs named by `gpu_split` (GB per GPU) or, without it, 
 is allocated; the cache is FP16 or quantized (Q8, Q6, Q4). Requests run one at a time through exllamav2's dynamic
 generator (paged when flash-attn 2.5.7 or later is installed, else its unpaged mode), sampled by its own sampler
 (loaders.exllama_sampling says which knobs it honours). Without a CUDA GPU or without the package, loading raises
-LoaderUnavailable before exllamav2 is imported (importing it builds its CUDA extension).
+LoaderUnavailable before exllamav2 is imported (importing it builds its CUDA extension). Importing exllamav2 also
+sets PyTorch's CPU threads to 1 for the whole process (its sampler works on small CPU tensors).
 """
 from __future__ import annotations
 

@@ -164,3 +164,88 @@ def test_fused_lora_layers_match_peft_in_bf16_on_the_gpu(tiny_llama_dir: Path):
     for name, grad in peft_grads.items():  # bf16 sums in another order: compare directions, not bits
         cosine = torch.nn.functional.cosine_similarity(fused_grads[name].flatten(), grad.flatten(), dim=0)
         assert cosine > 0.99, (name, cosine.item())
+
+
+# --- EXL2 / EXL3 through exllamav2 / exllamav3 (skipped where the package is not installed) ----------------------
+#
+# Nothing is downloaded: each model is made here by the library's own converter (python -m
+# exllamav2.conversion.convert_exl2, python -m exllamav3.conversion.convert_model, each with its bundled calibration
+# text) from a tiny random Llama: 2 layers, 256 wide (EXL3 transforms weights in blocks of 128), the starter's
+# tokenizer. Converting 135M parameters or fewer is a matter of a minute or two on one GPU, so the starter itself
+# could be converted the same way for an answer-quality check; the tiny model keeps this check short. Its random
+# weights say nothing sensible, so the checks are those that do not depend on quality: the loader is picked from
+# the folder, the reply streams token by token, greedy decoding repeats itself, and a stop string cuts the reply
+# exactly where the uncut reply had it.
+
+EXL_FORMATS = {"exllamav2": "exl2", "exllamav3": "exl3"}
+
+
+def exl_converter_args(loader: str, source: Path, work: Path, out: Path) -> list[str]:
+    if loader == "exllamav2":
+        return ["-m", "exllamav2.conversion.convert_exl2", "-i", str(source), "-o", str(work), "-cf", str(out),
+                "-b", "4.0", "-hb", "6", "-r", "8", "-mr", "4", "-l", "512", "-ml", "512"]
+    return ["-m", "exllamav3.conversion.convert_model", "-i", str(source), "-w", str(work), "-o", str(out),
+            "-b", "4", "-cr", "8", "-cc", "512"]
+
+
+def make_exl_model(loader: str, root: Path, tokenizer_source: Path) -> Path:
+    """models/tiny-exl2 (or tiny-exl3) under `root`, converted by the library from a tiny random Llama."""
+    import subprocess
+    import sys
+
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    source = root / "tiny-llama-256"
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         tie_word_embeddings=True)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(source)
+    tokenizer.save_pretrained(source)
+    out = root / "models" / f"tiny-{EXL_FORMATS[loader]}"
+    out.parent.mkdir(exist_ok=True)
+    result = subprocess.run([sys.executable, *exl_converter_args(loader, source, root / "work", out)],
+                            capture_output=True, text=True, timeout=900, check=False)
+    config_file = out / "config.json"
+    written = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    # the converters print their errors and may still exit 0: the output's config.json says whether it worked
+    assert written.get("quantization_config", {}).get("quant_method") == EXL_FORMATS[loader], \
+        result.stdout[-3000:] + result.stderr[-3000:]
+    return out
+
+
+@pytest.mark.parametrize("loader", ["exllamav2", "exllamav3"])
+def test_an_exl_model_is_picked_streams_and_honours_stop_strings(loader: str, tmp_path: Path, starter_hf: Path):
+    import importlib.util
+
+    if importlib.util.find_spec(loader) is None:
+        pytest.skip(f"{loader} is not installed (pip install {loader}; see the README)")
+    model = make_exl_model(loader, tmp_path, starter_hf)
+    manager = ModelManager(model.parent, tmp_path / "loras")
+    assert manager.plan(model.name).loader.name == loader  # picked from the folder, no loader named
+    result = manager.load(model.name, None, {"cache_quant": "q4", "max_seq_len": 512, "cache_size": 1024})
+    info = result.info
+    assert (info.loader, info.context_length, info.extra["cache_tokens"]) == (loader, 512, 1024)
+    assert info.dtype.startswith(EXL_FORMATS[loader].upper()) and info.memory_bytes > 0
+    greedy = GenerationParams(do_sample=False, max_new_tokens=32, seed=1)
+    generation = manager.generate("Once upon a time, in a small village,", greedy)
+    pieces = [piece for piece in generation]
+    reply = generation.text
+    print(loader, info, repr(reply))
+    assert len(pieces) > 1 and generation.stats.completion_tokens > 1  # streamed, not handed over at the end
+    assert manager.complete("Once upon a time, in a small village,", greedy).text == reply
+    middle = reply[len(reply) // 2:].strip()
+    assert len(middle) >= 3, reply
+    stop = middle[:3]
+    cut = manager.complete("Once upon a time, in a small village,", greedy.model_copy(update={"stop": [stop]}))
+    assert cut.text == reply[:reply.index(stop)]
+    assert cut.stats.finish_reason == "stop" and cut.stats.stop_string == stop
+    sampled = manager.complete("Once upon a time", GenerationParams(temperature=0.8, top_k=40, top_p=0.9,
+                                                                    min_p=0.05, repetition_penalty=1.1,
+                                                                    max_new_tokens=16, seed=3))
+    assert sampled.stats.completion_tokens > 0
+    manager.unload()
+    assert manager.info() is None
+    manager.close()
