@@ -253,11 +253,6 @@ class ChatPlan:
         """The finished run's reply: content, tool calls and reasoning (the core's finish_reply)."""
         return finish_reply(self.prepared, run.generation.text, run.tokens)
 
-    def result(self, run: GenerationRun) -> tuple[str | None, list[dict[str, Any]]]:
-        """(content, tool calls) of a finished run."""
-        reply = self.reply(run)
-        return reply.content, reply.tool_calls
-
 
 @router.post("/v1/chat/completions", response_model=ChatCompletionResponse, response_model_exclude_none=True,
              responses=STREAMED)

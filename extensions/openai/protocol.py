@@ -194,6 +194,10 @@ LogitBias = Annotated[Annotated[dict[str, Annotated[float, Field(ge=-100, le=100
                       Field(description="Token id (as a string) -> bias added to its logit.")]
 
 
+#: The efforts OpenAI's SDK names; each reaches the chat template as `reasoning_effort`, as it is.
+ReasoningEffort = Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"]
+
+
 class _SamplingRequest(GenerationKnobs):  # type: ignore[misc, valid-type]
     model: str | None = Field(None, description="A model in models/; empty = the loaded one.")
     max_tokens: int | None = Field(None, ge=1)
@@ -265,7 +269,7 @@ class ChatCompletionRequest(_SamplingRequest):
     chat_instruct_command: str | None = None
     continue_: bool = Field(False, description="Continue the last assistant message instead of answering.")
     # reasoning models: variables for the chat template (vLLM's and llama.cpp's chat_template_kwargs)
-    reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh"] | None = Field(
+    reasoning_effort: ReasoningEffort | None = Field(
         None, description="Passed to the chat template as reasoning_effort (templates that read it: gpt-oss...).")
     enable_thinking: bool | None = Field(
         None, description="Passed to the chat template as enable_thinking (Qwen3 and the like): false asks the "

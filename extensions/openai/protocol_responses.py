@@ -7,7 +7,13 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from extensions.openai.protocol import MAX_TOOLS, GenerationKnobs
+from extensions.openai.protocol import MAX_TOOLS, GenerationKnobs, ReasoningEffort
+
+#: `include` values of OpenAI's SDK (ResponseIncludable); only message.output_text.logprobs adds anything here.
+Includable = Literal["file_search_call.results", "web_search_call.results", "web_search_call.action.sources",
+                     "message.input_image.image_url", "computer_call_output.output.image_url",
+                     "code_interpreter_call.outputs", "reasoning.encrypted_content",
+                     "message.output_text.logprobs"]
 
 
 # --- the request ------------------------------------------------------------------------------------------------
@@ -18,7 +24,9 @@ class _Open(BaseModel):
 
 class InputItem(_Open):
     """An input item: a message (`type` may be left out; content is text or a list of input_text parts, an
-    assistant's output_text parts), a function_call the model made, or a function_call_output answering it."""
+    assistant's output_text parts), a function_call the model made, a function_call_output answering it, or a
+    reasoning item (the model's thinking: reasoning_text parts in `content`, or summary_text parts in
+    `summary`)."""
 
     type: str = "message"
     role: Literal["user", "assistant", "system", "developer"] | None = None
@@ -28,6 +36,7 @@ class InputItem(_Open):
     name: str | None = None
     arguments: str | None = None
     output: Any = None
+    summary: Any = None
 
 
 class ResponsesTool(_Open):
@@ -57,6 +66,15 @@ class TextConfig(_Open):
     format: TextFormat | None = None
 
 
+class ReasoningConfig(_Open):
+    """`reasoning`: its effort reaches the chat template as reasoning_effort (as chat completions'
+    reasoning_effort does); the reasoning item always holds the whole thinking, so `summary` changes nothing."""
+
+    effort: ReasoningEffort | None = None
+    summary: Literal["auto", "concise", "detailed"] | None = None
+    generate_summary: Literal["auto", "concise", "detailed"] | None = None
+
+
 class ResponsesRequest(GenerationKnobs):  # type: ignore[misc, valid-type]
     """OpenAI's response create body, plus every GenerationParams knob under its own name (as the other routes)."""
 
@@ -80,11 +98,19 @@ class ResponsesRequest(GenerationKnobs):  # type: ignore[misc, valid-type]
     user: str | None = None
     background: bool | None = None
     conversation: str | dict[str, Any] | None = None
+    reasoning: ReasoningConfig | None = None
+    include: Annotated[list[Includable], Field(max_length=16)] | None = Field(
+        None, description="\"message.output_text.logprobs\" adds the tokens' logprobs to output_text; the other "
+                          "values are accepted and add nothing.")
+    top_logprobs: int | None = Field(None, ge=0, le=20, description="Most likely tokens listed with each token's "
+                                                                    "logprob (more than 0 also asks for logprobs).")
 
 
 class ResponseObject(BaseModel):
-    """A response (OpenAI's Responses API): `output` holds an assistant message (its output_text) and
-    function_call items; `usage` counts input and output tokens. The rest repeats the request."""
+    """A response (OpenAI's Responses API): `output` holds a reasoning item (the model's thinking, when it
+    thought), an assistant message (its output_text, with logprobs when asked) and function_call items; `usage`
+    counts input and output tokens (of these, the thinking's as reasoning_tokens). The rest repeats the
+    request."""
 
     id: str
     object: Literal["response"] = "response"
@@ -106,6 +132,8 @@ class ResponseObject(BaseModel):
     truncation: str | None = None
     metadata: dict[str, str] | None = None
     user: str | None = None
+    reasoning: dict[str, Any] | None = None
+    top_logprobs: int | None = None
     store: bool = True
     usage: dict[str, Any] | None = None
     warnings: list[str] | None = None

@@ -17,9 +17,11 @@ from extensions.openai.mapping import check_template_str
 from extensions.openai.protocol import ChatCompletionRequest
 from extensions.openai.protocol_responses import (DeletedResponse, InputItem, ResponseObject, ResponsesRequest,
                                                   ToolChoiceFunction)
-from extensions.openai.responses_output import ResponseDraft, item_id, output_items, stream_response
-from extensions.openai.streaming import guarded
+from extensions.openai.responses_output import (Reply, ResponseDraft, content_start, item_id, stream_response,
+                                               text_logprobs)
+from extensions.openai.streaming import guarded, split_tokens
 from extensions.openai.target import resolve_target
+from modules.chat.request import ChatReply
 from modules.errors import WorkbenchError
 
 router = APIRouter(responses=documented_errors())
@@ -27,7 +29,10 @@ router = APIRouter(responses=documented_errors())
 #: Fields this route reads itself; the knobs and unknown fields go on to the chat request (and its warnings).
 _OWN_FIELDS = {"model", "input", "instructions", "max_output_tokens", "temperature", "top_p", "seed", "tools",
                "tool_choice", "parallel_tool_calls", "previous_response_id", "store", "stream", "stream_options",
-               "metadata", "text", "truncation", "user", "background", "conversation"}
+               "metadata", "text", "truncation", "user", "background", "conversation", "reasoning", "include",
+               "top_logprobs"}
+#: The include value that asks for output_text's logprobs.
+LOGPROBS = "message.output_text.logprobs"
 _TEXT_PARTS = ("input_text", "output_text", "text")
 
 
@@ -95,22 +100,55 @@ def _file_part(part: dict[str, Any], where: str) -> dict[str, Any]:
     return {"type": "file", "file": {"file_data": data, **({"filename": name} if isinstance(name, str) else {})}}
 
 
+def _reasoning_text(item: InputItem, where: str) -> str:
+    """A reasoning item's thinking: its reasoning_text parts (`content`), else its summary_text parts (`summary`);
+    "" when it has neither (only encrypted_content, which this server cannot read)."""
+    texts: list[str] = []
+    for field, kind in (("content", "reasoning_text"), ("summary", "summary_text")):
+        parts = getattr(item, field)
+        if parts is None:
+            continue
+        if not isinstance(parts, list):
+            raise ApiError(400, f"{where}.{field} (of a reasoning item) must be a list of {kind} parts.",
+                           param=f"{where}.{field}")
+        for number, part in enumerate(parts):
+            if not isinstance(part, dict) or part.get("type") != kind or not isinstance(part.get("text"), str):
+                raise ApiError(400, f"{where}.{field}.{number} must be a {kind} part with its text.",
+                               param=f"{where}.{field}.{number}")
+            texts.append(part["text"])
+        if texts:
+            break
+    return "\n\n".join(text for text in texts if text)
+
+
+def _think(message: dict[str, Any], reasoning: str | None) -> None:
+    """Give an assistant message the thinking of the reasoning items before it (as reasoning_content)."""
+    if reasoning:
+        earlier = message.get("reasoning_content")
+        message["reasoning_content"] = f"{earlier}\n\n{reasoning}" if earlier else reasoning
+
+
 def input_messages(items: str | list[InputItem] | None) -> list[dict[str, Any]]:
     """The request's input as chat messages: a string is one user message; a message's input_image and input_file
     parts become image_url and file parts (as /v1/chat/completions takes them); function_call items become the
     assistant's tool_calls (joined to the assistant message before them), function_call_output items tool
-    messages. Reasoning items are left out (this server writes none)."""
+    messages. A reasoning item's thinking becomes the reasoning_content of the assistant output that follows it
+    (a message or a function_call), as a chat message's is: the chat template renders it or leaves it out. One
+    that no assistant output follows answers nothing and is left out."""
     if items is None:
         return []
     if isinstance(items, str):
         return [{"role": "user", "content": items}]
     messages: list[dict[str, Any]] = []
+    reasoning: str | None = None  # the thinking of reasoning items not yet given to an assistant message
     for number, item in enumerate(items):
         where = f"input.{number}"
         if item.type == "message":
             if item.role is None:
                 raise ApiError(400, f"{where} is a message without a role.", param=f"{where}.role")
             messages.append({"role": item.role, "content": _chat_parts(item.content, f"{where}.content")})
+            if item.role == "assistant":
+                _think(messages[-1], reasoning)
         elif item.type == "function_call":
             if not item.call_id or not item.name or item.arguments is None:
                 raise ApiError(400, f"{where} (a function_call) needs call_id, name and arguments.", param=where)
@@ -120,6 +158,7 @@ def input_messages(items: str | list[InputItem] | None) -> list[dict[str, Any]]:
                 messages[-1].setdefault("tool_calls", []).append(call)
             else:
                 messages.append({"role": "assistant", "content": "", "tool_calls": [call]})
+            _think(messages[-1], reasoning)
         elif item.type == "function_call_output":
             if not item.call_id:
                 raise ApiError(400, f"{where} (a function_call_output) needs the call_id it answers.",
@@ -127,16 +166,20 @@ def input_messages(items: str | list[InputItem] | None) -> list[dict[str, Any]]:
             messages.append({"role": "tool", "tool_call_id": item.call_id,
                              "content": _text_of(item.output, f"{where}.output")})
         elif item.type == "reasoning":
+            thought = _reasoning_text(item, where)
+            reasoning = f"{reasoning}\n\n{thought}" if reasoning and thought else (reasoning or thought)
             continue
         else:
-            raise ApiError(400, f"{item.type} items are not supported ({where}); send messages, function_call and "
-                                "function_call_output items.", param=f"{where}.type")
+            raise ApiError(400, f"{item.type} items are not supported ({where}); send messages, function_call, "
+                                "function_call_output and reasoning items.", param=f"{where}.type")
+        reasoning = None
     return messages
 
 
 def to_chat_request(body: ResponsesRequest, messages: list[dict[str, Any]]) -> ChatCompletionRequest:
     """The chat completions body the same reply would be asked with: instructions as the first system message,
-    function tools, text.format as response_format, max_output_tokens as max_tokens, the knobs as they are."""
+    function tools, text.format as response_format, max_output_tokens as max_tokens, reasoning.effort as
+    reasoning_effort, logprobs when include names them (or top_logprobs asks some), the knobs as they are."""
     if body.instructions:
         messages = [{"role": "system", "content": body.instructions}, *messages]
     data: dict[str, Any] = {"messages": messages, "max_tokens": body.max_output_tokens, "model": body.model,
@@ -144,6 +187,10 @@ def to_chat_request(body: ResponsesRequest, messages: list[dict[str, Any]]) -> C
     for name in ("temperature", "top_p", "seed"):
         if getattr(body, name) is not None:
             data[name] = getattr(body, name)
+    if body.reasoning is not None and body.reasoning.effort is not None:
+        data["reasoning_effort"] = body.reasoning.effort
+    if LOGPROBS in (body.include or []) or (body.top_logprobs or 0) > 0:
+        data.update(logprobs=True, top_logprobs=body.top_logprobs or 0)
     tools = []
     for number, tool in enumerate(body.tools or []):
         if tool.type != "function":
@@ -177,12 +224,26 @@ def echoed(body: ResponsesRequest, tools: list[dict[str, Any]]) -> dict[str, Any
     """The request's fields a response object repeats."""
     choice = body.tool_choice
     fmt = body.text.format if body.text is not None and body.text.format is not None else None
+    thinking = body.reasoning
     return {"instructions": body.instructions, "previous_response_id": body.previous_response_id,
             "metadata": body.metadata or {}, "user": body.user, "truncation": body.truncation or "disabled",
             "parallel_tool_calls": body.parallel_tool_calls is not False,
             "tool_choice": choice.model_dump() if isinstance(choice, ToolChoiceFunction) else (choice or "auto"),
             "tools": [{"type": "function", **t["function"]} for t in tools],
-            "text": {"format": fmt.model_dump(by_alias=True, exclude_none=True) if fmt else {"type": "text"}}}
+            "text": {"format": fmt.model_dump(by_alias=True, exclude_none=True) if fmt else {"type": "text"}},
+            "reasoning": {"effort": thinking.effort, "summary": thinking.summary or thinking.generate_summary}
+            if thinking is not None else None,
+            "top_logprobs": body.top_logprobs}
+
+
+def finished_reply(reply: ChatReply, tokens: list[Any], top_logprobs: int | None) -> Reply:
+    """A finished chat reply as the response shows it: the tokens before its answer wrote the thinking
+    (reasoning_tokens); the answer's (up to its first call) give output_text's logprobs when asked."""
+    start = content_start(reply.text, reply.answer)
+    thinking, answer = split_tokens(tokens, start)
+    if reply.tool_calls:  # the text before the calls
+        answer = split_tokens(answer, start + len(reply.content or ""), sum(len(t.text) for t in thinking))[0]
+    return Reply(reply.content, reply.tool_calls, reply.reasoning, len(thinking), text_logprobs(answer, top_logprobs))
 
 
 # --- routes -------------------------------------------------------------------------------------------------------
@@ -225,11 +286,12 @@ async def create_response(body: ResponsesRequest, request: Request) -> Any:
     draft = ResponseDraft(item_id("resp"), int(time.time()), target.name, echoed(body, tools), plan.params,
                           conversation, None if body.store is False else state.responses)
     if body.stream:
-        return StreamingResponse(guarded(stream_response(draft, plan.reply_stream(run, first), run), [run]),
-                                 media_type="text/event-stream", headers=warnings_header(warnings))
+        events = stream_response(draft, plan.reply_stream(run, first, reasoning=True), run, plan.top_logprobs)
+        return StreamingResponse(guarded(events, [run]), media_type="text/event-stream",
+                                 headers=warnings_header(warnings))
     await run.collect()
-    content, calls = plan.result(run)
-    response = draft.finish(run, output_items(content, calls), content, calls)
+    reply = finished_reply(plan.reply(run), run.tokens, plan.top_logprobs)
+    response = draft.finish(run, reply.output(), reply)
     if warnings:
         response = {**response, "warnings": warnings}  # in this answer only, not in the kept copy
     return JSONResponse(response, headers=warnings_header(warnings))

@@ -129,7 +129,9 @@ class HeldBackText:
     model writes them. What may still be a call's markup is held back, so a client never sees it as text; with
     a forced call (`forced`) nothing is shown as text until the end. `names` are the functions the request
     offers (None: no tools, all is text). With a `splitter` (modules.chat.reasoning) the reply's thinking is kept
-    out of its content: sent as ReasoningPiece events with `reasoning`, else dropped."""
+    out of its content: sent as ReasoningPiece events with `reasoning`, else dropped. `content_start` is where
+    the answer begins in the generated text (characters; 0 without thinking), known from the answer's first piece
+    on and always after `finish()`: the tokens before it wrote the thinking (see split_tokens)."""
 
     def __init__(self, run: GenerationRun, first: StreamChunk | None, names: set[str] | None, *,
                  forced: bool = False, splitter: ReasoningSplitter | None = None, reasoning: bool = False):
@@ -139,13 +141,17 @@ class HeldBackText:
         self._shown = 0  # characters of text sent as content
         self._tokens: list[Any] = []  # tokens not yet sent with a piece of content
         self._sent: list[_SentCall] = []
+        self._fed = 0  # characters of generated text given to the splitter
+        self.content_start: int | None = None if splitter is not None else 0
 
     async def events(self) -> AsyncIterator[ReplyEvent]:
         """What to send now, to the end of the run; then `finish()` gives the rest."""
         piece = self._first
         while piece is not None:
             self._tokens += piece.tokens
+            self._fed += len(piece.text)
             parts = self.splitter.feed(piece.text) if self.splitter is not None else [("content", piece.text)]
+            self._note_content_start()
             for event in self._take(parts) + self._advance():
                 yield event
             piece = await self.run.next_chunk(watch_disconnect=False)
@@ -164,6 +170,9 @@ class HeldBackText:
         """(the events still to send, the reply's finished tool calls under the ids they were sent with), once
         the run has ended. Calls cut off before their end were sent as far as written and are not among them."""
         held: list[ReplyEvent] = self._take(self.splitter.finish()) if self.splitter is not None else []
+        self._note_content_start()
+        if self.content_start is None:  # no answer: all that was written is thinking
+            self.content_start = self._fed
         if self.names is None:
             return held + self._content(len(self.text)), []
         scan = scan_reply(self.text, self.names, final=True)
@@ -183,6 +192,11 @@ class HeldBackText:
                 events.append(CallArguments(index, rest))
             calls.append({**draft.call, "id": sent.id})
         return events, calls
+
+    def _note_content_start(self) -> None:
+        """Once the splitter has given content, where it began: the splitter holds nothing back after that."""
+        if self.content_start is None and self.splitter is not None and self.splitter.content:
+            self.content_start = self._fed - len(self.splitter.content)
 
     def _advance(self) -> list[ReplyEvent]:
         if self.names is None:
@@ -223,6 +237,18 @@ class HeldBackText:
         self._sent.append(sent)
         events.append(CallStart(index, sent.id, name))
         return sent
+
+
+def split_tokens(tokens: list[Any], start: int, offset: int = 0) -> tuple[list[Any], list[Any]]:
+    """(the tokens that end at or before character `start` of the generated text, the others): a thinking
+    reply's thinking tokens and its answer's. `offset` is where the first of `tokens` begins."""
+    before: list[Any] = []
+    for number, token in enumerate(tokens):
+        offset += len(token.text)
+        if offset > start:
+            return before, tokens[number:]
+        before.append(token)
+    return before, []
 
 
 def sse(data: BaseModel | dict[str, Any] | str, event: str | None = None) -> str:
