@@ -21,7 +21,7 @@ from conftest import FRANCE
 from modules.generation_params import GenerationParams
 from modules.ui.parameters_tab import group_elem_id, grouped
 from ui_helpers import (Server, Workspace, answered, chat_event, chat_messages, choose, last_reply, new_chat,
-                        open_app, run_event, screenshot, send, set_text, tab)
+                        open_app, reply_pieces, run_event, screenshot, send, set_text, tab, watch_reply)
 
 pytestmark = pytest.mark.browser
 
@@ -89,17 +89,6 @@ def test_chat_streams_an_answer_naming_paris(page: Page) -> None:
     screenshot(page, "chat")
 
 
-#: Records the lengths the last reply has while the turn runs (Send disabled): several lengths, several pieces.
-_WATCH_REPLY = """() => {
-  window.__replyLengths = new Set();
-  new MutationObserver(() => {
-    const rows = document.querySelectorAll('#chatbot .bot-row');
-    if (document.querySelector('#chat-send').disabled && rows.length)
-      window.__replyLengths.add(rows[rows.length - 1].innerText.trim().length);
-  }).observe(document.body, {childList: true, subtree: true, characterData: true});
-}"""
-
-
 def test_enter_sends_the_message_and_shift_enter_breaks_the_line(page: Page) -> None:
     use_preset(page, "Deterministic", max_new_tokens="120", ban_eos_token=True)
     new_chat(page)
@@ -110,11 +99,11 @@ def test_enter_sends_the_message_and_shift_enter_breaks_the_line(page: Page) -> 
     page.keyboard.type("of France?")
     expect(box).to_have_value("What is the capital\nof France?")
     box.fill(FRANCE)
-    page.evaluate(_WATCH_REPLY)
+    watch_reply(page)
     status = chat_event(page, lambda: box.press("Enter"))
     assert chat_messages(page)[0] == ("user", FRANCE)  # sent as typed, without a line break
     assert "Paris" in last_reply(page) and "reply:" in status
-    assert len(page.evaluate("() => [...window.__replyLengths].filter(n => n > 0)")) >= 2  # it streamed
+    assert reply_pieces(page) >= 2  # it streamed
     expect(box).to_have_value("")
 
 

@@ -16,8 +16,8 @@ from playwright.sync_api import Page, expect
 from conftest import FRANCE
 from test_chat_reasoning import THINK_GRAMMAR
 from test_ui_app import use_preset
-from ui_helpers import (Workspace, answered, chat_event, chat_messages, new_chat, run_event,
-                        send, set_text, wait_ready)
+from ui_helpers import (Workspace, add_dummy, answered, chat_event, chat_messages, new_chat, run_event,
+                        send, wait_ready)
 
 pytestmark = pytest.mark.browser
 
@@ -37,11 +37,6 @@ def saved_chat(workspace: Workspace, page: Page) -> dict:
     chats = [json.loads(p.read_text()) for p in files]
     named = [c for c in chats if c["id"] in chat_id or (c.get("name") and chat_id.startswith(c["name"]))]
     return (named or chats)[-1]
-
-
-def add_dummy(page: Page, button: str, text: str) -> None:
-    set_text(page, "#chat-input", text)
-    run_event(page, lambda: page.click(button), "#chatbot")
 
 
 def test_a_reply_that_thinks_shows_its_thinking_collapsed_above_the_answer(page: Page,

@@ -1,7 +1,9 @@
 """Tools in the Chat tab, in a real browser (Debian's Chromium through Playwright) against webui.py on the starter
 model: a picked tool is called, the call and its result show as collapsible blocks and the model's answer follows;
 reopening the chat restores the pick; a tool that needs approval waits for Approve / Deny and Deny gives the model
-a declined result; a tool that raises shows an error block and the turn still ends with an answer.
+a declined result; a tool that raises shows an error block and the turn still ends with an answer. Regenerate runs
+the turn's tools again (and asks again), Continue runs the call a reply holds, Impersonate fills the box and runs
+nothing; a reply that thinks, then calls, shows its thinking in a collapsed block above the call.
 
 The starter model (135M) does not choose tools by itself, so each test sets Tool use to "required" (the first
 step's call is forced by a JSON schema, as a user may do) with one tool picked whose arguments it fills in
@@ -13,11 +15,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import yaml
 from playwright.sync_api import Browser, Page, expect
+from test_tool_turns import HERMES_CALL, THINK_THEN_CALL
+from test_ui_app import use_preset
 from ui_helpers import (
     Server,
     Workspace,
+    add_dummy,
     chat_event,
+    chat_messages,
     event_finished,
     new_chat,
     open_app,
@@ -43,6 +50,8 @@ def workspace(tmp_path_factory: pytest.TempPathFactory, starter_gguf: Path) -> W
     shutil.copy(TOOL_FILE, tools)
     workspace.settings.write_text(f"tools_dir: {tools}\ntool_max_rounds: 2\n")
     (workspace.presets / "Greedy.yaml").write_text("do_sample: false\nmax_new_tokens: 40\n")
+    (workspace.presets / "ThinkThenCall.yaml").write_text(yaml.safe_dump(
+        {"do_sample": False, "max_new_tokens": 80, "grammar_string": THINK_THEN_CALL}))
     return workspace
 
 
@@ -74,8 +83,8 @@ def open_tools(page: Page) -> None:
     expect(page.locator("#chat-tools")).to_be_visible()
 
 
-def pick_tool(page: Page, label: str) -> None:
-    """Pick `label` alone in the tools multi-select, with Tool use "required"."""
+def pick_tool(page: Page, label: str, use: str = "Required: its first step calls a tool") -> None:
+    """Pick `label` alone in the tools multi-select, with Tool use `use` (its label: "required" by default)."""
     open_tools(page)
     wait_idle(page)
     clear = page.locator("#chat-tools .remove-all")
@@ -86,7 +95,7 @@ def pick_tool(page: Page, label: str) -> None:
     page.keyboard.press("Escape")
     expect(page.locator("#chat-tools .token")).to_have_count(1)
     expect(page.locator("#chat-tools .token").first).to_contain_text(label)
-    page.locator("#chat-tool-use").get_by_text("Required: its first step calls a tool").click()
+    page.locator("#chat-tool-use").get_by_text(use).click()
 
 
 def block(page: Page, title: str):
@@ -155,3 +164,87 @@ def test_a_tool_that_raises_shows_an_error_and_the_turn_ends_with_an_answer(page
     assert "the sensor is offline" in expand(page, "⚠️ read_sensor: error (failed)")
     saved = store.load(CHARACTER, store.list_chats(CHARACTER).items[0].id).messages
     assert saved[-1].role == "assistant" and saved[-1].content and not saved[-1].tool_calls
+
+
+def latest_chat(store: HistoryStore):
+    return store.load(CHARACTER, store.list_chats(CHARACTER).items[0].id).messages
+
+
+def deny_when_asked(page: Page, action) -> None:
+    """Do `action()` (Send, Regenerate...), wait for the approval question, press Deny and wait for the turn's end."""
+    watch_event(page, lock="#chat-send")
+    action()
+    expect(page.locator("#tool-approval-question")).to_contain_text("clear_notes")
+    page.click("#tool-deny")
+    page.wait_for_function("() => window.__eventStarted && !window.__eventBusy()")
+    assert event_finished(page)
+
+
+def test_regenerate_runs_the_tools_again_and_asks_again(page: Page, store: HistoryStore,
+                                                         workspace: Workspace) -> None:
+    pick_tool(page, "multiply")
+    set_text(page, "#chat-input", "What is 12 times 7?")
+    chat_event(page, lambda: page.click("#chat-send"))
+    first = latest_chat(store)
+    status = chat_event(page, lambda: page.click("#chat-regenerate"))
+    assert "1 tool call" in status and "failed" not in status
+    expect(block(page, 'multiply({"a": 12, "b": 7})')).to_have_count(1)  # the turn replaced, not repeated
+    assert "84" in expand(page, "✅ multiply: result")
+    again = latest_chat(store)
+    assert [m.role for m in again] == ["user", "assistant", "tool", "assistant"]
+    assert again[1].tool_calls[0]["id"] != first[1].tool_calls[0]["id"]  # the call was made and run again
+
+    new_chat(page)
+    pick_tool(page, "clear_notes (asks first)")
+    set_text(page, "#chat-input", "Delete all my notes.")
+    deny_when_asked(page, lambda: page.click("#chat-send"))
+    deny_when_asked(page, lambda: page.click("#chat-regenerate"))  # asked again, before the call runs again
+    expect(block(page, "🚫 clear_notes: declined")).to_have_count(1)
+    assert not (workspace.root / "tools" / "notes-cleared").exists()
+
+
+def test_continue_runs_the_call_a_reply_holds(page: Page, store: HistoryStore) -> None:
+    pick_tool(page, "multiply")
+    add_dummy(page, "#chat-dummy-message", "What is 12 times 7?")
+    add_dummy(page, "#chat-dummy-reply", f"Let me compute it.\n{HERMES_CALL}")
+    status = chat_event(page, lambda: page.click("#chat-continue"))
+    assert "1 tool call" in status
+    assert "Let me compute it." in expand(page, 'multiply({"a": 12, "b": 7})')  # the reply's text, then its call
+    assert "84" in expand(page, "✅ multiply: result")
+    saved = latest_chat(store)
+    assert [m.role for m in saved[:3]] == ["user", "assistant", "tool"] and saved[2].content == "84"
+    assert saved[1].content == "Let me compute it." and saved[1].tool_calls
+
+
+def test_impersonate_fills_the_box_and_runs_no_tool(page: Page, store: HistoryStore, workspace: Workspace) -> None:
+    pick_tool(page, "clear_notes (asks first)")
+    add_dummy(page, "#chat-dummy-message", "Hello!")
+    add_dummy(page, "#chat-dummy-reply", "Hi! How can I help?")
+    before = chat_messages(page)
+    set_text(page, "#chat-input", "Please")
+    chat_event(page, lambda: page.click("#chat-impersonate"))
+    box = page.locator("#chat-input textarea").first
+    assert box.input_value().startswith("Please") and len(box.input_value()) > len("Please")
+    expect(page.locator("#tool-approval")).to_be_hidden()  # nothing asked, nothing run, the chat unchanged
+    assert chat_messages(page) == before and [m.content for m in latest_chat(store)] == ["Hello!",
+                                                                                        "Hi! How can I help?"]
+    assert not (workspace.root / "tools" / "notes-cleared").exists()
+
+
+def test_a_reply_that_thinks_then_calls_shows_its_thinking_above_the_call(page: Page, store: HistoryStore) -> None:
+    use_preset(page, "ThinkThenCall")  # every reply thinks, then calls multiply: the round limit ends the turn
+    pick_tool(page, "multiply", "Auto: the model decides")
+    set_text(page, "#chat-input", "What is 12 times 7?")
+    status = chat_event(page, lambda: page.click("#chat-send"))
+    assert "the limit of 2 rounds" in status
+    thinking = page.locator("#chatbot .thought-group").filter(has_text="Thinking")
+    expect(thinking).to_have_count(3)
+    expect(page.locator("#chatbot").get_by_text("The user wants", exact=False)).to_have_count(0)  # collapsed
+    call = block(page, 'multiply({"a": 12, "b": 7})').first
+    assert thinking.first.bounding_box()["y"] < call.bounding_box()["y"]
+    assert "<think>" not in page.locator("#chatbot").inner_text()
+    thinking.first.get_by_text("Thinking").click()  # unfolds
+    expect(page.locator("#chatbot").get_by_text("The user wants", exact=False).first).to_be_visible()
+    replies = [m for m in latest_chat(store) if m.role == "assistant"]
+    assert len(replies) == 3 and all(m.reasoning_content.startswith("The user wants") and m.tool_calls
+                                     for m in replies)

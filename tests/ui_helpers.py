@@ -281,6 +281,36 @@ def new_chat(page: Page) -> None:
     run_event(page, lambda: page.click("#chat-new"), "#chatbot")
 
 
+def add_dummy(page: Page, button: str, text: str) -> None:
+    """Add `text` to the chat with a Send dummy message / reply button (`button`: its selector)."""
+    set_text(page, "#chat-input", text)
+    run_event(page, lambda: page.click(button), "#chatbot")
+
+
+#: Records the lengths the last reply has while a turn runs (Send disabled): several lengths, several pieces.
+_WATCH_REPLY = """() => {
+  window.__replyLengths = new Set();
+  if (window.__replyWatch) window.__replyWatch.disconnect();
+  window.__replyWatch = new MutationObserver(() => {
+    const rows = document.querySelectorAll('#chatbot .bot-row');
+    if (document.querySelector('#chat-send').disabled && rows.length)
+      window.__replyLengths.add(rows[rows.length - 1].innerText.trim().length);
+  });
+  window.__replyWatch.observe(document.body, {childList: true, subtree: true, characterData: true});
+}"""
+
+
+def watch_reply(page: Page) -> None:
+    """Watch the last reply while the next turn runs; `reply_pieces` then says how many lengths it showed."""
+    page.evaluate(_WATCH_REPLY)
+
+
+def reply_pieces(page: Page) -> int:
+    """How many different non-empty lengths the last reply showed while the watched turn ran (2 or more: it
+    streamed)."""
+    return len(page.evaluate("() => [...window.__replyLengths].filter(n => n > 0)"))
+
+
 def screenshot(page: Page, name: str) -> None:
     """docs/screenshots/<name>.png of the whole page, without the notices floating over it; only when
     WORKBENCH_SCREENSHOTS=1 is set, so that a test run leaves the tracked pictures alone."""
