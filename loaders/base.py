@@ -119,6 +119,13 @@ class LoadedModel(ABC):
         """The token ids and image inputs of `prompt` (Capability.VISION); other models read no images."""
         raise ImagesUnsupported(self.name)
 
+    def image_tokens(self, image: ImageData) -> int:
+        """The tokens `image` takes in a prompt of this model: its marker as encode_images expands it (the image's
+        own tokens and the boundary tokens the model writes around them), so the chat path fits a prompt with
+        images to the context before it is encoded. A loader may count it more cheaply; other models read no
+        images."""
+        return len(self.encode_images(ImagePrompt(self.image_marker or "", (image,))).ids)
+
     @abstractmethod
     def encode(self, text: str, *, add_bos: bool = False) -> list[int]:
         """Token ids of `text`, parsing special tokens written in it (such as <|im_start|>)."""

@@ -18,7 +18,7 @@ from modules.chat.request import ChatRequest, prepare_chat
 from modules.errors import ImagesUnsupported, InvalidInput
 from modules.model_manager import ModelManager
 from modules.services import Services
-from vision_helpers import IMAGE_SEQ_LEN, image_part, make_tiny_vlm, png_data_url
+from vision_helpers import IMAGE_SEQ_LEN, check_images_counted_and_fitted, image_part, make_tiny_vlm, png_data_url
 
 VLM = "tiny-vlm"
 TEXT_ONLY = "starter.gguf"
@@ -95,12 +95,18 @@ def test_turns_left_out_to_fit_take_their_images_with_them(services: Services) -
     assert [image.data for image in result.images] == [prepared(services, ask(image_part(BLUE))).images[0].data]
 
 
+def test_the_context_is_fitted_with_each_image_counted_as_its_tokens(services: Services) -> None:
+    check_images_counted_and_fitted(services, VLM, RED, BLUE)
+
+
 # --- the API, with the official client --------------------------------------------------------------------------------
-def test_a_chat_with_an_image_is_answered_and_counts_the_images_tokens(client: openai.OpenAI) -> None:
+def test_a_chat_with_an_image_is_answered_and_counts_the_images_tokens(services: Services,
+                                                                        client: openai.OpenAI) -> None:
     plain = client.chat.completions.create(model=VLM, messages=ask(QUESTION), max_tokens=4, temperature=0)
     seen = client.chat.completions.create(model=VLM, messages=ask(QUESTION, image_part(RED)), max_tokens=4,
                                           temperature=0)
     assert seen.usage.prompt_tokens >= plain.usage.prompt_tokens + IMAGE_SEQ_LEN
+    assert seen.usage.prompt_tokens == prepared(services, ask(QUESTION, image_part(RED))).prompt_tokens  # one count
     assert seen.usage.completion_tokens > 0 and seen.choices[0].message.content
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import openai
 import pytest
 from api_helpers import models_folder, server_settings, serving_api
-from vision_helpers import IMAGE_SEQ_LEN, image_part, png_data_url
+from vision_helpers import IMAGE_SEQ_LEN, check_images_counted_and_fitted, image_part, png_data_url
 
 from loaders.base import Capability
 from loaders.llama_cpp_loader import LlamaCppLoader
@@ -73,7 +73,12 @@ def test_a_chat_with_an_image_counts_the_images_tokens(services: Services, clien
     image_tokens = model.encode_images(chat.model_prompt).inputs.image_tokens
     assert seen.usage.prompt_tokens >= plain.usage.prompt_tokens + image_tokens
     assert seen.usage.prompt_tokens == services.manager.prompt_token_count(chat.model_prompt, params, model=VLM)
+    assert seen.usage.prompt_tokens == chat.prompt_tokens  # the chat path's own count: each image as its tokens
     assert seen.usage.completion_tokens > 0 and seen.choices[0].message.content
+
+
+def test_the_context_is_fitted_with_each_image_counted_as_its_tokens(services: Services) -> None:
+    check_images_counted_and_fitted(services, VLM, RED, BLUE)
 
 
 def test_the_image_reaches_the_model(client: openai.OpenAI) -> None:

@@ -65,3 +65,36 @@ def make_tiny_vlm_gguf(vlm_dir: Path, folder: Path) -> tuple[Path, Path]:
     run_converter("convert_hf_to_gguf.py", [str(vlm_dir), "--outtype", "f16", "--outfile", str(model)])
     run_converter("convert_hf_to_gguf.py", [str(vlm_dir), "--mmproj", "--outtype", "f16", "--outfile", str(mmproj)])
     return model, mmproj
+
+
+def image_chat(first: str, second: str) -> list[dict]:
+    """Two turns, each user message with an image (data URLs `first`, `second`) before its text."""
+    return [{"role": "user", "content": [image_part(first), {"type": "text", "text": "Look at this."}]},
+            {"role": "assistant", "content": "A square of one colour."},
+            {"role": "user", "content": [image_part(second), {"type": "text", "text": "And this one?"}]}]
+
+
+def check_images_counted_and_fitted(services, model: str, first: str, second: str) -> None:
+    """On the loaded vision model `model`: the chat path counts a prompt with images as the model reads it (each
+    image as its tokens, the count generation reports), and fitting a chat to a context one token short of it
+    leaves out the oldest turn, image and all, for a prompt that then fits."""
+    from modules.chat.request import ChatRequest, prepare_chat
+
+    def fitted(truncation_length: int):
+        chat = services.settings.chat.model_copy(update={"truncation_length": truncation_length})
+        params = services.default_params(model).model_copy(update={"max_new_tokens": 4})
+        prepared = prepare_chat(services, ChatRequest(messages=image_chat(first, second), chat=chat, params=params,
+                                                      model=model))
+        read = services.manager.prompt_token_count(prepared.model_prompt, prepared.params, add_bos=prepared.add_bos,
+                                                   model=model)
+        return prepared, read
+
+    whole, read = fitted(0)
+    loaded = services.manager.require_model(model)
+    assert len(whole.images) == 2 and whole.dropped_messages == 0
+    assert whole.prompt_tokens == read  # the images' tokens counted, not their markers'
+    assert read - loaded.token_count(whole.prompt) >= 2 * (IMAGE_SEQ_LEN - 1)
+    budget = read - 1  # one token short of the whole chat (the context is the budget and max_new_tokens)
+    tight, tight_read = fitted(budget + 4)
+    assert tight.dropped_messages == 2 and len(tight.images) == 1
+    assert tight.prompt_tokens == tight_read <= budget

@@ -21,11 +21,14 @@ Build = Callable[[list[dict[str, Any]], bool], ModelPrompt]
 
 
 def build_with_attachments(model: LoadedModel, messages: list[dict[str, Any]], build: Build, *, context: int,
-                           max_new_tokens: int, refuse: bool) -> ModelPrompt:
+                           max_new_tokens: int, refuse: bool,
+                           count_tokens: Callable[[str], int] | None = None) -> ModelPrompt:
     """The prompt of `messages` (whose "attachments" are written into their text), built by `build`; refused with
     AttachmentTooLarge when the files it must hold do not fit. `refuse`: the whole conversation must fit (the API);
     else the oldest turns may be left out (the Chat tab) and the files that must fit are those of the last user
-    message on."""
+    message on. `count_tokens` counts a whole prompt (default: the model's token_count; with images, each image
+    as its tokens)."""
+    count_tokens = count_tokens or model.token_count
     files = _files_to_fit(messages, refuse)
     rendered = render_messages(messages)
     if not files:
@@ -36,11 +39,11 @@ def build_with_attachments(model: LoadedModel, messages: list[dict[str, Any]], b
     except (PromptTooLong, ContextLengthExceeded):
         if not can_count:
             raise
-        raise _too_large(model, messages, files, build, context, max_new_tokens, refuse) from None
+        raise _too_large(model, messages, files, build, context, max_new_tokens, refuse, count_tokens) from None
     if can_count and built.result.prompt_tokens is None:  # refuse: the builder did not count it
-        built.result.prompt_tokens = model.token_count(built.result.prompt)
+        built.result.prompt_tokens = count_tokens(built.result.prompt)
     if can_count and built.result.prompt_tokens + max_new_tokens > context:
-        raise _too_large(model, messages, files, build, context, max_new_tokens, refuse)
+        raise _too_large(model, messages, files, build, context, max_new_tokens, refuse, count_tokens)
     return built
 
 
@@ -51,7 +54,8 @@ def _files_to_fit(messages: list[dict[str, Any]], whole: bool) -> list[Attachmen
 
 
 def _too_large(model: LoadedModel, messages: list[dict[str, Any]], files: list[Attachment], build: Build,
-               context: int, max_new_tokens: int, refuse: bool) -> AttachmentTooLarge:
+               context: int, max_new_tokens: int, refuse: bool,
+               count_tokens: Callable[[str], int]) -> AttachmentTooLarge:
     """The refusal, with the numbers: each file's tokens, and what the prompt takes without any file."""
     tokens: dict[str, int] = {}
     for file in files:
@@ -59,7 +63,7 @@ def _too_large(model: LoadedModel, messages: list[dict[str, Any]], files: list[A
         tokens[name] = model.token_count(render_attachment(file))
     try:
         without = build(render_messages(messages, include=False), not refuse).result
-        others = without.prompt_tokens if without.prompt_tokens is not None else model.token_count(without.prompt)
+        others = without.prompt_tokens if without.prompt_tokens is not None else count_tokens(without.prompt)
     except (PromptTooLong, ContextLengthExceeded):  # even without the files it does not fit
         others = context
     return AttachmentTooLarge(files=tokens, room=context - max_new_tokens - others, context=context, others=others,

@@ -7,6 +7,10 @@ read: the server never fetches a URL a client names (that would let any client m
 `take_images` turns such messages into text messages, each image replaced by the model's image marker, and
 returns the images in order; the vision model's loader then puts each image's tokens where its marker is
 (LoadedModel.encode_images). The chat template thus renders plain text whatever it expects of images.
+
+`image_counter` counts such a prompt as the model will read it: each marker as the tokens its image takes on the
+loaded model (LoadedModel.image_tokens: a Transformers processor's image tokens, the tokens llama.cpp's projector
+makes), so fitting the context and the prompt's token count see the images' real cost, not a marker's few tokens.
 """
 from __future__ import annotations
 
@@ -14,9 +18,10 @@ import base64
 import binascii
 import io
 import re
+from collections.abc import Callable
 from typing import Any
 
-from loaders.base import ImageData
+from loaders.base import ImageData, LoadedModel
 from modules.errors import InvalidInput
 
 #: Image types a loader's image processor reads (through Pillow).
@@ -115,6 +120,23 @@ def images_in_prompt(prompt: str, marker: str, images: list[ImageData]) -> tuple
         raise InvalidInput(f"The prompt holds {count} image markers ({marker!r}) for {len(images)} images: the chat "
                            "template or the system message writes the marker itself.", field="messages")
     return tuple(images[len(images) - count:]) if count else ()
+
+
+def image_counter(model: LoadedModel, marker: str, images: list[ImageData]) -> Callable[[str], int]:
+    """count(text): the tokens of a prompt text whose markers stand for the last of `images` (as images_in_prompt
+    pairs them), each counted as what its image costs `model`; the text between markers is tokenized piece by
+    piece, as the loaders read it. A text that is not a whole prompt (a message's own) is counted against the last
+    images too: an estimate the context fitting corrects with whole prompts."""
+    costs = [model.image_tokens(image) for image in images]
+
+    def count(text: str) -> int:
+        pieces = text.split(marker)
+        markers = len(pieces) - 1
+        if markers > len(costs):  # a marker the template wrote itself: images_in_prompt refuses the prompt
+            return model.token_count(text)
+        return sum(model.token_count(piece) for piece in pieces if piece) + sum(costs[len(costs) - markers:])
+
+    return count
 
 
 def _is_image(part: Any) -> bool:

@@ -8,6 +8,7 @@ which refuses a prompt too long, as OpenAI does).
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,13 +45,16 @@ def build_model_prompt(model: LoadedModel, chat: ChatSettings, messages: list[di
                        continue_last: bool = False, impersonate: bool = False,
                        impersonate_prefix: str = "", drop_old_messages: bool = True,
                        truncate_last_message: bool = True,
-                       template_variables: dict[str, Any] | None = None) -> ModelPrompt:
+                       template_variables: dict[str, Any] | None = None,
+                       count_tokens: Callable[[str], int] | None = None) -> ModelPrompt:
     """`messages` is the whole conversation with the new user message appended. `template_override` is a Jinja
     template given inline (the API's instruction_template_str); otherwise chat.instruction_template names one
     in `template_dir`, and an empty name means the model's own. `tools` (OpenAI function tools) reach a template
     that renders them; for one that ignores them they are described in the system message.
 
     `template_variables` reach the template's render (enable_thinking, reasoning_effort, a request's own).
+    `count_tokens` counts a prompt (default: the model's token_count; a prompt with images: modules.chat.images'
+    image_counter, each image as its tokens).
 
     `truncate_last_message` False: when the prompt does not fit even with the oldest turns left out, PromptTooLong
     is raised rather than the last user message cut (it holds attached files: modules.chat.attachment_fit).
@@ -88,7 +92,7 @@ def build_model_prompt(model: LoadedModel, chat: ChatSettings, messages: list[di
     can_count = Capability.TOKENIZE in model.capabilities and drop_old_messages
     result = build_prompt(messages, options, continue_last=continue_last, impersonate=impersonate,
                           impersonate_prefix=impersonate_prefix,
-                          count_tokens=model.token_count if can_count else None,
+                          count_tokens=(count_tokens or model.token_count) if can_count else None,
                           token_budget=context - max_new_tokens if can_count else None,
                           truncate_last_message=truncate_last_message)
     return ModelPrompt(result, context, warnings + result.warnings)

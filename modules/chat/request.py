@@ -16,7 +16,7 @@ from loaders.base import Capability, ImageData, ImagePrompt, LoadedModel
 from loaders.batching import Adapter
 from modules.chat.attachment_fit import build_with_attachments
 from modules.chat.attachments import render_messages
-from modules.chat.images import has_images, images_in_prompt, take_images
+from modules.chat.images import has_images, image_counter, images_in_prompt, take_images
 from modules.chat.model_prompt import build_model_prompt
 from modules.chat.prompt import PromptResult
 from modules.chat.reasoning import prompt_opens_thinking, split_reasoning
@@ -168,12 +168,14 @@ def prepare_chat(services: Any, request: ChatRequest, *, hooks: RequestHooks | N
     messages = hooks.history(messages)
     attached, messages = messages, render_messages(messages)  # files written into their messages' text
     context = min(model.context_length, request.chat.truncation_length or model.context_length)
+    # the prompt's count, for fitting it and for the person: each image as the tokens it takes on this model
+    count = image_counter(model, marker, images) if marker and images else model.token_count
     custom = None
     if request.prompt_format == "chat_template" and not (request.continue_last or request.impersonate):
         custom = hooks.custom_prompt(messages)
     warnings: list[str] = []
     if custom is not None:  # an extension built the whole prompt
-        counted = model.token_count(custom) if Capability.TOKENIZE in model.capabilities else None
+        counted = count(custom) if Capability.TOKENIZE in model.capabilities else None
         result = PromptResult(custom, messages, prompt_tokens=counted)
     elif request.prompt_format == "alpaca":
         result = PromptResult(_alpaca_text(model, request, messages), messages,
@@ -186,10 +188,11 @@ def prepare_chat(services: Any, request: ChatRequest, *, hooks: RequestHooks | N
                 template_override=request.template, tools=tools or None, continue_last=request.continue_last,
                 impersonate=request.impersonate, impersonate_prefix=request.impersonate_prefix,
                 drop_old_messages=request.fit == "drop_oldest", truncate_last_message=cut_last,
-                template_variables=template_variables(request.chat, request.template_variables))
+                template_variables=template_variables(request.chat, request.template_variables),
+                count_tokens=count)
 
         built = build_with_attachments(model, attached, build, context=context, max_new_tokens=params.max_new_tokens,
-                                       refuse=request.fit == "refuse")
+                                       refuse=request.fit == "refuse", count_tokens=count)
         result, warnings, context = built.result, built.warnings, built.context
     stops = list(dict.fromkeys([*params.stop, *result.stop_strings, *request.chat.custom_stopping_strings]))
     names = {t["function"]["name"] for t in tools} if tools else None

@@ -185,8 +185,6 @@ def run_turn(services: Services, session: UiSession, chat: ChatSettings, params:
     stats = generation.stats
     ending = {"cancelled": " · stopped", "length": " · hit max_new_tokens", "error": " · failed"}.get(
         stats.finish_reason, "")
-    if prepared.images and stats.prompt_tokens:  # the prompt's text counts an image as its marker alone
-        status_head = head(stats.prompt_tokens)
     status = (f"{status_head} · reply: {stats.completion_tokens} tokens in {stats.seconds:.1f} s "
               f"({stats.tokens_per_second:.1f} tokens/s){ending}")
     yield TurnUpdate(_show(session.history, chat, services, session),
