@@ -20,8 +20,8 @@ from playwright.sync_api import Browser, Page, expect
 from conftest import FRANCE
 from modules.generation_params import GenerationParams
 from modules.ui.parameters_tab import group_elem_id, grouped
-from ui_helpers import (Server, Workspace, answered, chat_event, chat_messages, choose, last_reply, new_chat,
-                        open_app, reply_pieces, run_event, screenshot, send, set_text, tab, watch_reply)
+from ui_helpers import (Server, Workspace, add_dummy, answered, chat_event, chat_messages, choose, last_reply,
+                        new_chat, open_app, reply_pieces, run_event, screenshot, send, set_text, tab, watch_reply)
 
 pytestmark = pytest.mark.browser
 
@@ -183,11 +183,6 @@ def test_save_preset_as_writes_the_knobs_shown(page: Page, workspace: Workspace)
     run_event(page, lambda: page.click("#preset-save"), "#preset-select")
     saved = yaml.safe_load((workspace.presets / "Mine.yaml").read_text())
     assert saved["top_k"] == 7
-
-
-def add_dummy(page: Page, button: str, text: str) -> None:
-    set_text(page, "#chat-input", text)
-    run_event(page, lambda: page.click(button), "#chatbot")
 
 
 def test_editing_actions_and_past_chats(page: Page) -> None:
