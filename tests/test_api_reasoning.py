@@ -1,7 +1,9 @@
 """Reasoning through the API, with the official clients: a reply that thinks comes back with its thinking apart
 from its answer, as message.reasoning_content (and delta.reasoning_content while streaming) from
-/v1/chat/completions and as a thinking block from /v1/messages; enable_thinking, reasoning_effort,
-chat_template_kwargs and Anthropic's thinking switch reach the chat template.
+/v1/chat/completions and as a thinking block from /v1/messages; its logprobs cover the answer's tokens only and
+usage counts the thinking's as completion_tokens_details.reasoning_tokens (as /v1/responses does), while
+/v1/completions, which does not split, keeps every token; enable_thinking, reasoning_effort, chat_template_kwargs
+and Anthropic's thinking switch reach the chat template.
 
 The starter model does not think: a grammar makes it write a <think> block and then an answer."""
 from __future__ import annotations
@@ -71,6 +73,74 @@ def test_a_streamed_reply_sends_its_thinking_first_as_reasoning_content_deltas(c
     assert (reasoning, content) == (whole.reasoning_content, whole.content)
     assert kinds.count("reasoning") >= 2  # streamed as it was written, not in one piece at the end
     assert kinds == sorted(kinds, key=["reasoning", "content"].index)  # all thinking before the answer
+
+
+def test_a_thinking_replys_logprobs_cover_its_answer_and_usage_counts_its_thinking(client: openai.OpenAI) -> None:
+    completion = client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=80, logprobs=True,
+                                                top_logprobs=2, extra_body=THINKS)
+    choice, usage = completion.choices[0], completion.usage
+    logprobs = choice.logprobs.content
+    assert choice.message.reasoning_content.startswith("The user asks about ")
+    assert "".join(item.token for item in logprobs) == choice.message.content
+    assert all(len(item.top_logprobs) == 2 and bytes(item.bytes).decode() == item.token for item in logprobs)
+    thinking = usage.completion_tokens_details.reasoning_tokens
+    assert thinking > 5  # "<think>", "The user asks about ..." and "</think>" are several tokens
+    assert len(logprobs) + thinking == usage.completion_tokens
+    response = client.responses.create(model=MODEL, input=QUESTION, max_output_tokens=80, top_logprobs=2,
+                                       extra_body=THINKS)
+    assert thinking == response.usage.output_tokens_details.reasoning_tokens  # one count for both routes
+    assert [item.token for item in logprobs] == [item.token for item in response.output[1].content[0].logprobs]
+
+
+def test_streamed_logprobs_come_with_the_answers_deltas_that_wrote_them(client: openai.OpenAI) -> None:
+    whole = client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=80, logprobs=True,
+                                           extra_body=THINKS)
+    reasoning, content, streamed, usage = "", "", [], None
+    for chunk in client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=80, logprobs=True,
+                                                stream=True, stream_options={"include_usage": True},
+                                                extra_body=THINKS):
+        usage = chunk.usage or usage
+        if not chunk.choices:
+            continue
+        delta, logprobs = chunk.choices[0].delta, chunk.choices[0].logprobs
+        tokens = [item.token for item in logprobs.content] if logprobs is not None and logprobs.content else []
+        if getattr(delta, "reasoning_content", None):
+            reasoning += delta.reasoning_content
+            assert not tokens, delta  # the thinking's tokens are not the answer's
+        else:
+            assert "".join(tokens) == (delta.content or ""), delta  # each delta with the tokens that wrote it
+        content += delta.content or ""
+        streamed += tokens
+    assert (reasoning, content) == (whole.choices[0].message.reasoning_content, whole.choices[0].message.content)
+    assert streamed == [item.token for item in whole.choices[0].logprobs.content]
+    assert usage.completion_tokens == whole.usage.completion_tokens
+    assert usage.completion_tokens_details.reasoning_tokens == whole.usage.completion_tokens_details.reasoning_tokens
+
+
+def test_a_reply_without_thinking_has_no_reasoning_tokens(client: openai.OpenAI) -> None:
+    completion = client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=12, temperature=0,
+                                                logprobs=True)
+    logprobs = completion.choices[0].logprobs.content
+    assert getattr(completion.choices[0].message, "reasoning_content", None) is None
+    assert "".join(item.token for item in logprobs) == completion.choices[0].message.content
+    assert len(logprobs) == completion.usage.completion_tokens
+    assert completion.usage.completion_tokens_details.reasoning_tokens == 0
+
+
+def test_completions_keep_every_token_of_a_thinking_text(client: openai.OpenAI) -> None:
+    """/v1/completions returns the text as written: the thinking is text there, with its tokens' logprobs."""
+    prompt = "Question: What is the capital of France?\nAnswer:"
+    completion = client.completions.create(model=MODEL, prompt=prompt, max_tokens=80, logprobs=1, extra_body=THINKS)
+    choice = completion.choices[0]
+    assert choice.text.startswith("<think>\nThe user asks about ")
+    assert "".join(choice.logprobs.tokens) == choice.text
+    assert len(choice.logprobs.tokens) == completion.usage.completion_tokens
+    assert completion.usage.completion_tokens_details is None
+    chunks = client.completions.create(model=MODEL, prompt=prompt, max_tokens=80, logprobs=1, stream=True,
+                                       extra_body=THINKS)
+    streamed = [token for chunk in chunks if chunk.choices[0].finish_reason is None
+                for token in chunk.choices[0].logprobs.tokens]
+    assert streamed == choice.logprobs.tokens
 
 
 def test_the_thinking_switches_reach_the_chat_template(client: openai.OpenAI) -> None:

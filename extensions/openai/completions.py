@@ -15,10 +15,11 @@ from extensions.openai.errors import ApiError, api_error_from, documented_errors
 from extensions.openai.mapping import build_params, chat_request, check_template_str, check_token_ids
 from extensions.openai.protocol import (ChatChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse,
                                         ChoiceLogprobs, ChunkChoice, CompletionChoice, CompletionLogprobs,
-                                        CompletionRequest, CompletionResponse, Delta, DeltaFunction, DeltaToolCall,
-                                        LogprobItem, ResponseMessage, ToolCall, TopLogprob, Usage)
+                                        CompletionRequest, CompletionResponse, CompletionTokensDetails, Delta,
+                                        DeltaFunction, DeltaToolCall, LogprobItem, ResponseMessage, ToolCall,
+                                        TopLogprob, Usage)
 from extensions.openai.streaming import (CallStart, ClientGone, GenerationRun, HeldBackText, ReasoningPiece,
-                                        ReplyEvent, TextPiece, guarded, sse)
+                                        ReplyEvent, TextPiece, guarded, reply_tokens, sse)
 from extensions.openai.target import Target, resolve_target
 from loaders.base import ImagePrompt
 from modules.chat.reasoning import ReasoningSplitter
@@ -81,10 +82,14 @@ def finish_reason(run: GenerationRun) -> str:
     return "length" if reason == "length" else "stop"
 
 
-def usage_of(runs: list[GenerationRun]) -> Usage:
+def usage_of(runs: list[GenerationRun], reasoning_tokens: int | None = None) -> Usage:
+    """The runs' usage; a chat reply's also counts the tokens that wrote its thinking (`reasoning_tokens`, of all
+    its choices), which /v1/completions, whose text is not split, leaves out."""
     prompt = runs[0].generation.stats.prompt_tokens if runs else 0
     completion = sum(r.generation.stats.completion_tokens for r in runs)
-    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+    details = None if reasoning_tokens is None else CompletionTokensDetails(reasoning_tokens=reasoning_tokens)
+    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
+                 completion_tokens_details=details)
 
 
 def warnings_header(warnings: list[str]) -> dict[str, str]:
@@ -280,17 +285,19 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
                                target=target.for_choice(index, body.n))
         runs.append(more)
         await more.collect()
-    choices = []
+    choices, reasoning_tokens = [], 0
     for index, item in enumerate(runs):
         reply = plan.reply(item)
+        thinking, answer = reply_tokens(reply, item.tokens)  # logprobs are the content's tokens'
+        reasoning_tokens += len(thinking)
         calls = reply.tool_calls
         reason = "tool_calls" if calls else finish_reason(item)
         choices.append(ChatChoice(index=index, finish_reason=reason,
                                   message=ResponseMessage(content=reply.content, reasoning_content=reply.reasoning,
                                                           tool_calls=[ToolCall(**c) for c in calls] or None),
-                                  logprobs=chat_logprobs(item.tokens, plan.top_logprobs)))
+                                  logprobs=chat_logprobs(answer, plan.top_logprobs)))
     response = ChatCompletionResponse(id=ident, created=created, model=target.name, choices=choices,
-                                      usage=usage_of(runs), warnings=warnings or None)
+                                      usage=usage_of(runs, reasoning_tokens), warnings=warnings or None)
     return JSONResponse(response.model_dump(exclude_none=True), headers=warnings_header(warnings))
 
 
@@ -303,7 +310,7 @@ async def _stream_chat(services: Any, request: Request, body: ChatCompletionRequ
         return sse(ChatCompletionChunk(id=ident, created=created, model=model, choices=[
             ChunkChoice(index=index, delta=delta, finish_reason=reason, logprobs=logprobs)]))
 
-    runs = [run]
+    runs, reasoning_tokens = [run], 0
     try:
         for index in range(body.n):
             if index:
@@ -318,9 +325,11 @@ async def _stream_chat(services: Any, request: Request, body: ChatCompletionRequ
             rest, calls = stream.finish()
             for event in rest:
                 yield chunk(index, reply_delta(event), logprobs=event_logprobs(event, plan.top_logprobs))
+            reasoning_tokens += stream.reasoning_tokens
             yield chunk(index, Delta(), "tool_calls" if calls else finish_reason(run))
         if body.stream_options and body.stream_options.include_usage:
-            yield sse(ChatCompletionChunk(id=ident, created=created, model=model, choices=[], usage=usage_of(runs)))
+            yield sse(ChatCompletionChunk(id=ident, created=created, model=model, choices=[],
+                                          usage=usage_of(runs, reasoning_tokens)))
     except Exception as exc:
         yield stream_error(exc)
     yield "data: [DONE]\n\n"
@@ -341,6 +350,8 @@ def reply_delta(event: ReplyEvent) -> Delta:
 
 
 def event_logprobs(event: ReplyEvent, top: int | None) -> ChoiceLogprobs | None:
+    """A content delta's logprobs: those of the answer's tokens that wrote it (HeldBackText leaves the thinking's
+    out); other deltas carry none."""
     return chat_logprobs(event.tokens, top) if isinstance(event, TextPiece) else None
 
 

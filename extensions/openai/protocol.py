@@ -117,10 +117,15 @@ class ErrorResponse(BaseModel):
 
 
 # --- shared pieces ----------------------------------------------------------------------------------------------
+class CompletionTokensDetails(BaseModel):
+    reasoning_tokens: int  # of the completion tokens, those that wrote the thinking (<think>...</think>)
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    completion_tokens_details: CompletionTokensDetails | None = None  # chat completions only
 
 
 class StreamOptions(StrictModel):

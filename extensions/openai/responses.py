@@ -17,9 +17,8 @@ from extensions.openai.mapping import check_template_str
 from extensions.openai.protocol import ChatCompletionRequest
 from extensions.openai.protocol_responses import (DeletedResponse, InputItem, ResponseObject, ResponsesRequest,
                                                   ToolChoiceFunction)
-from extensions.openai.responses_output import (Reply, ResponseDraft, content_start, item_id, stream_response,
-                                               text_logprobs)
-from extensions.openai.streaming import guarded, split_tokens
+from extensions.openai.responses_output import Reply, ResponseDraft, item_id, stream_response, text_logprobs
+from extensions.openai.streaming import guarded, reply_tokens
 from extensions.openai.target import resolve_target
 from modules.chat.request import ChatReply
 from modules.errors import WorkbenchError
@@ -239,10 +238,7 @@ def echoed(body: ResponsesRequest, tools: list[dict[str, Any]]) -> dict[str, Any
 def finished_reply(reply: ChatReply, tokens: list[Any], top_logprobs: int | None) -> Reply:
     """A finished chat reply as the response shows it: the tokens before its answer wrote the thinking
     (reasoning_tokens); the answer's (up to its first call) give output_text's logprobs when asked."""
-    start = content_start(reply.text, reply.answer)
-    thinking, answer = split_tokens(tokens, start)
-    if reply.tool_calls:  # the text before the calls
-        answer = split_tokens(answer, start + len(reply.content or ""), sum(len(t.text) for t in thinking))[0]
+    thinking, answer = reply_tokens(reply, tokens)
     return Reply(reply.content, reply.tool_calls, reply.reasoning, len(thinking), text_logprobs(answer, top_logprobs))
 
 

@@ -13,7 +13,7 @@ from extensions.openai.completions import chat_logprobs
 from extensions.openai.errors import api_error_from
 from extensions.openai.responses_store import ResponseStore, StoredResponse
 from extensions.openai.streaming import (CallArguments, CallStart, GenerationRun, HeldBackText, ReasoningPiece,
-                                         ReplyEvent, TextPiece, split_tokens, sse)
+                                         ReplyEvent, TextPiece, sse)
 from modules.generation_params import GenerationParams, TokenEvent
 
 
@@ -80,11 +80,6 @@ class Reply:
             message["tool_calls"] = [{"id": c["id"], "type": "function", "function": dict(c["function"])}
                                      for c in self.calls]
         return message
-
-
-def content_start(text: str, answer: str | None) -> int:
-    """Where the answer begins in a generated text (its thinking and the blank after it come first)."""
-    return len(text) - len(answer) if answer is not None and text.endswith(answer) else 0
 
 
 @dataclass
@@ -155,9 +150,9 @@ class _OutputEvents:
     reply ends; each delta with its tokens' logprobs when asked), each call as a function_call item whose
     arguments arrive as deltas and which is closed at the end, when the reply tells which calls were finished."""
 
-    def __init__(self, events: _Events, stream: HeldBackText, top_logprobs: int | None):
+    def __init__(self, events: _Events, top_logprobs: int | None):
         self.event = events
-        self.stream, self.top = stream, top_logprobs
+        self.top = top_logprobs
         self.output: list[dict[str, Any]] = []  # every item opened, in output order
         self.text: str | None = None  # the message's text (None: no message yet)
         self.reasoning: str | None = None  # the thinking's text (None: no reasoning item)
@@ -165,7 +160,6 @@ class _OutputEvents:
         self._message: dict[str, Any] | None = None  # the open message item
         self._thinking: dict[str, Any] | None = None  # the open reasoning item
         self._calls: dict[int, _Call] = {}  # by the call's place among the reply's calls
-        self._offset = 0  # characters of generated text the tokens of the content pieces so far wrote
 
     def of(self, event: ReplyEvent) -> list[str]:
         if isinstance(event, ReasoningPiece):
@@ -178,7 +172,7 @@ class _OutputEvents:
         if isinstance(event, TextPiece):
             opened = self._open_message() if self._message is None else []
             self.text = (self.text or "") + event.text
-            logprobs = text_logprobs(self._answer_tokens(event.tokens), self.top)
+            logprobs = text_logprobs(event.tokens, self.top)  # the answer's tokens that wrote this piece
             self.logprobs += logprobs
             return closed + opened + [self.event("response.output_text.delta", item_id=self._message["id"],
                                                  output_index=self._index(self._message), content_index=0,
@@ -210,13 +204,6 @@ class _OutputEvents:
                                   output_index=call.output_index, arguments=item["arguments"]),
                        self.event("response.output_item.done", output_index=call.output_index, item=dict(item))]
         return events
-
-    def _answer_tokens(self, tokens: list[TokenEvent]) -> list[TokenEvent]:
-        """The tokens of a content piece that wrote the answer: the first piece also brings the thinking's."""
-        start = self.stream.content_start or 0
-        answer = split_tokens(tokens, start, self._offset)[1]
-        self._offset += sum(len(token.text) for token in tokens)
-        return answer
 
     def _index(self, item: dict[str, Any]) -> int:
         return next(i for i, it in enumerate(self.output) if it is item)
@@ -275,7 +262,7 @@ async def stream_response(draft: ResponseDraft, reply: HeldBackText, run: Genera
     event = _Events()
     yield event("response.created", response=draft.body("in_progress", []))
     yield event("response.in_progress", response=draft.body("in_progress", []))
-    items = _OutputEvents(event, reply, top_logprobs)
+    items = _OutputEvents(event, top_logprobs)
     try:
         async for piece in reply.events():
             for text in items.of(piece):
@@ -286,8 +273,8 @@ async def stream_response(draft: ResponseDraft, reply: HeldBackText, run: Genera
                 yield text
         for text in items.close(calls):
             yield text
-        thinking = split_tokens(run.tokens, reply.content_start or 0)[0]
-        done = Reply(items.text if items.text or not calls else None, calls, items.reasoning, len(thinking))
+        done = Reply(items.text if items.text or not calls else None, calls, items.reasoning,
+                     reply.reasoning_tokens)
         response = draft.finish(run, items.output, done)
         yield event(f"response.{response['status']}", response=response)
     except Exception as exc:

@@ -1,5 +1,7 @@
 """A Generation (a blocking iterator owned by the ModelManager's queue) driven from a worker thread and read from
-the event loop, with the client's disconnect cancelling it; and SSE framing."""
+the event loop, with the client's disconnect cancelling it; a chat reply's stream of content, thinking and tool
+calls; which of a reply's tokens wrote its thinking and which its answer (for logprobs and reasoning_tokens, one
+split for every route); and SSE framing."""
 from __future__ import annotations
 
 import asyncio
@@ -12,6 +14,7 @@ from fastapi import Request
 from pydantic import BaseModel
 
 from modules.chat.reasoning import ReasoningSplitter
+from modules.chat.request import ChatReply
 from modules.chat.tool_calls import new_call_id, scan_reply
 from modules.model_manager import Generation
 from modules.stopping import StreamChunk
@@ -84,7 +87,7 @@ class GenerationRun:
 
 @dataclass
 class TextPiece:
-    """Content text, with the tokens generated since the last piece (for logprobs)."""
+    """Content text, with the tokens that wrote it (for logprobs): never the thinking's."""
 
     text: str
     tokens: list[Any]
@@ -131,7 +134,9 @@ class HeldBackText:
     offers (None: no tools, all is text). With a `splitter` (modules.chat.reasoning) the reply's thinking is kept
     out of its content: sent as ReasoningPiece events with `reasoning`, else dropped. `content_start` is where
     the answer begins in the generated text (characters; 0 without thinking), known from the answer's first piece
-    on and always after `finish()`: the tokens before it wrote the thinking (see split_tokens)."""
+    on and always after `finish()`: the tokens before it wrote the thinking (see split_tokens). Each TextPiece
+    carries the answer's tokens that end within its text (a token that runs on past it goes with the next piece;
+    those of a call's markup with none); `reasoning_tokens` counts the thinking's once the run has ended."""
 
     def __init__(self, run: GenerationRun, first: StreamChunk | None, names: set[str] | None, *,
                  forced: bool = False, splitter: ReasoningSplitter | None = None, reasoning: bool = False):
@@ -140,6 +145,7 @@ class HeldBackText:
         self.text = ""  # the content so far (without the thinking)
         self._shown = 0  # characters of text sent as content
         self._tokens: list[Any] = []  # tokens not yet sent with a piece of content
+        self._token_offset = 0  # where the first of them begins in the generated text (characters)
         self._sent: list[_SentCall] = []
         self._fed = 0  # characters of generated text given to the splitter
         self.content_start: int | None = None if splitter is not None else 0
@@ -218,11 +224,23 @@ class HeldBackText:
                 break
         return events
 
+    @property
+    def reasoning_tokens(self) -> int:
+        """How many tokens wrote the thinking (0 without one); once `finish()` has been called."""
+        return len(split_tokens(self.run.tokens, self.content_start or 0)[0])
+
     def _content(self, end: int) -> list[ReplyEvent]:
+        """The content up to `end` (characters of `text`) not sent yet, with its tokens; only called once the
+        content has begun, so content_start is known."""
         if end <= self._shown:
             return []
-        piece = TextPiece(self.text[self._shown:end], self._tokens)
-        self._shown, self._tokens = end, []
+        start = self.content_start or 0
+        thinking, rest = split_tokens(self._tokens, start, self._token_offset)
+        offset = self._token_offset + _length(thinking)
+        answer, self._tokens = split_tokens(rest, start + end, offset)
+        self._token_offset = offset + _length(answer)
+        piece = TextPiece(self.text[self._shown:end], answer)
+        self._shown = end
         return [piece]
 
     def _sent_for(self, index: int, name: str | None, events: list[ReplyEvent]) -> _SentCall | None:
@@ -249,6 +267,25 @@ def split_tokens(tokens: list[Any], start: int, offset: int = 0) -> tuple[list[A
             return before, tokens[number:]
         before.append(token)
     return before, []
+
+
+def reply_tokens(reply: ChatReply, tokens: list[Any]) -> tuple[list[Any], list[Any]]:
+    """(the tokens that wrote a finished reply's thinking, those that wrote its content: the answer up to its first
+    tool call); the split HeldBackText makes as the reply streams."""
+    start = content_start(reply.text, reply.answer)
+    thinking, answer = split_tokens(tokens, start)
+    if reply.tool_calls:  # the text before the calls
+        answer = split_tokens(answer, start + len(reply.content or ""), _length(thinking))[0]
+    return thinking, answer
+
+
+def content_start(text: str, answer: str | None) -> int:
+    """Where the answer begins in a generated text (its thinking and the blank after it come first)."""
+    return len(text) - len(answer) if answer is not None and text.endswith(answer) else 0
+
+
+def _length(tokens: list[Any]) -> int:
+    return sum(len(token.text) for token in tokens)
 
 
 def sse(data: BaseModel | dict[str, Any] | str, event: str | None = None) -> str:
