@@ -21,7 +21,7 @@ from modules.chat.history import ChatMessage
 from modules.ui.model_choice import NOT_LOADED, ModelChoice
 from modules.ui.session_state import user_key
 from ui_helpers import (ROOT, STARTER, Server, Workspace, answered, chat_event, choose, event_finished, last_reply,
-                        new_chat, run_event, send, set_text, sign_in, tab, wait_ready, watch_event)
+                        new_chat, open_past_chat, run_event, send, set_text, sign_in, tab, wait_ready, watch_event)
 
 PASSWORDS = {"alice": "correct horse", "bob": "battery staple"}
 ALPHA, BETA, GAMMA = "alpha.gguf", "beta.gguf", "gamma.gguf"
@@ -107,12 +107,6 @@ def pick_model(page: Page, name: str) -> None:
     offered(page, name).or_(offered(page, name + NOT_LOADED)).first.click()
     expect(page.locator("#chat-model input").first).to_have_value(re.compile(rf"^{re.escape(name)}( \(|$)"))
     page.locator("#chat-model input").first.blur()
-
-
-def open_past_chat(page: Page, title: str, nth: int = 0) -> None:
-    """Open the past chat whose title starts with `title` (the `nth` newest of those)."""
-    page.locator("#chat-history-select input").first.click()
-    run_event(page, lambda: page.get_by_role("option").filter(has_text=title).nth(nth).click(), "#chatbot")
 
 
 def writing(page: Page) -> str:

@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 from playwright.sync_api import Browser, Page, expect
-from ui_helpers import STARTER, Server, Workspace, answered, chat_event, new_chat, open_app, run_event, set_text, tab
-from vision_helpers import IMAGE_SEQ_LEN, make_tiny_vlm
+from ui_helpers import (STARTER, Server, Workspace, answered, chat_files, new_chat, open_app, pick_image,
+                        prompt_tokens, run_event, send, set_text, tab, thumbnail)
+from vision_helpers import IMAGE_SEQ_LEN, make_png, make_tiny_vlm
 
 from modules.ui.model_choice import NOT_LOADED
 
@@ -49,52 +50,18 @@ def page(browser: Browser, server: Server) -> Iterator[Page]:
     page.context.close()
 
 
-def make_png(path: Path, color: tuple[int, int, int], size: tuple[int, int] = (40, 30)) -> Path:
-    from PIL import Image
-
-    Image.new("RGB", size, color).save(path, "PNG")
-    return path
-
-
-def pick(page: Page, path: Path) -> None:
-    """Pick `path` in the Image button's file chooser."""
-    with page.expect_file_chooser() as chooser:
-        page.click("#chat-image")
-    chooser.value.set_files(str(path))
-
-
-def prompt_tokens(status: str) -> int:
-    match = re.search(r"Prompt: (\d+) of \d+ tokens", status)
-    assert match, status
-    return int(match.group(1))
-
-
-def ask(page: Page, text: str) -> str:
-    set_text(page, "#chat-input", text)
-    return chat_event(page, lambda: page.click("#chat-send"))
-
-
-def chat_files(workspace: Workspace) -> list[Path]:
-    return sorted((workspace.user_data / "logs" / "chat").glob("*/*.json"), key=lambda p: p.stat().st_mtime)
-
-
-def thumbnail(page: Page, image: Path):
-    """The thumbnail of `image` in the chat (its file is named by the image's hash)."""
-    return page.locator(f"#chatbot .user-row img[src*='{hashlib.sha256(image.read_bytes()).hexdigest()}']")
-
-
 def test_an_image_reaches_the_model_and_stays_with_the_chat(browser: Browser, page: Page, workspace: Workspace,
                                                             tmp_path: Path) -> None:
     new_chat(page)
-    bare = prompt_tokens(ask(page, QUESTION))
+    bare = prompt_tokens(send(page, QUESTION))
 
     new_chat(page)
     red = make_png(tmp_path / "red.png", (255, 0, 0))
-    assert "Attached: 1 image(s)" in run_event(page, lambda: pick(page, red), "#chat-status")
+    assert "Attached: 1 image(s)" in run_event(page, lambda: pick_image(page, red), "#chat-status")
     listing = page.locator("#chat-images")
     expect(listing).to_contain_text("red.png (PNG, 40×30, ")
 
-    status = ask(page, QUESTION)
+    status = send(page, QUESTION)
     assert prompt_tokens(status) >= bare + IMAGE_SEQ_LEN  # the image's tokens, counted in the prompt
     assert re.search(r"reply: [1-9]\d* tokens", status), status  # the model answered
     expect(listing).to_be_hidden()  # it went with the message
@@ -110,7 +77,7 @@ def test_an_image_reaches_the_model_and_stays_with_the_chat(browser: Browser, pa
     stored = chat_files(workspace)[-1].parent / "images" / f"{digest}.png"
     assert stored.read_bytes() == data and "base64" not in chat_files(workspace)[-1].read_text()
 
-    again = ask(page, "And now?")  # the next turn reads the image again, from the images folder
+    again = send(page, "And now?")  # the next turn reads the image again, from the images folder
     assert "left out" not in again and prompt_tokens(again) > prompt_tokens(status) + IMAGE_SEQ_LEN
 
     other, _ = open_app(browser, page.url)  # another page opens the latest chat: this one
@@ -126,7 +93,7 @@ def test_a_text_only_model_refuses_an_image_before_anything_is_saved(page: Page,
     blue = make_png(tmp_path / "blue.png", (0, 0, 255))
     before = [(path, path.read_bytes()) for path in chat_files(workspace)]
     pick_model(page, STARTER)  # not loaded yet: the image waits, and the turn refuses it once the model is loaded
-    assert "Attached: 1 image(s)" in run_event(page, lambda: pick(page, blue), "#chat-status")
+    assert "Attached: 1 image(s)" in run_event(page, lambda: pick_image(page, blue), "#chat-status")
     set_text(page, "#chat-input", QUESTION)
     page.click("#chat-send")
     refusal = page.locator(".toast-body").filter(has_text=f"{STARTER} reads no images")
@@ -138,7 +105,7 @@ def test_a_text_only_model_refuses_an_image_before_anything_is_saved(page: Page,
     page.click("#chat-images-clear")
     expect(page.locator("#chat-images")).to_be_hidden()
     expect(refusal).to_have_count(0, timeout=60_000)  # the notice closes by itself
-    pick(page, blue)  # now the starter is loaded: refused at once
+    pick_image(page, blue)  # now the starter is loaded: refused at once
     expect(refusal).to_be_visible(timeout=60_000)
     expect(page.locator("#chat-images")).to_be_hidden()
 

@@ -2,7 +2,9 @@
 with Playwright, and wait for the page's events to finish."""
 from __future__ import annotations
 
+import hashlib
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -279,6 +281,36 @@ def send(page: Page, text: str) -> str:
 
 def new_chat(page: Page) -> None:
     run_event(page, lambda: page.click("#chat-new"), "#chatbot")
+
+
+def open_past_chat(page: Page, title: str, nth: int = 0) -> None:
+    """Open the past chat whose title starts with `title` (the `nth` newest of those)."""
+    page.locator("#chat-history-select input").first.click()
+    run_event(page, lambda: page.get_by_role("option").filter(has_text=title).nth(nth).click(), "#chatbot")
+
+
+def prompt_tokens(status: str) -> int:
+    """The prompt's token count the chat's status line shows."""
+    match = re.search(r"Prompt: (\d+) of \d+ tokens", status)
+    assert match, status
+    return int(match.group(1))
+
+
+def chat_files(workspace: Workspace) -> list[Path]:
+    """The workspace's chat files, the last written last."""
+    return sorted((workspace.user_data / "logs" / "chat").glob("*/*.json"), key=lambda p: p.stat().st_mtime)
+
+
+def pick_image(page: Page, path: Path) -> None:
+    """Pick `path` in the Chat tab's Image button's file chooser."""
+    with page.expect_file_chooser() as chooser:
+        page.click("#chat-image")
+    chooser.value.set_files(str(path))
+
+
+def thumbnail(page: Page, image: Path):
+    """The thumbnail of `image` on a user message in the chat (its file is named by the image's hash)."""
+    return page.locator(f"#chatbot .user-row img[src*='{hashlib.sha256(image.read_bytes()).hexdigest()}']")
 
 
 def add_dummy(page: Page, button: str, text: str) -> None:

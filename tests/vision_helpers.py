@@ -51,6 +51,14 @@ def png_data_url(color: tuple[int, int, int], size: tuple[int, int] = (40, 30)) 
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
+def make_png(path: Path, color: tuple[int, int, int], size: tuple[int, int] = (40, 30)) -> Path:
+    """A one-colour PNG file at `path`, as a user picks one."""
+    from PIL import Image
+
+    Image.new("RGB", size, color).save(path, "PNG")
+    return path
+
+
 def image_part(url: str) -> dict:
     return {"type": "image_url", "image_url": {"url": url}}
 
