@@ -80,8 +80,8 @@ class Settings(BaseModel):
 
     # --- model ------------------------------------------------------------------------------------------------
     model: str | None = Field(None, description="Model to load at start (a name in --model-dir).")
-    loader: str | None = Field(None, description="Force a loader (llama.cpp, transformers, remote, or one an "
-                                                 "extension adds); default: from the path.")
+    loader: str | None = Field(None, description="Force a loader (llama.cpp, exllamav2, exllamav3, transformers, "
+                                                 "remote, or one an extension adds); default: from the path.")
     lora: list[str] = Field(default_factory=list, description="LoRA adapters (names in --lora-dir) to apply.")
     model_dir: Path = Field(Path("models"), description="Folder of models.")
     lora_dir: Path = Field(Path("loras"), description="Folder of LoRA adapters.")
