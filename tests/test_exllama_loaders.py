@@ -116,6 +116,9 @@ def test_their_options_are_typed_and_shared(models: Path, tmp_path: Path) -> Non
     assert plan.options.model_dump() == {"gpu_split": [20.0, 24.0], "max_seq_len": 8192, "cache_size": 16384,
                                          "cache_quant": "q4", "alpha_value": 1.0, "compress_pos_emb": 1.0}
     assert manager.plan(EXL3, "exl3", {"cache_quant": "q6"}).options.cache_quant == "q6"
+    for written in ("20, 24", ["20,24"], [20, "24"]):  # a flag, a Model-tab box, settings.yaml
+        assert manager.plan(EXL3, None, {"gpu_split": written}).options.gpu_split == [20.0, 24.0]
+    assert manager.plan(EXL3, None, {"gpu_split": ""}).options.gpu_split is None
     with pytest.raises(Exception, match="cache_quant"):
         manager.plan(EXL3, None, {"cache_quant": "q5_1"})
 
