@@ -170,6 +170,11 @@ class ExllamaModel(LoadedModel):
         self.bos_token = self.tokenizer.bos_token
         self.eos_token = self.tokenizer.eos_token
         self.vocab_size = self._vocab_size()
+        config = _read_json(path / "config.json")
+        quant = config.get("quantization_config") if isinstance(config.get("quantization_config"), dict) else {}
+        fmt, bits = (exl_format(path) or self.loader_name).upper(), quant.get("bits")
+        self._dtype = f"{fmt} {bits} bpw" if bits else fmt
+        self._architecture = (config.get("architectures") or [""])[0]
 
     # --- what each library does ---------------------------------------------------------------------------------
     @abstractmethod
@@ -218,10 +223,11 @@ class ExllamaModel(LoadedModel):
         """Enqueue the request's job and step the generator until the job ends; each step's new token ids become
         events. Leaving early (cancel, the caller closing the stream) cancels the job, which frees its pages."""
         torch, generator = self._torch, self._generator
-        job = self._job(torch.tensor([ids], dtype=torch.long), params)
         events = TokenEvents(self.tokenizer, skip_special_tokens=params.skip_special_tokens, recorder=None,
                              stop_ids=set())
+        job = None
         try:
+            job = self._job(torch.tensor([ids], dtype=torch.long), params)
             serial = generator.enqueue(job)
             while not cancel.is_set():
                 if not generator.num_remaining_jobs():
@@ -245,21 +251,17 @@ class ExllamaModel(LoadedModel):
         except Exception as exc:  # a failure inside the library: one clear message
             raise GenerationError(f"{self.library} failed: {type(exc).__name__}: {exc}") from exc
         finally:
-            generator.cancel(job)  # a finished job is no longer queued: nothing happens
+            if job is not None:
+                generator.cancel(job)  # a finished job is no longer queued: nothing happens
 
     # --- lifecycle ---------------------------------------------------------------------------------------------
     def info(self) -> ModelInfo:
-        config = _read_json(self.path / "config.json")
-        quant = config.get("quantization_config") if isinstance(config.get("quantization_config"), dict) else {}
-        bits = quant.get("bits")
-        fmt = exl_format(self.path) or self.loader_name
         split = self.options.gpu_split
         device = ("cuda:" + ",".join(str(i) for i, share in enumerate(split) if share > 0)) if split else "cuda"
         return ModelInfo(
             name=self.name, loader=self.loader_name, path=str(self.path), context_length=self.context_length,
-            dtype=f"{fmt.upper()} {bits} bpw" if bits else fmt.upper(), device=device,
-            memory_bytes=self.memory_bytes, capabilities=sorted(self.capabilities),
-            extra={"architecture": (config.get("architectures") or [""])[0], "cache_quant": self.options.cache_quant,
+            dtype=self._dtype, device=device, memory_bytes=self.memory_bytes, capabilities=sorted(self.capabilities),
+            extra={"architecture": self._architecture, "cache_quant": self.options.cache_quant,
                    "cache_tokens": self.cache_tokens, "paged": self.paged})
 
     def unload(self) -> None:
