@@ -13,9 +13,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from types import UnionType
+from typing import TYPE_CHECKING, Any, ClassVar, Union, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 from modules.errors import ConfigError, ImagesUnsupported, ModelLoadError, describe_validation_error
 from modules.generation_params import GenerationParams, TokenEvent
@@ -65,6 +66,32 @@ class LoaderOptions(BaseModel):
     """Base of each loader's options. Fields carry descriptions (the help text of flags and UI widgets)."""
 
     model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _comma_separated_lists(cls, data: Any) -> Any:
+        """A list option typed as one box or flag value ("60,40", "20GiB 10GiB") is its items; nothing is None."""
+        if not isinstance(data, dict):
+            return data
+        lists = {name for name, info in cls.model_fields.items() if _is_list(info.annotation)}
+        return {name: split_items(value) if name in lists else value for name, value in data.items()}
+
+
+def _is_list(annotation: Any) -> bool:
+    if get_origin(annotation) in (Union, UnionType):
+        return any(_is_list(arg) for arg in get_args(annotation))
+    return get_origin(annotation) is list
+
+
+def split_items(value: Any) -> Any:
+    """Items of a list option given as text: split on commas and blanks, each part trimmed; an empty text (or a
+    list of empty texts) is None, the loader's default."""
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list):
+        return value
+    parts = [part for item in items
+             for part in (item.replace(",", " ").split() if isinstance(item, str) else [item])]
+    return parts or None
 
 
 @dataclass

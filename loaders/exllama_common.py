@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field
 
 from loaders.base import Capability, LoadedModel, LoaderOptions, ModelInfo, VisionPrompt
 from loaders.transformers_support import TokenEvents
@@ -48,17 +48,6 @@ class ExllamaOptions(LoaderOptions):
     cache_quant: CacheQuant = Field("fp16", description=(
         "KV cache precision: fp16, or quantized to 8, 6 or 4 bits (q8, q6, q4): less memory for a long context, "
         "a little less precision."))
-
-    @field_validator("gpu_split", mode="before")
-    @classmethod
-    def _comma_separated(cls, value: Any) -> Any:
-        """"20,24" (a flag, a Model-tab box, settings.yaml) is [20, 24]; nothing is None (split automatically)."""
-        items = [value] if isinstance(value, str) else value
-        if not isinstance(items, list):
-            return value
-        parts = [part.strip() if isinstance(part, str) else part for item in items
-                 for part in (item.split(",") if isinstance(item, str) else [item])]
-        return [part for part in parts if part != ""] or None
 
 
 def exl_format(path: Path) -> ExlFormat | None:

@@ -77,3 +77,13 @@ def test_a_model_without_a_chat_template_chats_through_a_stated_default(tiny_lla
         assert "<|im_start|>" in chosen.template  # ChatML, as the warning says
     finally:
         manager.unload()
+
+
+@pytest.mark.parametrize("written", ["60,40", "60, 40", ["60,40"], ["60", "40"], [60, 40]])
+def test_a_list_option_typed_in_one_box_is_its_items(starter_gguf: Path, tmp_path: Path, written):
+    """The Model tab sends a list option's box as one text ("60,40", as its help says), a flag as items,
+    settings.yaml as numbers: all are the same list, and an empty box is the loader's default."""
+    manager = ModelManager(starter_gguf.parent, tmp_path / "loras")
+    assert manager.plan(starter_gguf.name, "llama.cpp", {"tensor_split": written}).options.tensor_split == [60.0, 40.0]
+    assert manager.plan(starter_gguf.name, "llama.cpp", {"tensor_split": ""}).options.tensor_split is None
+    assert TransformersOptions(gpu_memory="20GiB 10GiB").gpu_memory == ["20GiB", "10GiB"]
