@@ -5,6 +5,8 @@ logits-processor chain (modules.samplers) as the whole sampler, in the order Gen
 `model.generate` does (beam search, prompt lookup, guidance, the compiled static cache) runs it in a worker thread.
 With `parallel` above 1, the serving engine decodes several requests together (loaders.transformers_batch).
 A folder whose config has a vision_config loads as a vision-language model (loaders.transformers_vision).
+GPTQ and AWQ folders load through Transformers' quantization integration with GPTQModel's kernels
+(loaders.transformers_quant).
 """
 from __future__ import annotations
 
@@ -17,10 +19,27 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from loaders.base import (Capability, ImagePrompt, LoadedModel, Loader, LoaderOptions, ModelInfo, VisionPrompt,
-                          gguf_files)
+from loaders.base import (
+    Capability,
+    ImagePrompt,
+    LoadedModel,
+    Loader,
+    LoaderOptions,
+    ModelInfo,
+    VisionPrompt,
+    gguf_files,
+)
 from loaders.batching import BatchDecoder
 from loaders.transformers_lora import PeftLoras
+from loaders.transformers_quant import (
+    QuantizedCheckpoint,
+    QuantKernel,
+    eager_torch_kernels,
+    kernel_names,
+    quantization_kwargs,
+    quantized_checkpoint,
+    quantized_dtype,
+)
 from loaders.transformers_support import (
     LogprobRecorder,
     TokenEvents,
@@ -56,6 +75,9 @@ class TransformersOptions(LoaderOptions):
     use_double_quant: bool = Field(False, description="4-bit: quantize the quantization constants too.")
     quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit quantization type.")
     compute_dtype: Literal["bfloat16", "float16", "float32"] = Field("bfloat16", description="4-bit compute dtype.")
+    quant_kernel: QuantKernel = Field("auto", description=(
+        "GPTQ/AWQ checkpoints: GPTQModel's kernel; auto = its choice for the device (Marlin, ExLlama ... on CUDA; "
+        "the int4 ATen kernel, or torch where groups do not divide a layer, on a CPU)."))
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2", "flex_attention"] = Field(
         "auto", description="Attention kernel.")
     trust_remote_code: bool = Field(False, description="Run Python code shipped with the model (off: it is code "
@@ -80,7 +102,7 @@ class TransformersOptions(LoaderOptions):
 class TransformersLoader(Loader):
     name = "transformers"
     Options = TransformersOptions
-    description = "Hugging Face Transformers: safetensors folders and GGUF files."
+    description = "Hugging Face Transformers: safetensors folders (GPTQ and AWQ too) and GGUF files."
 
     @classmethod
     def accepts(cls, path: Path) -> bool:
@@ -115,7 +137,8 @@ class TransformersModel(PeftLoras, LoadedModel):
         # The compiled static cache is one sequence's: with it every request runs alone.
         self.slots = 1 if options.static_cache else options.parallel
         self.extra_processors: list[Any] = []  # logits processors added by extensions
-        source, kwargs = self._from_pretrained_args(path, options)
+        self.quantized = quantized_checkpoint(path)  # a GPTQ/AWQ folder's settings, else None
+        source, kwargs = self._from_pretrained_args(path, options, self.quantized)
         model = None
         avoid_cudnn_attention()  # every decoded token is a new length to cuDNN (modules.cuda_attention)
         self.processor: Any = None  # a vision-language model's (tokenizer and image processor)
@@ -128,6 +151,8 @@ class TransformersModel(PeftLoras, LoadedModel):
                                                                            if k in ("gguf_file", "trust_remote_code")})
                 model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
             model.eval()
+            if self.quantized is not None and input_device(model) == "cpu":
+                eager_torch_kernels(model)
         except (OSError, ValueError, RuntimeError, KeyError, TypeError, ImportError, MemoryError) as exc:
             model = None  # nothing half-loaded stays referenced; the manager then gives the memory back
             kind = "out of memory" if "out of memory" in str(exc).lower() or isinstance(exc, MemoryError) else None
@@ -151,7 +176,8 @@ class TransformersModel(PeftLoras, LoadedModel):
         self._lock = threading.Lock()
 
     @staticmethod
-    def _from_pretrained_args(path: Path, options: TransformersOptions) -> tuple[str, dict[str, Any]]:
+    def _from_pretrained_args(path: Path, options: TransformersOptions, quantized: QuantizedCheckpoint | None
+                              ) -> tuple[str, dict[str, Any]]:
         import torch
 
         cuda = torch.cuda.is_available()
@@ -183,6 +209,13 @@ class TransformersModel(PeftLoras, LoadedModel):
             check_memory(weights, options, cuda)
         device = "cuda" if (options.device == "cuda" or (options.device == "auto" and cuda)) else "cpu"
         kwargs["dtype"] = pick_dtype(options.dtype, path, device)
+        if quantized is not None:
+            if options.load_in_4bit or options.load_in_8bit:
+                raise ModelLoadError(f"{path.name} is already quantized ({quantized.label}); load it without "
+                                     "bitsandbytes 4-bit/8-bit.")
+            kwargs["dtype"] = quantized_dtype(options.dtype, device)
+            kwargs.update(quantization_kwargs(path, quantized, device=device, kernel=options.quant_kernel,
+                                              trust_remote_code=options.trust_remote_code))
         if device == "cuda":
             kwargs["device_map"] = "auto"
         if options.cpu_memory or options.gpu_memory:
@@ -381,15 +414,19 @@ class TransformersModel(PeftLoras, LoadedModel):
         model = self.model
         quant = getattr(model.config, "quantization_config", None)
         dtype = str(model.dtype).replace("torch.", "")
-        if quant is not None:
+        if self.quantized is not None:
+            dtype = f"{dtype} ({self.quantized.label})"
+        elif quant is not None:
             method = quant.get("quant_method") if isinstance(quant, dict) else getattr(quant, "quant_method", "")
             dtype = f"{dtype} ({getattr(method, 'value', method)})"
+        extra: dict[str, Any] = {"architecture": (getattr(model.config, "architectures", None) or [""])[0],
+                                 "static_cache": self.options.static_cache}
+        if self.quantized is not None:
+            extra["quant_kernels"] = kernel_names(model)
         return ModelInfo(
             name=self.name, loader=self.loader_name, path=str(self.path), context_length=self.context_length,
             dtype=dtype, device=str(model.device), memory_bytes=int(model.get_memory_footprint()),
-            loras=self.loras, capabilities=sorted(self.capabilities),
-            extra={"architecture": (getattr(model.config, "architectures", None) or [""])[0],
-                   "static_cache": self.options.static_cache},
+            loras=self.loras, capabilities=sorted(self.capabilities), extra=extra,
         )
 
     def unload(self) -> None:

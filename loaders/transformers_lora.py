@@ -6,10 +6,12 @@ All of them live in one PeftModel around the base model. An adapter a request as
 and scale, under a name of its own, and stays until the applied set changes (applying or removing LoRAs unloads
 every adapter). A request with several adapters gets one adapter made by concatenating them (PEFT's "cat"
 combination: exactly the sum of their scaled updates). When no set is applied, the wrapper's layers have no active
-adapter, so a request that names none runs the base model.
+adapter, so a request that names none runs the base model. PEFT's wrappers of GPTQ/AWQ layers take no
+`adapter_names`; mixed_batch_layers gives them LoraLayer's own mixed-batch forward.
 """
 from __future__ import annotations
 
+import functools
 import re
 from pathlib import Path
 from typing import Any
@@ -45,6 +47,7 @@ class PeftLoras:
                     self.model.load_adapter(str(path), adapter_name=name, is_trainable=False)
             if len(paths) > 1:
                 self.model.base_model.set_adapter([_adapter_name(p.name) for p in paths], inference_mode=True)
+            mixed_batch_layers(self.model)
         except ModelLoadError:
             self._restore_base(base)
             raise
@@ -129,6 +132,7 @@ class PeftLoras:
             raise ModelLoadError(f"Could not load the LoRA {adapter.name}: {exc}") from None
         finally:
             self._reactivate()
+        mixed_batch_layers(self.model)
         _set_scale(self.model, name, adapter.scale)
         self._request_adapters[(adapter,)] = name
         return name
@@ -142,6 +146,7 @@ class PeftLoras:
             raise InvalidInput(f"These LoRAs cannot be combined for one request: {exc}") from None
         finally:
             self._reactivate()
+        mixed_batch_layers(self.model)
         return name
 
     def _reactivate(self) -> None:
@@ -193,3 +198,34 @@ def _deactivate(model: Any) -> None:
     for module in model.modules():
         if isinstance(module, LoraLayer):
             module.set_adapter([])
+
+
+def mixed_batch_layers(model: Any) -> int:
+    """Give PEFT's LoRA wrappers of GPTQ and AWQ layers a forward that takes `adapter_names` (a batch mixing
+    adapters row by row): theirs takes only the input and fails when PEFT passes the names on. LoraLayer's own
+    mixed-batch forward then runs the quantized base layer and adds each row's adapter, as for a plain Linear.
+    Returns how many layers were changed."""
+    count = 0
+    for module in model.modules():
+        mixed = _mixed_class(type(module))
+        if mixed is not None:
+            module.__class__ = mixed
+            count += 1
+    return count
+
+
+@functools.cache
+def _mixed_class(kind: type) -> type | None:
+    from peft.tuners.lora.awq import AwqLoraLinear
+    from peft.tuners.lora.gptq import GPTQLoraLinear
+
+    if kind not in (GPTQLoraLinear, AwqLoraLinear):
+        return None
+
+    def forward(self: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
+        adapter_names = kwargs.pop("adapter_names", None)
+        if adapter_names is not None and not self.disable_adapters:
+            return self._mixed_batch_forward(x, *args, adapter_names=adapter_names, **kwargs)
+        return kind.forward(self, x)
+
+    return type(f"Mixed{kind.__name__}", (kind,), {"forward": forward, "__doc__": mixed_batch_layers.__doc__})
