@@ -1,8 +1,9 @@
 """Command line: make a quantized model in models/ from one that is there. Bad input: one line, exit status 2.
 
     python -m modules.quantize gguf MODEL --type Q4_K_M [--output NAME] [--imatrix CALIBRATION_TEXT] [--overwrite]
-    python -m modules.quantize gptq MODEL --bits 4 --group-size 128 --output NAME   (not available yet)
-    python -m modules.quantize awq MODEL --bits 4 --output NAME                     (not available yet)
+    python -m modules.quantize gptq MODEL --bits 4 --group-size 128 [--act-order] [--output NAME] [--overwrite]
+    python -m modules.quantize awq MODEL --bits 4 [--group-size 128] [--output NAME] [--overwrite]
+      both: [--calibration FILE [FILE ...]] [--samples N] [--seq-len TOKENS]
 
 Each format is one subcommand: a function that adds its arguments and one that runs it, in FORMATS below.
 """
@@ -55,21 +56,51 @@ def _run_gguf(args: argparse.Namespace, models: Path, progress: Callable[[Progre
                      threads=args.threads, imatrix_chunk=args.imatrix_chunk, progress=progress, cancel=cancel)
 
 
+def _calibration_arguments(parser: argparse.ArgumentParser) -> None:
+    from modules.quantize.gptq import DEFAULT_CALIBRATION
+
+    parser.add_argument("--output", help="Folder name in --model-dir (default: MODEL-METHOD-Nbit-gSIZE).")
+    parser.add_argument("--calibration", type=Path, nargs="+", metavar="FILE",
+                        help="Calibration data: .txt raw text, or .json/.jsonl records (instruction/input/output, "
+                             "messages or text). Default: " + " and ".join(f"data/{p.name}" for p in
+                                                                          DEFAULT_CALIBRATION) + ".")
+    parser.add_argument("--samples", type=int, default=128, help="Calibration samples (default 128).")
+    parser.add_argument("--seq-len", type=int, default=512, metavar="TOKENS",
+                        help="Most tokens per calibration sample (default 512).")
+
+
 def _gptq_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--bits", type=int, default=4, choices=(2, 3, 4, 8))
-    parser.add_argument("--group-size", type=int, default=128)
-    parser.add_argument("--output")
+    from modules.quantize.gptq import GPTQ_BITS, GROUP_SIZES
+
+    parser.add_argument("--bits", type=int, default=4, choices=GPTQ_BITS)
+    parser.add_argument("--group-size", type=int, default=128, choices=GROUP_SIZES, metavar="SIZE",
+                        help="Weights per scale: 32 keeps more precision, 1024 less; -1 one per row (default 128).")
+    parser.add_argument("--act-order", action="store_true",
+                        help="desc_act: quantize the columns with the largest activations first.")
+    _calibration_arguments(parser)
 
 
 def _awq_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--bits", type=int, default=4, choices=(4,))
-    parser.add_argument("--output")
+    from modules.quantize.gptq import AWQ_BITS
+
+    parser.add_argument("--bits", type=int, default=4, choices=AWQ_BITS)
+    parser.add_argument("--group-size", type=int, metavar="SIZE",
+                        help="Weights per scale; every layer's input width must be a multiple of it (default: 128, "
+                             "or the largest of 64/32/16 that fits the model).")
+    _calibration_arguments(parser)
 
 
-def _not_yet(name: str) -> Callable[..., Path]:
-    def run(*_: object) -> Path:
-        raise ConfigError(f"{name} quantization is not available yet: it needs GPTQModel, which this install "
-                          "does not include. Use `gguf` meanwhile.")
+def _run_quantized(method: str) -> Callable[..., Path]:
+    def run(args: argparse.Namespace, models: Path, progress: Callable[[Progress], None],
+            cancel: threading.Event) -> Path:
+        from modules.quantize.gptq import DEFAULT_CALIBRATION, make_quantized, plan_job
+
+        source, target, spec = plan_job(models, args.model, method=method, bits=args.bits,
+                                        group_size=args.group_size, desc_act=getattr(args, "act_order", False),
+                                        samples=args.samples, seq_len=args.seq_len, output=args.output,
+                                        overwrite=args.overwrite)
+        return make_quantized(source, target, spec, calibration=args.calibration or DEFAULT_CALIBRATION,
+                              overwrite=args.overwrite, progress=progress, cancel=cancel)
 
     return run
 
@@ -77,8 +108,8 @@ def _not_yet(name: str) -> Callable[..., Path]:
 #: subcommand -> (help, add its arguments, run it and return the file or folder written in models/)
 FORMATS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[..., Path]]] = {
     "gguf": ("GGUF through llama.cpp's converter and quantizer", _gguf_arguments, _run_gguf),
-    "gptq": ("GPTQ (not available yet)", _gptq_arguments, _not_yet("GPTQ")),
-    "awq": ("AWQ (not available yet)", _awq_arguments, _not_yet("AWQ")),
+    "gptq": ("GPTQ through GPTQModel, calibrated on text", _gptq_arguments, _run_quantized("gptq")),
+    "awq": ("AWQ through GPTQModel, calibrated on text", _awq_arguments, _run_quantized("awq")),
 }
 
 
@@ -88,8 +119,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                      parser_class=ArgumentParser)
     for name, (summary, add_arguments, _) in FORMATS.items():
         sub = commands.add_parser(name, help=summary, description=summary)
-        sub.add_argument("model", metavar="MODEL", help="A model in --model-dir (a Transformers folder, or for "
-                                                        "gguf also an F16/BF16/F32 .gguf file).")
+        sub.add_argument("model", metavar="MODEL", help="A model in --model-dir (a full-precision Transformers "
+                                                        "folder, or for gguf also an F16/BF16/F32 .gguf file).")
         add_arguments(sub)
         sub.add_argument("--overwrite", action="store_true", help="Replace an existing output.")
         sub.add_argument("--model-dir", type=Path, default=Path("models"), help="Folder of models.")

@@ -7,16 +7,14 @@ whatever happens; the output appears only when complete. The Model tab and `pyth
 both call make_gguf."""
 from __future__ import annotations
 
-import json
 import os
 import re
-import struct
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 from modules.errors import ConfigError, PathError
-from modules.quantize.job import ProgressCallback, Tracker, check_free_space
+from modules.quantize.job import ProgressCallback, Tracker, check_free_space, safetensors_header
 from modules.quantize.llama_tools import CONVERTER_TYPES, collect_imatrix, gguf_type, quantize_gguf, run_converter
 
 _FLOAT_GGUF_TYPES = {"F32", "F16", "BF16"}
@@ -61,7 +59,7 @@ def inspect_source(path: Path) -> Source:
                           "GGUF file.")
     parameters = tensors = 0
     for file in files:
-        for info in _safetensors_header(file).values():
+        for info in safetensors_header(file).values():
             if isinstance(info, dict) and "shape" in info:
                 count = 1
                 for dim in info["shape"]:
@@ -69,18 +67,6 @@ def inspect_source(path: Path) -> Source:
                 parameters += count
                 tensors += 1
     return Source(path, False, parameters, tensors)
-
-
-def _safetensors_header(file: Path) -> dict:
-    """The JSON header of a safetensors file (an 8-byte little-endian length, then the JSON)."""
-    try:
-        with file.open("rb") as handle:
-            (length,) = struct.unpack("<Q", handle.read(8))
-            if length > 100_000_000:
-                raise ValueError("header too large")
-            return json.loads(handle.read(length))
-    except (OSError, ValueError, struct.error) as exc:
-        raise ConfigError(f"{file.name} is not a readable safetensors file: {exc}") from None
 
 
 def estimate_bytes(source: Source, type_name: str) -> tuple[int, int]:

@@ -1,16 +1,19 @@
-"""What every quantization job shares, whatever the format (GGUF now; GPTQ and AWQ later): progress reported as
-one overall fraction with an ETA (for a UI progress bar), a threading.Event that stops it, a check of free disk
-space against an estimate before anything is written, and the one rule for where its output lands in models/."""
+"""What every quantization job shares, whatever the format (GGUF, GPTQ, AWQ): progress reported as one overall
+fraction with an ETA (for a UI progress bar), a threading.Event that stops it, a check of free disk space against
+an estimate before anything is written, the one rule for where its output lands in models/, and the reading of a
+safetensors header (to count a source's weights without loading them)."""
 from __future__ import annotations
 
+import json
 import shutil
+import struct
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from modules.errors import Cancelled, NotEnoughSpace, PathError
+from modules.errors import Cancelled, ConfigError, NotEnoughSpace, PathError
 from modules.paths import resolve_inside
 
 
@@ -92,3 +95,16 @@ def human_size(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n:.1f} TB"
+
+
+def safetensors_header(file: Path) -> dict:
+    """The JSON header of a safetensors file (an 8-byte little-endian length, then the JSON): each tensor's dtype
+    and shape. ConfigError when the file is not one."""
+    try:
+        with file.open("rb") as handle:
+            (length,) = struct.unpack("<Q", handle.read(8))
+            if length > 100_000_000:
+                raise ValueError("header too large")
+            return json.loads(handle.read(length))
+    except (OSError, ValueError, struct.error) as exc:
+        raise ConfigError(f"{file.name} is not a readable safetensors file: {exc}") from None
