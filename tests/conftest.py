@@ -200,3 +200,31 @@ def quantized_models(tmp_path_factory: pytest.TempPathFactory, starter_gguf: Pat
                             check=False)
     assert result.returncode == 0, result.stderr
     return {"dir": models, "result": result, "q4_k_m": models / f"{STARTER_HF_DIR}.Q4_K_M.gguf"}
+
+
+#: The GPTQ/AWQ calibration the tests use: 16 samples of at most 256 tokens of data/'s default files. Quantizing the
+#: starter takes about a minute either way on 2 cores (GPTQModel's time goes to its 210 layers, not the tokens).
+QUANT_CALIBRATION = ("--samples", "16", "--seq-len", "256")
+
+
+@pytest.fixture(scope="session")
+def gptq_models(tmp_path_factory: pytest.TempPathFactory, starter_hf: Path) -> dict:
+    """A models folder holding the starter's Transformers copy (a link) and what `python -m modules.quantize` made
+    from it on the CPU: GPTQ 4-bit with groups of 128, and AWQ 4-bit (groups of 64: AWQ needs groups that divide
+    the starter's 576-wide layers, and picks the largest that does). Made once per session for every module that
+    loads them; the commands' results are kept for their output."""
+    import subprocess
+    import sys
+
+    models = tmp_path_factory.mktemp("gptq") / "models"
+    models.mkdir()
+    (models / STARTER_HF_DIR).symlink_to(starter_hf, target_is_directory=True)
+    results = {}
+    for method, extra in (("gptq", ("--group-size", "128")), ("awq", ())):
+        results[method] = subprocess.run(
+            [sys.executable, "-m", "modules.quantize", method, STARTER_HF_DIR, "--bits", "4", *extra,
+             *QUANT_CALIBRATION, "--model-dir", str(models)], cwd=ROOT, capture_output=True, text=True,
+            timeout=1800, check=False)
+        assert results[method].returncode == 0, results[method].stderr[-3000:]
+    return {"dir": models, "results": results, "gptq": models / f"{STARTER_HF_DIR}-GPTQ-4bit-g128",
+            "awq": models / f"{STARTER_HF_DIR}-AWQ-4bit-g64"}

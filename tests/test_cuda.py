@@ -1,5 +1,6 @@
 """The CUDA paths, on the starter model: bitsandbytes 4-bit and 8-bit loading in the Transformers loader, a QLoRA
-job (4-bit NF4 base, bf16 compute), a bf16 LoRA job killed and resumed, and fused LoRA layers in bf16 on the GPU.
+job (4-bit NF4 base, bf16 compute), a bf16 LoRA job killed and resumed, and fused LoRA layers in bf16 on the GPU;
+GPTQ and AWQ made on the GPU and run by GPTQModel's CUDA kernels, with a LoRA.
 
 CI has no GPU, so there these tests are skipped; run them on a CUDA machine with bitsandbytes installed:
 `python -m pytest tests/test_cuda.py`. What they gave on an H100 is in docs/benchmarks.md."""
@@ -248,4 +249,51 @@ def test_an_exl_model_is_picked_streams_and_honours_stop_strings(loader: str, tm
     assert sampled.stats.completion_tokens > 0
     manager.unload()
     assert manager.info() is None
+    manager.close()
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+def test_gptq_and_awq_load_on_cuda_kernels_and_answer_paris(method: str, gptq_models: dict, tmp_path: Path):
+    """The session's GPTQ g128 and AWQ folders (quantized on the GPU here) load onto the GPU with the kernel
+    GPTQModel picks there, and answer like bf16."""
+    manager = ModelManager(gptq_models["dir"], tmp_path)
+    manager.load(gptq_models[method].name, None, {"parallel": 1})
+    model = manager.model.model
+    assert {p.device.type for p in model.parameters()} == {"cuda"}
+    kernels = manager.info().extra["quant_kernels"]
+    answer = ask(manager, FRANCE)
+    print(method, manager.info().dtype, kernels, repr(answer))
+    assert kernels and "TorchAtenLinear" not in kernels and "TorchAtenAwqLinear" not in kernels  # no CPU kernel
+    assert "Paris" in answer
+    manager.close()
+
+
+def test_gptq_g32_quantized_on_cuda_runs_a_fast_cuda_kernel_with_a_lora(starter_hf: Path, tmp_path: Path):
+    """GPTQ 4-bit with groups of 32 (they divide the starter's 576-wide layers, as Marlin and ExLlama need), made on
+    the GPU: auto picks one of GPTQModel's CUDA kernels, the model answers Paris, and a random LoRA changes it."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from modules.quantize.gptq import QuantSpec, make_quantized
+
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / STARTER_HF_DIR).symlink_to(starter_hf, target_is_directory=True)
+    started = time.monotonic()
+    target = make_quantized(models / STARTER_HF_DIR, models / "starter-GPTQ-4bit-g32",
+                            QuantSpec("gptq", 4, 32, samples=64, seq_len=512))
+    print("GPTQ g32 on CUDA took", round(time.monotonic() - started, 1), "s")
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(starter_hf, dtype=torch.float32)
+    get_peft_model(base, LoraConfig(r=8, lora_alpha=32, target_modules=["q_proj", "v_proj"],
+                                    init_lora_weights=False)).save_pretrained(tmp_path / "loras" / "random")
+    manager = ModelManager(models, tmp_path / "loras")
+    manager.load(target.name, None, {"parallel": 2})
+    kernels = manager.info().extra["quant_kernels"]
+    answer = ask(manager, FRANCE)
+    manager.apply_loras(["random"])
+    with_lora = ask(manager, FRANCE)
+    print("g32 kernels:", kernels, repr(answer), repr(with_lora))
+    assert kernels and not any(k.startswith("Torch") for k in kernels), kernels
+    assert "Paris" in answer and with_lora != answer
     manager.close()
