@@ -50,7 +50,7 @@ class QuantizedCheckpoint:
     @property
     def label(self) -> str:
         group = "" if self.group_size <= 0 else f" g{self.group_size}"
-        return f"{self.method} {self.bits}-bit{group}{' act-order' if self.desc_act else ''}"
+        return f"{self.method.upper()} {self.bits}-bit{group}{' act-order' if self.desc_act else ''}"
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:

@@ -1,7 +1,7 @@
-"""Compare models (or types of one model) on this machine: for each, loaded in turn through the ModelManager with
-the loader it picks, its file size, the memory its process grew by, load time, prompt and generation speed,
-perplexity on a held-out text and its greedy answers to a few fixed prompts. One table; each run saved as JSON and
-CSV under user_data/comparisons/.
+"""Compare models (or types of one model: GGUF types, GPTQ and AWQ folders, full precision) on this machine: for
+each, loaded in turn through the ModelManager with the loader it picks, its file size, the memory its process grew
+by, load time, prompt and generation speed, perplexity on a held-out text and its greedy answers to a few fixed
+prompts. One table; each run saved as JSON and CSV under user_data/comparisons/.
 
     python -m modules.compare MODEL [MODEL ...] [--prompts P [P ...]] [--text FILE] [--max-new-tokens N]
 
@@ -111,10 +111,19 @@ def _import_everything(manager: Any, models: list[str], loader: str | None) -> N
 
     for module in ("modules.chat.request", "modules.training.perplexity"):
         importlib.import_module(module)
+    from loaders.transformers_quant import quantized_checkpoint
+
     backends = {"llama.cpp": ("llama_cpp",), "transformers": ("torch", "transformers")}
     for name in models:
-        for module in backends.get(manager.plan(name, loader).loader.name, ()):
+        plan = manager.plan(name, loader)
+        for module in backends.get(plan.loader.name, ()):
             importlib.import_module(module)
+        if plan.loader.name == "transformers" and quantized_checkpoint(plan.path) is not None:
+            for module in ("gptqmodel", "optimum.gptq"):  # a GPTQ/AWQ folder's kernels
+                try:
+                    importlib.import_module(module)
+                except ImportError:
+                    pass  # its load says what to install
 
 
 def _measure(manager: Any, index: int, name: str, *, text: str, prompts: list[str], loader: str | None,

@@ -115,11 +115,9 @@ def test_an_existing_output_is_kept_unless_overwrite_is_asked(quantized_models: 
     (["gguf", STARTER_HF_DIR, "--type", "IQ2_XS"], ["IQ2_XS", "importance matrix"]),
     (["gguf", STARTER_HF_DIR, "--type", "F16", "--imatrix", "data/the-verdict.txt"], ["quantized types"]),
     (["gguf", STARTER_HF_DIR, "--type", "Q4_0", "--imatrix", "no-such.txt"], ["no-such.txt"]),
-    (["gptq", STARTER_HF_DIR, "--bits", "4", "--group-size", "128", "--output", "x"], ["GPTQ", "not available"]),
-    (["awq", STARTER_HF_DIR, "--bits", "4", "--output", "x"], ["AWQ", "not available"]),
     (["exl2", STARTER_HF_DIR], ["exl2"]),
 ], ids=["type", "no type", "missing model", "escape", "output path", "quantized source", "needs imatrix",
-        "imatrix for float", "calibration file", "gptq", "awq", "format"])
+        "imatrix for float", "calibration file", "format"])
 def test_bad_input_is_one_line_and_exit_2(starter_gguf: Path, starter_hf: Path, args: list[str], words: list[str]):
     assert_bad_input(quantize(*args), *words)
 

@@ -73,9 +73,16 @@ def merge_lora(lora_dir: Path, base_dir: Path, out_dir: Path, *, dtype: str = "b
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from loaders.transformers_quant import quantized_checkpoint
+
     _fresh_target(out_dir, overwrite, "The model folder")
     if not (lora_dir / "adapter_model.safetensors").is_file():
         raise ConfigError(f"{lora_dir.name} holds no adapter_model.safetensors (a PEFT LoRA) to merge.")
+    quantized = quantized_checkpoint(base_dir)
+    if quantized is not None:
+        raise ConfigError(f"{base_dir.name} is a {quantized.label} checkpoint: a LoRA cannot be folded into its "
+                          "packed weights. Merge into the full-precision model it was made from (the LoRA fits it "
+                          "too), or apply the LoRA when the quantized model is loaded.")
     tmp = out_dir.with_name(f".{out_dir.name}.merging")
     shutil.rmtree(tmp, ignore_errors=True)
     try:

@@ -175,6 +175,8 @@ class TrainingJob:
         set_seed(train.seed)  # the LoRA's initial A matrices: the same seed gives the same run
         dtype = torch.bfloat16 if train.precision == "bf16" else torch.float32
         kwargs: dict[str, Any] = {"dtype": dtype}
+        quantized = self.quantized_base(hf_dir, torch)
+        kwargs.update(quantized)
         if train.qlora:
             from transformers import BitsAndBytesConfig
 
@@ -194,6 +196,10 @@ class TrainingJob:
             log.warning("per-example attention unavailable for this model (%s); using SDPA with a packed mask", exc)
             model = AutoModelForCausalLM.from_pretrained(hf_dir, **kwargs)
         model.config.use_cache = False  # a KV cache would hide packed sequences from the mask builder
+        if quantized and use_cpu(self.config):
+            from loaders.transformers_quant import eager_torch_kernels
+
+            eager_torch_kernels(model)
         if train.qlora:
             from peft import prepare_model_for_kbit_training
 
@@ -211,6 +217,26 @@ class TrainingJob:
 
             log.info("fused %d LoRA linear layers", fuse_lora_linears(model))
         return model
+
+    def quantized_base(self, hf_dir: Path, torch: Any) -> dict[str, Any]:
+        """from_pretrained keywords for a GPTQ/AWQ base (loaders.transformers_quant with a trainable kernel):
+        its layers stay quantized and frozen, in bf16 (fp16 on CUDA when training in fp32), while the LoRA trains
+        in the job's precision; none for any other base."""
+        from loaders.transformers_quant import quantization_kwargs, quantized_checkpoint
+
+        quantized = quantized_checkpoint(hf_dir)
+        if quantized is None:
+            return {}
+        if self.config.train.qlora:
+            raise ConfigError(f"{hf_dir.name} is already quantized ({quantized.label}); turn QLoRA off to train a "
+                              "LoRA on it as it is.")
+        device = "cpu" if use_cpu(self.config) else "cuda"
+        kwargs = quantization_kwargs(hf_dir, quantized, device=device, trainable=True)
+        kwargs["dtype"] = torch.bfloat16 if device == "cpu" or self.config.train.precision == "bf16" \
+            else torch.float16
+        if device == "cuda":
+            kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
+        return kwargs
 
     def training_arguments(self, *, has_eval: bool) -> Any:
         from transformers import TrainingArguments
