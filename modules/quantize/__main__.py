@@ -81,12 +81,12 @@ def _gptq_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _awq_arguments(parser: argparse.ArgumentParser) -> None:
-    from modules.quantize.gptq import AWQ_BITS
+    from modules.quantize.gptq import AWQ_BITS, AWQ_GROUP_SIZES
 
     parser.add_argument("--bits", type=int, default=4, choices=AWQ_BITS)
-    parser.add_argument("--group-size", type=int, metavar="SIZE",
-                        help="Weights per scale; every layer's input width must be a multiple of it (default: 128, "
-                             "or the largest of 64/32/16 that fits the model).")
+    parser.add_argument("--group-size", type=int, choices=AWQ_GROUP_SIZES, metavar="SIZE",
+                        help="Weights per scale, 16 to 128; every layer's input width must be a multiple of it "
+                             "(default: 128, or the largest of 64/32/16 that fits the model).")
     _calibration_arguments(parser)
 
 

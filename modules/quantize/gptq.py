@@ -40,6 +40,7 @@ DEFAULT_CALIBRATION = (DATA_DIR / "instruction-data.json", DATA_DIR / "the-verdi
 GPTQ_BITS = (2, 3, 4, 8)
 AWQ_BITS = (4,)
 GROUP_SIZES = (-1, 16, 32, 64, 128, 256, 512, 1024)
+AWQ_GROUP_SIZES = (16, 32, 64, 128)  # what GPTQModel's AWQ kernels run
 
 
 @dataclass(frozen=True)
@@ -62,9 +63,10 @@ class QuantSpec:
         if self.bits not in allowed:
             raise ConfigError(f"{self.method.upper()} makes {'/'.join(map(str, allowed))}-bit weights, not "
                               f"{self.bits}-bit.")
-        if self.group_size not in GROUP_SIZES or (self.method == "awq" and self.group_size <= 0):
-            sizes = [g for g in GROUP_SIZES if self.method == "gptq" or g > 0]
-            raise ConfigError(f"The group size must be one of {', '.join(map(str, sizes))}, not {self.group_size}.")
+        sizes = GROUP_SIZES if self.method == "gptq" else AWQ_GROUP_SIZES
+        if self.group_size not in sizes:
+            raise ConfigError(f"{self.method.upper()}'s group size must be one of {', '.join(map(str, sizes))}, not "
+                              f"{self.group_size}.")
         if self.desc_act and self.method == "awq":
             raise ConfigError("Act-order (desc_act) is a GPTQ setting; AWQ has none.")
         if self.samples < 1:
@@ -126,7 +128,7 @@ def inspect_float_source(path: Path) -> FloatSource:
 def awq_group_size(source: FloatSource, wanted: int = 128) -> int:
     """`wanted` when every layer's input width is a multiple of it, else the largest group size that fits (AWQ
     refuses ragged groups); ConfigError when none does."""
-    fitting = [g for g in GROUP_SIZES if 0 < g <= wanted and all(w % g == 0 for w in source.widths)]
+    fitting = [g for g in AWQ_GROUP_SIZES if g <= wanted and all(w % g == 0 for w in source.widths)]
     if not fitting:
         raise ConfigError(f"AWQ needs every layer's input width to be a multiple of the group size, and no group "
                           f"size of at most {wanted} divides {', '.join(map(str, sorted(source.widths)))}.")
@@ -139,7 +141,7 @@ def check_groups(source: FloatSource, spec: QuantSpec) -> None:
         return
     ragged = sorted(w for w in source.widths if w % spec.group_size)
     if ragged:
-        fitting = [g for g in GROUP_SIZES if g > 0 and all(w % g == 0 for w in source.widths)]
+        fitting = [g for g in AWQ_GROUP_SIZES if all(w % g == 0 for w in source.widths)]
         raise ConfigError(f"AWQ needs every layer's input width to be a multiple of the group size: "
                           f"{source.path.name} has {', '.join(map(str, ragged))}, not a multiple of "
                           f"{spec.group_size}; choose --group-size {' or '.join(map(str, fitting[-2:])) or 'none'}.")

@@ -71,8 +71,8 @@ def quantize(job: dict[str, Any]) -> None:
     tokenizer = AutoTokenizer.from_pretrained(job["source"])
     samples = calibration_samples(job["documents"], tokenizer, spec["samples"], spec["seq_len"])
     settings: dict[str, Any] = {"bits": spec["bits"], "group_size": spec["group_size"], "offload_to_disk": False}
-    if spec["method"] == "awq":
-        settings.update(method="awq", format="gemm")
+    if spec["method"] == "awq":  # with zero points, as AutoAWQ made them: symmetric AWQ lost 20% more perplexity here
+        settings.update(method="awq", format="gemm", sym=False)
     else:
         settings.update(desc_act=spec["desc_act"], act_group_aware=not spec["desc_act"])
     model = GPTQModel.load(job["source"], QuantizeConfig(**settings), device="cuda:0" if cuda else "cpu")
