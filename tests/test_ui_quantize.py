@@ -1,15 +1,17 @@
 """The Model tab's Quantize / convert and Compare panels in a real browser, on one --multi-user server where alice is
 the operator: the starter's Transformers copy becomes a Q8_0 GGUF from the panel while its progress bar moves, and
 the new model joins the model list; Stop on a running conversion leaves no file behind; asking again for a file that
-exists is refused with a clear message; a comparison of two GGUFs shows a table with a row per model and numbers in
-every measurement, saved and listed to reopen; bob sees neither panel and his calls over HTTP are refused."""
+exists is refused with a clear message; the GPTQ format makes a GPTQ folder of a tiny model with the settings picked;
+a comparison of two GGUFs shows a table with a row per model and numbers in every measurement, saved and listed to
+reopen; bob sees neither panel and his calls over HTTP are refused."""
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import FRANCE
+from conftest import FRANCE, save_tiny_llama
 from gradio_client import Client
 from playwright.sync_api import Browser, Page, expect
 from ui_helpers import EVENT_TIMEOUT_MS, Server, Workspace, choose, set_text, sign_in, tab, wait_idle
@@ -20,6 +22,7 @@ pytestmark = pytest.mark.browser
 
 PASSWORDS = {"alice": "correct horse", "bob": "battery staple"}
 Q8 = f"{STARTER_HF_DIR}.Q8_0.gguf"
+TINY = "tiny-llama"  # 64- and 128-wide layers: groups of 32 divide them
 #: Seconds a conversion or comparison may take on a busy 2-core machine before the test gives up (a hang bound).
 JOB_TIMEOUT_MS = 600_000
 
@@ -36,6 +39,7 @@ _RECORD = """(selector) => {
 def workspace(tmp_path_factory: pytest.TempPathFactory, starter_gguf: Path, starter_hf: Path) -> Workspace:
     workspace = Workspace(tmp_path_factory.mktemp("webui-quantize"))
     (workspace.models / STARTER_HF_DIR).symlink_to(starter_hf, target_is_directory=True)
+    save_tiny_llama(workspace.models / TINY, starter_hf)
     return workspace
 
 
@@ -127,6 +131,33 @@ def test_stop_ends_a_running_conversion_and_leaves_no_file(alice: Page, converte
     assert leftovers(workspace.models) == []
 
 
+def test_the_gptq_format_makes_a_gptq_folder_with_the_settings_picked(alice: Page, converted: dict,
+                                                                         workspace: Workspace) -> None:
+    page = alice
+    page.locator("#quantize-format").get_by_text("GPTQ", exact=True).click()
+    expect(page.locator("#quantize-bits")).to_be_visible()
+    expect(page.locator("#quantize-type")).to_be_hidden()
+    expect(page.locator("#quantize-data")).to_contain_text("instruction-data.json")  # data/'s set by default
+    choose(page, "#quantize-source", TINY)
+    choose(page, "#quantize-group-size", "32")
+    page.locator("#quantize-act-order input").check()
+    set_text(page, "#quantize-samples", "4")
+    set_text(page, "#quantize-seq-len", "64")
+    set_text(page, "#quantize-output", "")
+    page.click("#quantize-start")
+    assert wait_state(page, "#quantize-progress-box", "finished", "failed", "stopped") == "finished", \
+        page.inner_text("#quantize-progress-box")
+    folder = f"{TINY}-GPTQ-4bit-g32-act"
+    assert f"Wrote {folder}" in page.inner_text("#quantize-progress-box")
+    config = json.loads((workspace.models / folder / "config.json").read_text())["quantization_config"]
+    assert (config["quant_method"], config["bits"], config["group_size"], config["desc_act"]) == ("gptq", 4, 32, True)
+    assert leftovers(workspace.models) == []
+    box = page.locator("#model-select input").first
+    box.click()
+    expect(page.get_by_role("option", name=folder, exact=True)).to_be_visible()
+    page.keyboard.press("Escape")
+
+
 def test_a_comparison_shows_one_row_per_model_and_is_saved(alice: Page, converted: dict,
                                                            workspace: Workspace) -> None:
     models = [STARTER_GGUF, Q8]
@@ -165,7 +196,8 @@ def test_bob_sees_neither_panel_and_is_refused_over_http(browser: Browser, serve
         assert not bob.locator(control).is_visible(), control
     client = Client(server.url, auth=("bob", PASSWORDS["bob"]), verbose=False)
     with pytest.raises(Exception, match="is for the operator"):
-        client.predict(STARTER_HF_DIR, "Q8_0", "bobs", False, "(none)", None, api_name="/quantize_start")
+        client.predict("GGUF", STARTER_HF_DIR, "Q8_0", "bobs", False, "(none)", None, 4, "auto", False, 128, 512,
+                       [], None, api_name="/quantize_start")
     with pytest.raises(Exception, match="is for the operator"):
         client.predict([STARTER_GGUF], "the-verdict.txt", 16, 8, "Hi", api_name="/compare_start")
     assert not (workspace.models / "bobs.gguf").exists()
