@@ -10,6 +10,7 @@ GPTQ and AWQ folders load through Transformers' quantization integration with GP
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
@@ -34,8 +35,8 @@ from loaders.transformers_lora import PeftLoras
 from loaders.transformers_quant import (
     QuantizedCheckpoint,
     QuantKernel,
-    eager_torch_kernels,
     kernel_names,
+    library_output_to_stderr,
     quantization_kwargs,
     quantized_checkpoint,
     quantized_dtype,
@@ -149,10 +150,9 @@ class TransformersModel(PeftLoras, LoadedModel):
             else:
                 self.tokenizer = AutoTokenizer.from_pretrained(source, **{k: v for k, v in kwargs.items()
                                                                            if k in ("gguf_file", "trust_remote_code")})
-                model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+                with library_output_to_stderr() if self.quantized else contextlib.nullcontext():
+                    model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
             model.eval()
-            if self.quantized is not None and input_device(model) == "cpu":
-                eager_torch_kernels(model)
         except (OSError, ValueError, RuntimeError, KeyError, TypeError, ImportError, MemoryError) as exc:
             model = None  # nothing half-loaded stays referenced; the manager then gives the memory back
             kind = "out of memory" if "out of memory" in str(exc).lower() or isinstance(exc, MemoryError) else None

@@ -111,7 +111,7 @@ def _import_everything(manager: Any, models: list[str], loader: str | None) -> N
 
     for module in ("modules.chat.request", "modules.training.perplexity"):
         importlib.import_module(module)
-    from loaders.transformers_quant import quantized_checkpoint
+    from loaders.transformers_quant import library_output_to_stderr, quantized_checkpoint
 
     backends = {"llama.cpp": ("llama_cpp",), "transformers": ("torch", "transformers")}
     for name in models:
@@ -121,7 +121,8 @@ def _import_everything(manager: Any, models: list[str], loader: str | None) -> N
         if plan.loader.name == "transformers" and quantized_checkpoint(plan.path) is not None:
             for module in ("gptqmodel", "optimum.gptq"):  # a GPTQ/AWQ folder's kernels
                 try:
-                    importlib.import_module(module)
+                    with library_output_to_stderr():
+                        importlib.import_module(module)
                 except ImportError:
                     pass  # its load says what to install
 

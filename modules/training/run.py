@@ -175,8 +175,7 @@ class TrainingJob:
         set_seed(train.seed)  # the LoRA's initial A matrices: the same seed gives the same run
         dtype = torch.bfloat16 if train.precision == "bf16" else torch.float32
         kwargs: dict[str, Any] = {"dtype": dtype}
-        quantized = self.quantized_base(hf_dir, torch)
-        kwargs.update(quantized)
+        kwargs.update(self.quantized_base(hf_dir, torch))
         if train.qlora:
             from transformers import BitsAndBytesConfig
 
@@ -196,10 +195,6 @@ class TrainingJob:
             log.warning("per-example attention unavailable for this model (%s); using SDPA with a packed mask", exc)
             model = AutoModelForCausalLM.from_pretrained(hf_dir, **kwargs)
         model.config.use_cache = False  # a KV cache would hide packed sequences from the mask builder
-        if quantized and use_cpu(self.config):
-            from loaders.transformers_quant import eager_torch_kernels
-
-            eager_torch_kernels(model)
         if train.qlora:
             from peft import prepare_model_for_kbit_training
 
