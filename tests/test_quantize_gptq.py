@@ -8,6 +8,7 @@ too, with progress, an ETA and a Stop that keeps nothing. Bad input is one line 
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import threading
@@ -213,12 +214,23 @@ def test_a_tiny_qwen2_goes_through_gptq_with_progress_and_loads(tiny_qwen: Path)
     config = json.loads((target / "config.json").read_text())["quantization_config"]
     assert (config["quant_method"], config["bits"], config["group_size"], config["desc_act"]) == ("gptq", 4, 32, True)
     assert hidden_leftovers(tiny_qwen.parent) == []
+    # the same checkpoint as AutoGPTQ wrote them: the settings only in quantize_config.json
+    older = tiny_qwen.parent / "tiny-qwen2-autogptq"
+    shutil.copytree(target, older)
+    stored = json.loads((older / "config.json").read_text())
+    del stored["quantization_config"]
+    (older / "config.json").write_text(json.dumps(stored))
     manager = ModelManager(tiny_qwen.parent, tiny_qwen.parent / "loras")
-    manager.load(target.name, None, {"parallel": 1})
-    assert manager.info().loader == "transformers" and manager.info().extra["architecture"] == "Qwen2ForCausalLM"
-    reply = manager.complete("Once upon a time", GenerationParams(do_sample=False, max_new_tokens=4,
-                                                                  ban_eos_token=True))
-    assert reply.stats.completion_tokens == 4
+    params = GenerationParams(do_sample=False, max_new_tokens=4, ban_eos_token=True)
+    replies = []
+    for name in (target.name, older.name):
+        manager.load(name, None, {"parallel": 1})
+        info = manager.info()
+        assert info.loader == "transformers" and info.extra["architecture"] == "Qwen2ForCausalLM"
+        assert "GPTQ 4-bit g32 act-order" in info.dtype
+        replies.append(manager.complete("Once upon a time", params))
+    assert replies[0].stats.completion_tokens == 4
+    assert replies[1].text == replies[0].text
     manager.close()
 
 
@@ -288,3 +300,39 @@ def test_the_calibration_files_are_read_as_text_and_records(tmp_path: Path):
     (tmp_path / "bad.json").write_text('[{"question": "no known field"}]')
     with pytest.raises(ConfigError, match="record 1"):
         read_calibration([tmp_path / "bad.json"])
+
+
+def test_checkpoints_are_recognised_and_a_kernel_is_picked_for_their_groups(tmp_path: Path):
+    """Folders as GPTQModel, AutoGPTQ and AutoAWQ write them (their config files and a packed qweight's shape); other
+    quantizations are left to Transformers."""
+    import torch
+    from safetensors.torch import save_file
+
+    from loaders.transformers_quant import pick_kernel, quantized_checkpoint
+
+    def folder(name: str, config: dict, extra: dict | None = None, qweight: tuple[int, int] = (72, 576)) -> Path:
+        path = tmp_path / name
+        path.mkdir()
+        (path / "config.json").write_text(json.dumps(config))
+        for file, content in (extra or {}).items():
+            (path / file).write_text(json.dumps(content))
+        save_file({"model.layers.0.mlp.up_proj.qweight": torch.zeros(qweight, dtype=torch.int32)},
+                  path / "model.safetensors")
+        return path
+
+    gptq = folder("gptq", {"quantization_config": {"quant_method": "gptq", "bits": 4, "group_size": 128,
+                                                   "desc_act": False}})
+    autogptq = folder("autogptq", {}, {"quantize_config.json": {"bits": 4, "group_size": 64, "desc_act": True}})
+    autoawq = folder("autoawq", {}, {"quant_config.json": {"w_bit": 4, "q_group_size": 64, "zero_point": True,
+                                                          "version": "GEMM"}}, qweight=(576, 72))
+    bnb = folder("bnb", {"quantization_config": {"quant_method": "bitsandbytes", "load_in_4bit": True}})
+    found = {path.name: quantized_checkpoint(path) for path in (gptq, autogptq, autoawq, bnb, tmp_path)}
+    assert (found["gptq"].label, found["gptq"].in_config) == ("GPTQ 4-bit g128", True)
+    assert (found["autogptq"].label, found["autogptq"].in_config) == ("GPTQ 4-bit g64 act-order", False)
+    assert (found["autoawq"].label, found["autoawq"].in_config) == ("AWQ 4-bit g64", False)
+    assert found["bnb"] is None and found[tmp_path.name] is None
+    # 576-wide rows (72 int32 rows of 8 packed 4-bit weights): groups of 128 leave a partial group on a CPU
+    assert pick_kernel(gptq, found["gptq"], device="cpu", kernel="auto") == "torch"
+    assert pick_kernel(gptq, found["gptq"], device="cuda", kernel="auto") == "auto"
+    assert pick_kernel(autogptq, found["autogptq"], device="cpu", kernel="auto", trainable=True) == "auto_trainable"
+    assert pick_kernel(autoawq, found["autoawq"], device="cpu", kernel="torch") == "torch_awq"
