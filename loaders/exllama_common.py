@@ -20,7 +20,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field
 
 from loaders.base import Capability, LoadedModel, LoaderOptions, ModelInfo, VisionPrompt
-from loaders.transformers_support import TokenEvents
+from loaders.transformers_support import HfTokens, TokenEvents
 from modules.errors import GenerationError, LoaderUnavailable, ModelLoadError, WorkbenchError
 from modules.generation_params import GenerationParams, TokenEvent
 from modules.memory import release_memory
@@ -116,7 +116,7 @@ def cache_tokens(options: ExllamaOptions, context: int) -> int:
     return max(PAGE_SIZE, -(-wanted // PAGE_SIZE) * PAGE_SIZE)
 
 
-class ExllamaModel(LoadedModel):
+class ExllamaModel(HfTokens, LoadedModel):
     """A model in an exllama library's dynamic generator, which runs one request at a time here."""
 
     capabilities = frozenset({Capability.TOKENIZE})
@@ -185,17 +185,6 @@ class ExllamaModel(LoadedModel):
 
     def _stop_tokens(self, params: GenerationParams) -> list[int] | None:
         return None if params.ban_eos_token else list(self._eos_ids)
-
-    # --- tokens ------------------------------------------------------------------------------------------------
-    def encode(self, text: str, *, add_bos: bool = False) -> list[int]:
-        ids = list(self.tokenizer.encode(text, add_special_tokens=False))
-        bos = self.tokenizer.bos_token_id
-        if add_bos and bos is not None and (not ids or ids[0] != bos):
-            ids.insert(0, bos)
-        return ids
-
-    def decode(self, ids: list[int], *, skip_special_tokens: bool = False) -> str:
-        return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     # --- generation --------------------------------------------------------------------------------------------
     def stream(self, prompt: list[int] | str | VisionPrompt, params: GenerationParams,

@@ -42,6 +42,7 @@ from loaders.transformers_quant import (
     quantized_dtype,
 )
 from loaders.transformers_support import (
+    HfTokens,
     LogprobRecorder,
     TokenEvents,
     TokenStreamer,
@@ -117,7 +118,7 @@ class TransformersLoader(Loader):
         return TransformersModel(path, options)
 
 
-class TransformersModel(PeftLoras, LoadedModel):
+class TransformersModel(PeftLoras, HfTokens, LoadedModel):
     loader_name = "transformers"
     capabilities = frozenset({Capability.TOKENIZE, Capability.LOGPROBS, Capability.GRAMMAR, Capability.LORA,
                               Capability.LOGITS_PROCESSORS})
@@ -250,17 +251,6 @@ class TransformersModel(PeftLoras, LoadedModel):
     def lock(self) -> threading.Lock:
         """Held while the model runs (a generation's step, a batch's step, loading an adapter for a request)."""
         return self._lock
-
-    # --- tokens ------------------------------------------------------------------------------------------------
-    def encode(self, text: str, *, add_bos: bool = False) -> list[int]:
-        ids = list(self.tokenizer.encode(text, add_special_tokens=False))
-        bos = self.tokenizer.bos_token_id
-        if add_bos and bos is not None and (not ids or ids[0] != bos):
-            ids.insert(0, bos)
-        return ids
-
-    def decode(self, ids: list[int], *, skip_special_tokens: bool = False) -> str:
-        return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     # --- generation --------------------------------------------------------------------------------------------
     def constraint_compiler(self) -> TrialCompiler:

@@ -1,5 +1,5 @@
 """Small pieces the Transformers loader needs: the single-sequence decode loop, streaming, token events
-(incremental detokenization, log-probabilities), weight-file discovery and a memory check before loading."""
+(incremental detokenization, log-probabilities), encode/decode through the folder's tokenizer, weight-file discovery and a memory check before loading."""
 from __future__ import annotations
 
 import json
@@ -55,6 +55,23 @@ def check_memory(weights: list[Path], options: Any, cuda: bool) -> None:
         raise ModelLoadError(f"Not enough memory: the weights need about {needed / 2**30:.1f} GiB and "
                              f"{available / 2**30:.1f} GiB are free. Try a quantized GGUF with llama.cpp, or "
                              "cpu_memory with disk_offload.")
+
+
+class HfTokens:
+    """encode/decode through a Hugging Face tokenizer (`self.tokenizer`), for every loader that reads a model
+    folder's tokenizer: plain text never gets special tokens added, and a BOS is put first only when asked."""
+
+    tokenizer: Any
+
+    def encode(self, text: str, *, add_bos: bool = False) -> list[int]:
+        ids = list(self.tokenizer.encode(text, add_special_tokens=False))
+        bos = self.tokenizer.bos_token_id
+        if add_bos and bos is not None and (not ids or ids[0] != bos):
+            ids.insert(0, bos)
+        return ids
+
+    def decode(self, ids: list[int], *, skip_special_tokens: bool = False) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
 
 class TokenStreamer:

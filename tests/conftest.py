@@ -85,14 +85,16 @@ def verdict_text() -> str:
     return _require(DATA_DIR / "the-verdict.txt", RESTORE_DATA).read_text(encoding="utf-8")
 
 
-def save_tiny_llama(folder: Path, tokenizer_source: Path, *, initializer_range: float = 0.02) -> Path:
-    """A 2-layer random Llama (seed 0) with the tokenizer of `tokenizer_source`, saved as safetensors in `folder`."""
+def save_tiny_llama(folder: Path, tokenizer_source: Path, *, initializer_range: float = 0.02, width: int = 64,
+                    context: int = 512) -> Path:
+    """A 2-layer random Llama (seed 0) `width` wide with the tokenizer of `tokenizer_source`, saved as safetensors in
+    `folder`. 256 wide, its rows fit llama.cpp's K-quant blocks and the exllama converters' groups."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=width, intermediate_size=2 * width,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=context,
                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                          pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True,
                          initializer_range=initializer_range)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import FRANCE, MODEL_DIR as MODELS, greedy_answers
+from conftest import FRANCE, MODEL_DIR as MODELS, greedy_answers, save_tiny_llama
 from modules.generation_params import GenerationParams
 from modules.model_manager import ModelManager
 from modules.starter import STARTER_HF_DIR
@@ -194,17 +194,7 @@ def make_exl_model(loader: str, root: Path, tokenizer_source: Path) -> Path:
     import subprocess
     import sys
 
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    source = root / "tiny-llama-256"
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         tie_word_embeddings=True)
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(source)
-    tokenizer.save_pretrained(source)
+    source = save_tiny_llama(root / "tiny-llama-256", tokenizer_source, width=256, context=1024)
     out = root / "models" / f"tiny-{EXL_FORMATS[loader]}"
     out.parent.mkdir(exist_ok=True)
     result = subprocess.run([sys.executable, *exl_converter_args(loader, source, root / "work", out)],

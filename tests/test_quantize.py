@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import FRANCE, ROOT, instruction_prompts
+from conftest import FRANCE, ROOT, instruction_prompts, save_tiny_llama
 from modules.errors import Cancelled, NotEnoughSpace
 from modules.generation_params import GenerationParams
 from modules.quantize.gguf import Source, estimate_bytes, make_gguf
@@ -147,19 +147,7 @@ def test_the_disk_estimate_is_near_the_real_size(quantized_models: dict):
 def tiny(tmp_path_factory: pytest.TempPathFactory, starter_hf: Path) -> Path:
     """A 2-layer random Llama whose rows are multiples of 256 (so IQ2_XS applies to its blocks), saved in a
     models folder."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    folder = tmp_path_factory.mktemp("tiny") / "models" / "tiny-llama"
-    tokenizer = AutoTokenizer.from_pretrained(starter_hf)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         tie_word_embeddings=True)
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny") / "models" / "tiny-llama", starter_hf, width=256)
 
 
 @pytest.mark.slow
