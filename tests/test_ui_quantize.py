@@ -67,9 +67,12 @@ def box_state(page: Page, box: str) -> str:
     return page.locator(box).get_attribute("data-state") or ""
 
 
-def wait_state(page: Page, box: str, *states: str, timeout: int = JOB_TIMEOUT_MS) -> str:
-    page.wait_for_function(f"(states) => states.includes(document.querySelector('{box}')?.dataset.state)",
-                           arg=list(states), timeout=timeout)
+def wait_state(page: Page, box: str, *states: str, naming: str = "", timeout: int = JOB_TIMEOUT_MS) -> str:
+    """Wait until the box is in one of `states` and its text names `naming` (the job's source): the box still
+    shows the previous job's end until the new job's first report."""
+    page.wait_for_function(f"([states, naming]) => {{ const b = document.querySelector('{box}');"
+                           " return b && states.includes(b.dataset.state) && b.textContent.includes(naming); }",
+                           arg=[list(states), naming], timeout=timeout)
     return box_state(page, box)
 
 
@@ -145,7 +148,7 @@ def test_the_gptq_format_makes_a_gptq_folder_with_the_settings_picked(alice: Pag
     set_text(page, "#quantize-seq-len", "64")
     set_text(page, "#quantize-output", "")
     page.click("#quantize-start")
-    assert wait_state(page, "#quantize-progress-box", "finished", "failed", "stopped") == "finished", \
+    assert wait_state(page, "#quantize-progress-box", "finished", "failed", "stopped", naming=TINY) == "finished", \
         page.inner_text("#quantize-progress-box")
     folder = f"{TINY}-GPTQ-4bit-g32-act"
     assert f"Wrote {folder}" in page.inner_text("#quantize-progress-box")
