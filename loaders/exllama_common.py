@@ -19,7 +19,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field
 
-from loaders.base import Capability, LoadedModel, LoaderOptions, ModelInfo, VisionPrompt
+from loaders.base import Capability, LoadedModel, Loader, LoaderOptions, ModelInfo, VisionPrompt
 from loaders.transformers_support import HfTokens, TokenEvents
 from modules.errors import GenerationError, LoaderUnavailable, ModelLoadError, WorkbenchError
 from modules.generation_params import GenerationParams, TokenEvent
@@ -278,3 +278,28 @@ def _eos_ids(path: Path, tokenizer: Any) -> list[int]:
     if not ids:
         raise ModelLoadError("The model defines no end-of-sequence token; it cannot stop by itself.")
     return list(dict.fromkeys(ids))
+
+
+class ExllamaLoader(Loader):
+    """What both exllama loaders do: take their format's folders, and say what is missing before the library is
+    imported (importing it builds its CUDA extension)."""
+
+    format: ClassVar[str]
+    Model: ClassVar[type[ExllamaModel]]
+
+    @classmethod
+    def accepts(cls, path: Path) -> bool:
+        return exl_format(path) == cls.format
+
+    @classmethod
+    def check_available(cls) -> None:
+        require_library(cls.name, cls.Model.library)
+
+    @classmethod
+    def load(cls, path: Path, options: LoaderOptions) -> ExllamaModel:
+        assert isinstance(options, cls.Options)
+        cls.check_available()
+        if not (path.is_dir() and (path / "config.json").is_file() and any(path.glob("*.safetensors"))):
+            raise ModelLoadError(f"{path.name} is not an {cls.format.upper()} folder: {cls.Model.library} reads a "
+                                 "folder with config.json and *.safetensors weights.")
+        return cls.Model(path, options)

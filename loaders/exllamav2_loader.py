@@ -14,10 +14,8 @@ from typing import Any
 
 from pydantic import Field
 
-from loaders.base import Loader, LoaderOptions
-from loaders.exllama_common import ExllamaModel, ExllamaOptions, cache_tokens, exl_format, require_library
+from loaders.exllama_common import ExllamaLoader, ExllamaModel, ExllamaOptions, cache_tokens
 from loaders.exllama_sampling import EXLLAMAV2_PARAMS, exllamav2_plan
-from modules.errors import ModelLoadError
 from modules.generation_params import GenerationParams
 
 
@@ -25,29 +23,6 @@ class Exllamav2Options(ExllamaOptions):
     alpha_value: float = Field(1.0, gt=0, description="NTK RoPE scaling (alpha) for a longer context; 1 = off.")
     compress_pos_emb: float = Field(1.0, gt=0, description=(
         "Linear RoPE scaling: positions are divided by this (2 doubles the context); 1 = off."))
-
-
-class Exllamav2Loader(Loader):
-    name = "exllamav2"
-    Options = Exllamav2Options
-    description = "EXL2 folders through exllamav2 (CUDA GPUs only)."
-
-    @classmethod
-    def accepts(cls, path: Path) -> bool:
-        return exl_format(path) == "exl2"
-
-    @classmethod
-    def check_available(cls) -> None:
-        require_library(cls.name, "exllamav2")
-
-    @classmethod
-    def load(cls, path: Path, options: LoaderOptions) -> Exllamav2Model:
-        assert isinstance(options, Exllamav2Options)
-        cls.check_available()
-        if not (path.is_dir() and (path / "config.json").is_file() and any(path.glob("*.safetensors"))):
-            raise ModelLoadError(f"{path.name} is not an EXL2 folder: exllamav2 reads a folder with config.json "
-                                 "and *.safetensors weights.")
-        return Exllamav2Model(path, options)
 
 
 class Exllamav2Model(ExllamaModel):
@@ -129,3 +104,11 @@ class Exllamav2Model(ExllamaModel):
         self._generator = self._cache = self._model = None
         if model is not None:
             model.unload()
+
+
+class Exllamav2Loader(ExllamaLoader):
+    name = "exllamav2"
+    Options = Exllamav2Options
+    Model = Exllamav2Model
+    format = "exl2"
+    description = "EXL2 folders through exllamav2 (CUDA GPUs only)."

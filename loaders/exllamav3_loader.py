@@ -11,10 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from loaders.base import Loader, LoaderOptions
-from loaders.exllama_common import ExllamaModel, ExllamaOptions, cache_tokens, exl_format, require_library
+from loaders.exllama_common import ExllamaLoader, ExllamaModel, ExllamaOptions, cache_tokens
 from loaders.exllama_sampling import EXLLAMAV3_PARAMS, exllamav3_plan
-from modules.errors import ModelLoadError
 from modules.generation_params import GenerationParams
 
 _CACHE_BITS = {"q8": 8, "q6": 6, "q4": 4}
@@ -22,29 +20,6 @@ _CACHE_BITS = {"q8": 8, "q6": 6, "q4": 4}
 
 class Exllamav3Options(ExllamaOptions):
     """The options both exllama loaders share; exllamav3 reads the RoPE settings from the model."""
-
-
-class Exllamav3Loader(Loader):
-    name = "exllamav3"
-    Options = Exllamav3Options
-    description = "EXL3 folders through exllamav3 (CUDA GPUs only)."
-
-    @classmethod
-    def accepts(cls, path: Path) -> bool:
-        return exl_format(path) == "exl3"
-
-    @classmethod
-    def check_available(cls) -> None:
-        require_library(cls.name, "exllamav3")
-
-    @classmethod
-    def load(cls, path: Path, options: LoaderOptions) -> Exllamav3Model:
-        assert isinstance(options, Exllamav3Options)
-        cls.check_available()
-        if not (path.is_dir() and (path / "config.json").is_file() and any(path.glob("*.safetensors"))):
-            raise ModelLoadError(f"{path.name} is not an EXL3 folder: exllamav3 reads a folder with config.json "
-                                 "and *.safetensors weights.")
-        return Exllamav3Model(path, options)
 
 
 class Exllamav3Model(ExllamaModel):
@@ -103,3 +78,11 @@ class Exllamav3Model(ExllamaModel):
             generator.close()
         if model is not None:
             model.unload()
+
+
+class Exllamav3Loader(ExllamaLoader):
+    name = "exllamav3"
+    Options = Exllamav3Options
+    Model = Exllamav3Model
+    format = "exl3"
+    description = "EXL3 folders through exllamav3 (CUDA GPUs only)."
