@@ -14,7 +14,8 @@ import pytest
 from conftest import FRANCE, save_tiny_llama
 from gradio_client import Client
 from playwright.sync_api import Browser, Page, expect
-from ui_helpers import EVENT_TIMEOUT_MS, Server, Workspace, choose, set_text, sign_in, tab, wait_idle
+from ui_helpers import (EVENT_TIMEOUT_MS, Server, Workspace, choose, dropdown_option, set_text, sign_in, tab,
+                        wait_idle)
 
 from modules.starter import STARTER_GGUF, STARTER_HF_DIR
 
@@ -104,7 +105,7 @@ def test_a_conversion_shows_its_progress_and_the_new_model_joins_the_list(alice:
     assert leftovers(workspace.models) == []
     box = alice.locator("#model-select input").first
     box.click()
-    expect(alice.get_by_role("option", name=Q8, exact=True)).to_be_visible()
+    expect(dropdown_option(alice, "#model-select", Q8)).to_be_visible()
     alice.keyboard.press("Escape")
 
 
@@ -157,7 +158,7 @@ def test_the_gptq_format_makes_a_gptq_folder_with_the_settings_picked(alice: Pag
     assert leftovers(workspace.models) == []
     box = page.locator("#model-select input").first
     box.click()
-    expect(page.get_by_role("option", name=folder, exact=True)).to_be_visible()
+    expect(dropdown_option(page, "#model-select", folder)).to_be_visible()
     page.keyboard.press("Escape")
 
 
@@ -167,7 +168,7 @@ def test_a_comparison_shows_one_row_per_model_and_is_saved(alice: Page, converte
     box = alice.locator("#compare-models input").first
     for name in models:
         box.click()
-        alice.get_by_role("option", name=name, exact=True).click()
+        dropdown_option(alice, "#compare-models", name).click()
         expect(alice.locator("#compare-models")).to_contain_text(name)
     alice.keyboard.press("Escape")
     set_text(alice, "#compare-max-tokens", "128")

@@ -14,7 +14,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from playwright.sync_api import Browser, Page, Playwright, expect
+from playwright.sync_api import Browser, Locator, Page, Playwright, expect
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = "/usr/bin/chromium"
@@ -242,13 +242,20 @@ def set_text(page: Page, selector: str, value: str) -> None:
     expect(box).to_have_value(value)
 
 
+def dropdown_option(page: Page, selector: str, name: str) -> Locator:
+    """The option `name` of the dropdown at `selector` alone: another dropdown's list may still be drawn (one whose
+    choices refresh on focus can reopen after Escape), and an option of the same name there is not this one."""
+    listbox = page.locator(f"{selector} input").first.get_attribute("aria-controls")
+    return page.locator(f"[id='{listbox}']").get_by_role("option", name=name, exact=True)
+
+
 def choose(page: Page, selector: str, option: str) -> None:
     """Pick an option of a Gradio dropdown, and check that it took: a dropdown that re-reads its choices when
     opened may redraw its list under the click on a busy machine, and then the pick must be made again."""
     box = page.locator(f"{selector} input").first
     for _ in range(3):
         box.click()
-        page.get_by_role("option", name=option, exact=True).click()
+        dropdown_option(page, selector, option).click()
         try:
             expect(box).to_have_value(option, timeout=10_000)
             return
