@@ -31,6 +31,7 @@ single-sequence loop, bit for bit as before.
 """
 from __future__ import annotations
 
+import codecs
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -38,7 +39,7 @@ import llama_cpp
 import numpy as np
 
 from loaders.batching import Adapter, BatchDecoder, SequenceRequest, StepOutput
-from loaders.llama_cpp_loader import PROMPT_CHUNK, Utf8Stream
+from loaders.llama_cpp_loader import PROMPT_CHUNK, utf8_pieces
 from loaders.llama_cpp_sampling import Candidates, SamplerChains, build_sampler_chains
 from modules.errors import ContextLengthExceeded, GenerationError, InvalidInput
 from modules.generation_params import TokenEvent
@@ -97,7 +98,7 @@ class _Sequence:
     slot: _Slot
     prompt: list[int]
     chains: SamplerChains
-    text: Utf8Stream = field(default_factory=Utf8Stream)
+    text: codecs.IncrementalDecoder = field(default_factory=utf8_pieces)
     read: int = 0  # prompt tokens in the KV
     generated: int = 0
     last: int = -1  # the token to feed at the next step
@@ -363,7 +364,7 @@ class LlamaCppBatch(BatchDecoder):
             return self._end(sequence, "stop")
         if model.is_end_of_generation(token) and not params.ban_eos_token:
             return self._end(sequence, "stop")
-        event = TokenEvent(token_id=token, text=sequence.text.push(
+        event = TokenEvent(token_id=token, text=sequence.text.decode(
             model._piece(token, special=not params.skip_special_tokens)))
         if params.logprobs:
             model._fill_logprobs(event, params.logprobs, logits)

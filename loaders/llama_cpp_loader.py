@@ -8,7 +8,9 @@ engine decodes them together (loaders.llama_cpp_batch); with 1 the single-sequen
 from __future__ import annotations
 
 import atexit
+import codecs
 import ctypes
+import functools
 import re
 import threading
 import weakref
@@ -85,6 +87,8 @@ class LlamaCppOptions(LoaderOptions):
         return self.flash_attn == "on" or (self.flash_attn == "auto" and self.parallel > 1)
 
 
+#: A decoder of token pieces: bytes that may split a UTF-8 character become text once the character is complete.
+utf8_pieces = functools.partial(codecs.getincrementaldecoder("utf-8"), errors="replace")
 PROMPT_CHUNK = 128  # prompt tokens per decode call; a multiple of it is where cache reuse may resume
 #: Texts longer than this (bytes) are tokenized in pieces cut before special tokens. llama.cpp's special-token
 #: partition scans the rest of the text once per fragment for each special token absent from it, which is
@@ -338,7 +342,7 @@ class LlamaCppModel(LoadedModel):
         history = vision.inputs.text_ids if vision is not None else ids
         chains = build_sampler_chains(lib, llama, params, history, eog_tokens=self._eog)
         candidates = Candidates(lib, self._n_vocab)
-        decoder = Utf8Stream()
+        decoder = utf8_pieces()
         try:
             if vision is not None:
                 assert self._projector is not None
@@ -359,7 +363,7 @@ class LlamaCppModel(LoadedModel):
                     return
                 if self.is_end_of_generation(token) and not params.ban_eos_token:
                     return
-                event = TokenEvent(token_id=token, text=decoder.push(
+                event = TokenEvent(token_id=token, text=decoder.decode(
                     self._piece(token, special=not params.skip_special_tokens)))
                 if params.logprobs:
                     self._fill_logprobs(event, params.logprobs)
@@ -483,18 +487,6 @@ def _unload_at_exit(ref: "weakref.ref[LlamaCppModel]") -> None:
     model = ref()
     if model is not None:
         model.unload()
-
-
-class Utf8Stream:
-    """Turns token pieces (bytes that may split a UTF-8 character) into text as soon as it is complete."""
-
-    def __init__(self) -> None:
-        import codecs
-
-        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-
-    def push(self, piece: bytes) -> str:
-        return self._decoder.decode(piece)
 
 
 def _logsumexp(values: np.ndarray) -> float:

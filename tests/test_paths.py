@@ -28,7 +28,7 @@ def test_names_too_long_for_the_file_system_are_bad_input_not_os_errors(tmp_path
 
 
 def test_symlinks_placed_in_the_folder_are_followed_on_purpose(tmp_path: Path):
-    outside = tmp_path / "shared-disk"
+    outside = tmp_path / "other-disk"
     outside.mkdir()
     (outside / "weights.gguf").write_bytes(b"GGUF")
     base = tmp_path / "models"
@@ -36,7 +36,7 @@ def test_symlinks_placed_in_the_folder_are_followed_on_purpose(tmp_path: Path):
     (base / "linked.gguf").symlink_to(outside / "weights.gguf")
     assert resolve_inside(base, "linked.gguf", must_exist=True).read_bytes() == b"GGUF"
     with pytest.raises(PathError):
-        resolve_inside(base, "../shared-disk/weights.gguf")
+        resolve_inside(base, "../other-disk/weights.gguf")
 
 
 def test_plain_and_nested_names_resolve_inside(tmp_path: Path):
