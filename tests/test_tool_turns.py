@@ -225,6 +225,9 @@ def _file(path: Path, text: str) -> Path:
 #: The starter does not think, nor call tools by itself: this grammar makes every reply think, then call multiply.
 THINK_THEN_CALL = ('root ::= "<think>\\nThe user wants " [a-z ]{3,30} "\\n</think>\\n\\n<tool_call>\\n'
                    '{\\"name\\": \\"multiply\\", \\"arguments\\": {\\"a\\": 12, \\"b\\": 7}}\\n</tool_call>"')
+#: This one makes every reply say a sentence, then call multiply.
+TEXT_THEN_CALL = ('root ::= "Let me compute it.\\n<tool_call>\\n{\\"name\\": \\"multiply\\", '
+                  '\\"arguments\\": {\\"a\\": 12, \\"b\\": 7}}\\n</tool_call>"')
 HERMES_CALL = '<tool_call>\n{"name": "multiply", "arguments": {"a": 12, "b": 7}}\n</tool_call>'
 
 
@@ -336,6 +339,20 @@ def test_impersonate_writes_the_users_text_and_runs_no_tool(services) -> None:
     assert last.done and last.impersonation.startswith("Thanks") and len(last.impersonation) > len("Thanks")
     assert saved_messages(session) == before  # the chat is unchanged: the text waits in the box
     assert not (Path(services.settings.tools_dir) / "notes-cleared").exists()
+
+
+@pytest.mark.slow
+def test_a_calls_markup_never_shows_while_the_reply_streams(services) -> None:
+    session = UiSession.start(services, new_session_id())
+    writes = GREEDY.model_copy(update={"max_new_tokens": 60, "grammar_string": TEXT_THEN_CALL})
+    shown = []
+    for update in run_turn(services, session, services.settings.chat, writes, "send", "What is 12 times 7?",
+                           ModelChoice(STARTER_GGUF), ToolPick(("multiply",), "auto")):
+        shown.append(" ".join(str(entry.get("content")) for entry in update.messages
+                              if entry.get("role") == "assistant" and not entry.get("metadata")))
+    assert not [text for text in shown if "tool_call" in text or '"arguments"' in text or "<tool" in text], shown
+    assert any("Let me compute it." in text for text in shown[:-1])  # the text before the call streamed
+    assert saved_messages(session)[1].tool_calls[0]["function"]["name"] == "multiply"
 
 
 @pytest.mark.slow

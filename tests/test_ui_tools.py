@@ -231,12 +231,24 @@ def test_impersonate_fills_the_box_and_runs_no_tool(page: Page, store: HistorySt
     assert not (workspace.root / "tools" / "notes-cleared").exists()
 
 
+#: Records each text of the chat that showed a call's markup (the raw `<tool_call>` or its JSON) while the turn ran.
+_WATCH_MARKUP = """() => {
+  window.__markupSeen = [];
+  new MutationObserver(() => {
+    const text = document.querySelector('#chatbot').innerText;
+    if (text.includes('tool_call>') || text.includes('"arguments"')) window.__markupSeen.push(text);
+  }).observe(document.querySelector('#chatbot'), {childList: true, subtree: true, characterData: true});
+}"""
+
+
 def test_a_reply_that_thinks_then_calls_shows_its_thinking_above_the_call(page: Page, store: HistoryStore) -> None:
     use_preset(page, "ThinkThenCall")  # every reply thinks, then calls multiply: the round limit ends the turn
     pick_tool(page, "multiply", "Auto: the model decides")
     set_text(page, "#chat-input", "What is 12 times 7?")
+    page.evaluate(_WATCH_MARKUP)
     status = chat_event(page, lambda: page.click("#chat-send"))
     assert "the limit of 2 rounds" in status
+    assert page.evaluate("() => window.__markupSeen") == []  # the calls' markup never showed as text
     thinking = page.locator("#chatbot .thought-group").filter(has_text="Thinking")
     expect(thinking).to_have_count(3)
     expect(page.locator("#chatbot").get_by_text("The user wants", exact=False)).to_have_count(0)  # collapsed

@@ -61,6 +61,24 @@ def scan_reply(text: str, names: set[str], *, final: bool = False, start: int = 
     return ReplyScan(len(text) if final else len(text.rstrip()))
 
 
+class ContentSoFar:
+    """The part of a reply being written that is surely its content, for a preview (the Chat tab's): what is, or
+    may still become, a call's markup is held back, so a reader never sees it as text. `names` are the functions
+    offered (None or empty: all is text). Called with the reply's text each time it grows."""
+
+    def __init__(self, names: set[str] | None):
+        self.names = names
+        self._sure = 0  # characters known to be content: the next scan starts there
+
+    def __call__(self, text: str) -> str:
+        if not self.names:
+            return text
+        scan = scan_reply(text, self.names, start=self._sure)
+        if scan.section is None:
+            self._sure = scan.content_end
+        return text[:scan.content_end]
+
+
 def parse_tool_calls(text: str, names: set[str]) -> tuple[str, list[dict[str, Any]]]:
     """(the content, the tool calls) of a finished reply: the content is the text before the first call (the
     whole text when there is none). Only functions in `names` count."""

@@ -29,6 +29,7 @@ from loaders.batching import Adapter
 from modules.chat.history import ChatHistory, ChatMessage
 from modules.chat.reasoning import ReasoningSplitter
 from modules.chat.request import finish_reply, prepare_chat
+from modules.chat.tool_calls import ContentSoFar
 from modules.generation_params import GenerationParams, GenerationStats
 from modules.request_hooks import RequestHooks, visible_text
 from modules.services import Services
@@ -207,6 +208,7 @@ def run_tool_turn(services: Services, session: UiSession, chat: ChatSettings, pa
         if split is not None:
             split.feed(base)
         text, tokens = "", []
+        content = ContentSoFar(prepared.tool_names)  # a call's markup is shown as its block, not as text
         try:
             for batch in stream_batches(generation):
                 for chunk in batch:
@@ -214,8 +216,8 @@ def run_tool_turn(services: Services, session: UiSession, chat: ChatSettings, pa
                     tokens.extend(chunk.tokens)
                     if split is not None:
                         split.feed(chunk.text)
-                turn.events.put(("text", split.content, split.reasoning, split.thinking) if split is not None
-                                else ("text", base + text, None, False))
+                turn.events.put(("text", content(split.content), split.reasoning, split.thinking)
+                                if split is not None else ("text", content(base + text), None, False))
         finally:
             generation.cancel()  # no-op once it ended
         current.stats = generation.stats
