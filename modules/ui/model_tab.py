@@ -342,9 +342,10 @@ def build_model_tab(ctx: UiContext, tabs: gr.Tabs | None = None) -> None:
     save.click(on_save, {model, loader, preset_box, template_box, aliases_box, *all_options}, settings_note,
                api_name="save_model_settings")
     # the list and the default model; queued (a State changed by an unqueued event does not re-render), and
-    # never behind generations
-    timer.tick(lambda: (current_rows(), info_markdown(manager.info())), None, [rows, info], show_progress="hidden",
-               concurrency_limit=None)
+    # never behind generations. While a load runs its own event writes the info box: a tick's read of the state
+    # before it could land after the load's last update and show the old model under "Loaded …"
+    timer.tick(lambda: (current_rows(), gr.skip() if manager.loading is not None else info_markdown(manager.info())),
+               None, [rows, info], show_progress="hidden", concurrency_limit=None)
     if tabs is not None:  # the timer runs while the Model tab is open
         def follow_tab(event: gr.SelectData) -> Any:
             return gr.Timer(active=_is_model_tab(event))
