@@ -278,6 +278,24 @@ def test_regenerate_runs_the_turn_again_with_its_tools(services) -> None:
 
 
 @pytest.mark.slow
+def test_regenerate_with_no_tools_picked_replaces_a_turn_with_calls_by_a_plain_reply(services) -> None:
+    answered = UiSession.start(services, new_session_id())  # a whole tool turn: call, result, answer
+    act(services, answered, "send", ToolPick(("multiply",), "required"), "What is 12 times 7?")
+    assert [m.role for m in saved_messages(answered)] == ["user", "assistant", "tool", "assistant"]
+    stopped = UiSession.start(services, new_session_id())  # a turn stopped before its call ran
+    stopped.history = stopped.store.new(stopped.character, [
+        ChatMessage(role="user", content="What is 12 times 7?"), ChatMessage(role="assistant", content="",
+                                                                              tool_calls=[CALL])])
+    for session in (answered, stopped):
+        last = act(services, session, "regenerate", ToolPick())  # the tools were put away
+        saved = saved_messages(session)
+        assert [m.role for m in saved] == ["user", "assistant"], saved
+        assert saved[1].content and not saved[1].tool_calls and not saved[1].swipes, saved[1]
+        assert last.done and not [e for e in last.messages if e.get("metadata", {}).get("title", "").startswith(
+            ("🛠️", "✅"))]
+
+
+@pytest.mark.slow
 def test_regenerate_asks_again_before_a_tool_that_needs_approval(services) -> None:
     session = UiSession.start(services, new_session_id())
     pick, asked = ToolPick(("clear_notes",), "required"), []

@@ -29,7 +29,7 @@ from modules.ui.chat_display import THINKING_KEY, chatbot_messages
 from modules.ui.model_choice import ModelChoice, find_resident, page_client
 from modules.ui.session_state import UiSession
 from modules.ui.streaming import stream_batches
-from modules.ui.tool_messages import ToolPick
+from modules.ui.tool_messages import ToolPick, turn_holds_calls
 
 Action = Literal["send", "regenerate", "continue", "impersonate"]
 
@@ -118,15 +118,20 @@ def run_turn(services: Services, session: UiSession, chat: ChatSettings, params:
                                                                      "attachments": attachments or []}],
                                             "send", model=name, adapters=adapters), hooks=hooks)
     # Send, Regenerate and Continue run the tool loop when tools are picked (modules.ui.tool_turns); Impersonate
-    # never does: the model writes the user's next message into the box, and a user's message calls no tools
-    with_tools = tools is not None and bool(tools.names) and action != "impersonate"
+    # never does: the model writes the user's next message into the box, and a user's message calls no tools.
+    # Regenerate of a turn with calls takes the loop's way with none picked too: the turn is replaced by a plain
+    # reply, as a turn with calls is when tools are picked (not given the new text as an alternative)
+    replaces_calls = action == "regenerate" and session.history is not None \
+        and turn_holds_calls(session.history.messages)
+    with_tools = action != "impersonate" and ((tools is not None and bool(tools.names)) or replaces_calls)
     history = _prepare(services, session, chat, action, text, hooks, stamp, attachments or [], images or [],
                        with_tools=with_tools)
     prompt_messages = history.prompt_messages(folder) if history is not None else [
         m.model_dump(include={"role", "content"}) for m in greeting_messages(services, chat)]
     if with_tools:
         from modules.ui.tool_turns import run_tool_turn  # it builds on this module
-        yield from run_tool_turn(services, session, chat, params, history, hooks, tools, action, choice=choice,
+        yield from run_tool_turn(services, session, chat, params, history, hooks, tools or ToolPick(), action,
+                                 choice=choice,
                                  model=name, adapters=adapters, stamp=stamp)
         return
     impersonate = action == "impersonate"

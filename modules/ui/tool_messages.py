@@ -57,6 +57,12 @@ class ToolPick:
         return None
 
 
+def turn_holds_calls(messages: Sequence[ChatMessage]) -> bool:
+    """Whether the chat's last turn (what follows its last user message) holds tool calls or their results."""
+    users = [number for number, message in enumerate(messages) if message.role == "user"]
+    return any(m.tool_calls or m.role == "tool" for m in messages[users[-1] + 1 if users else 0:])
+
+
 def tool_entries(messages: Sequence[ChatMessage]) -> dict[int, dict[str, Any]]:
     """The chatbot entries of the chat's tool messages, by index: each assistant message that calls tools and
     each tool result becomes a collapsible block (one entry per stored message, so indices still match). A call
