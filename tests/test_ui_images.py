@@ -57,12 +57,15 @@ def test_an_image_reaches_the_model_and_stays_with_the_chat(browser: Browser, pa
 
     new_chat(page)
     red = make_png(tmp_path / "red.png", (255, 0, 0))
-    assert "Attached: 1 image(s)" in run_event(page, lambda: pick_image(page, red), "#chat-status")
+    attached = run_event(page, lambda: pick_image(page, red), "#chat-status")
+    cost = re.search(r"Attached: 1 image\(s\), (\d+) tokens of the prompt", attached)
+    assert cost and int(cost[1]) >= IMAGE_SEQ_LEN, attached  # counted on the loaded model, before it is sent
     listing = page.locator("#chat-images")
-    expect(listing).to_contain_text("red.png (PNG, 40×30, ")
+    expect(listing).to_contain_text(re.compile(rf"red\.png \(PNG, 40×30, .* · {cost[1]} tokens\)"))
 
     status = send(page, QUESTION)
     assert prompt_tokens(status) >= bare + IMAGE_SEQ_LEN  # the image's tokens, counted in the prompt
+    assert prompt_tokens(status) == bare + int(cost[1]), (bare, status)  # as the waiting list said
     assert re.search(r"reply: [1-9]\d* tokens", status), status  # the model answered
     expect(listing).to_be_hidden()  # it went with the message
     expect(thumbnail(page, red)).to_be_visible()

@@ -75,12 +75,14 @@ def test_an_image_goes_with_the_message_the_reply_streams_and_the_chat_keeps_it(
     new_chat(page)
     max_new_tokens(page, 800)  # a long reply (the random model writes noise), to see it arrive in pieces
     red = make_png(tmp_path / "red.png", (255, 0, 0))
-    assert "Attached: 1 image(s)" in run_event(page, lambda: pick_image(page, red), "#chat-status")
-    expect(page.locator("#chat-images")).to_contain_text("red.png (PNG, 40×30, ")
+    attached = run_event(page, lambda: pick_image(page, red), "#chat-status")
+    cost = re.search(r"Attached: 1 image\(s\), (\d+) tokens of the prompt", attached)
+    assert cost and int(cost[1]) >= IMAGE_SEQ_LEN, attached  # the projector's tokens, counted before it is sent
+    expect(page.locator("#chat-images")).to_contain_text(re.compile(rf"red\.png \(PNG, 40×30, .* · {cost[1]} tokens\)"))
     set_text(page, "#chat-input", QUESTION)
     watch_reply(page)
     status = chat_event(page, lambda: page.click("#chat-send"))
-    assert prompt_tokens(status) >= bare + IMAGE_SEQ_LEN  # the projector's tokens for the image, counted
+    assert prompt_tokens(status) == bare + int(cost[1]), (bare, status)  # as the waiting list said
     assert re.search(r"reply: [1-9]\d* tokens", status) and "failed" not in status, status
     assert reply_pieces(page) >= 2  # it streamed
     expect(page.locator("#chat-images")).to_be_hidden()  # it went with the message

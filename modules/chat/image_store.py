@@ -57,8 +57,12 @@ class StoredImage(BaseModel):
     @property
     def label(self) -> str:
         """"cat.png (PNG, 640×480, 51.2 KB)", as the Chat tab shows it."""
-        kind = self.media_type.split("/")[1].upper()
-        return f"{self.name} ({kind}, {self.width}×{self.height}, {format_size(self.size)})"
+        return f"{self.name} ({self.details})"
+
+    @property
+    def details(self) -> str:
+        """"PNG, 640×480, 51.2 KB"."""
+        return f"{self.media_type.split('/')[1].upper()}, {self.width}×{self.height}, {format_size(self.size)}"
 
 
 class PendingImage(BaseModel):
@@ -73,8 +77,8 @@ class PendingImage(BaseModel):
     height: int
 
     @property
-    def label(self) -> str:
-        return self.reference("0" * 64).label
+    def details(self) -> str:
+        return self.reference("0" * 64).details
 
     def reference(self, sha256: str) -> StoredImage:
         return StoredImage(sha256=sha256, media_type=self.media_type, name=self.name, size=len(self.data),

@@ -10,7 +10,7 @@ from typing import Any
 
 import gradio as gr
 
-from loaders.base import Capability
+from loaders.base import Capability, ImageData, LoadedModel
 from modules.chat.image_store import IMAGE_EXTENSIONS, PendingImage, read_image
 from modules.chat.images import MAX_IMAGE_BYTES
 from modules.errors import ConfigError, ImagesUnsupported, InvalidInput, WorkbenchError
@@ -44,25 +44,30 @@ def wire_images(ctx: UiContext, panel: ImagesPanel, status: gr.Markdown, model: 
     @user_errors
     def attach(data: dict[Any, Any]) -> tuple[Any, ...]:
         session_of(data[ctx.session])
-        _check_vision(ctx, model(data))
+        loaded = _vision_model(ctx, model(data))
         paths = data[button] or []
         images = [*panel.read(data), *(_read(path) for path in (paths if isinstance(paths, list) else [paths]))]
         if len(images) > MAX_IMAGES:
             raise InvalidInput(f"A message may carry up to {MAX_IMAGES} images; {len(images)} were attached.")
-        return *_shown(images), f"Attached: {len(images)} image(s)."
+        counts = [loaded.image_tokens(ImageData(image.data, image.media_type)) for image in images] \
+            if loaded is not None else None
+        note = f"Attached: {len(images)} image(s)"
+        return *_shown(images, counts), note + (f", {sum(counts):,} tokens of the prompt." if counts else ".")
 
     button.upload(attach, {ctx.session, button, pending, *model_inputs}, [pending, listing, clear, status])
     clear.click(lambda: (*_shown([]), "Images removed."), None, [pending, listing, clear, status], queue=False)
 
 
-def _check_vision(ctx: UiContext, choice: ModelChoice) -> None:
-    """Refuse images at once when the page's model is loaded and reads none (ImagesUnsupported)."""
+def _vision_model(ctx: UiContext, choice: ModelChoice) -> LoadedModel | None:
+    """The page's model, which counts the images' tokens; None when it is not loaded (the turn checks and counts
+    them once it is). Images are refused at once when it is loaded and reads none (ImagesUnsupported)."""
     try:
         loaded = ctx.services.manager.require_model(choice.model)
     except WorkbenchError:
-        return  # not loaded: the turn checks it once the model is
+        return None
     if Capability.VISION not in loaded.capabilities:
         raise ImagesUnsupported(loaded.name)
+    return loaded
 
 
 def _read(path: str | Path) -> PendingImage:
@@ -77,11 +82,14 @@ def _read(path: str | Path) -> PendingImage:
     return read_image(path.name, path.read_bytes())
 
 
-def _shown(images: list[PendingImage]) -> tuple[Any, Any, Any]:
-    """(the waiting images, their list, the Remove button)."""
+def _shown(images: list[PendingImage], counts: list[int] | None = None) -> tuple[Any, Any, Any]:
+    """(the waiting images, their list with the tokens each takes on the page's model when it is loaded, the Remove
+    button)."""
     if not images:
         return [], gr.update(value="", visible=False), gr.update(visible=False)
-    lines = [f"🖼 **{escape_markdown(image.name)}** {escape_markdown(image.label[len(image.name):].strip())}"
-             for image in images]
+    lines = []
+    for number, image in enumerate(images):
+        tokens = f" · {counts[number]:,} tokens" if counts is not None else ""
+        lines.append(f"🖼 **{escape_markdown(image.name)}** ({escape_markdown(image.details)}{tokens})")
     text = "Going with your next message:  \n" + "  \n".join(lines)
     return images, gr.update(value=text, visible=True), gr.update(visible=True)
