@@ -20,12 +20,15 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from modules.cli import ArgumentParser, parse_loader_options, report
 from modules.errors import ConfigError, GenerationError, WorkbenchError
 from modules.paths import atomic_write_text
 from modules.quantize.job import Progress, ProgressCallback, Tracker, human_size
+
+if TYPE_CHECKING:
+    from modules.model_manager import ModelManager
 
 DEFAULT_PROMPTS = (
     "What is the capital of France? Answer in one short sentence.",
@@ -66,10 +69,12 @@ def model_bytes(path: Path) -> int:
 
 def compare(models: list[str], *, model_dir: Path, text: str, prompts: tuple[str, ...] | list[str] = DEFAULT_PROMPTS,
             loader: str | None = None, loader_options: dict[str, Any] | None = None, max_new_tokens: int = 48,
-            context_length: int = 512, stride: int = 256, max_tokens: int = 0,
+            context_length: int = 512, stride: int = 256, max_tokens: int = 0, memory_budget: int = 0,
             progress: ProgressCallback | None = None, cancel: threading.Event | None = None) -> list[Row]:
     """Measure each of `models` (names in `model_dir`) in turn; see Row. `max_tokens` caps the perplexity text
-    (0: all of it)."""
+    (0: all of it). `memory_budget` (bytes; 0: no limit) is what one model may take, as --memory-budget counts
+    it: the web UI gives what its resident models leave; a model whose files need more is refused before any
+    loads."""
     from modules.memory import release_memory
     from modules.model_manager import ModelManager
 
@@ -78,10 +83,15 @@ def compare(models: list[str], *, model_dir: Path, text: str, prompts: tuple[str
     if not text.strip():
         raise ConfigError("The held-out text is empty.")
     # options go to the loaders that have them (as settings.yaml's do): one comparison may mix loaders
-    manager = ModelManager(Path(model_dir), Path("loras"), loader_options=loader_options or {})
+    manager = ModelManager(Path(model_dir), Path("loras"), loader_options=loader_options or {},
+                           memory_budget=memory_budget)
     known: set[str] = set()
-    for name in models:  # every name and option checked before the first load
-        known |= set(manager.plan(name, loader).loader.Options.model_fields)
+    for name in models:  # every name, size and option checked before the first load
+        plan = manager.plan(name, loader)
+        known |= set(plan.loader.Options.model_fields)
+        if memory_budget and plan.size > memory_budget:
+            raise ConfigError(f"{name} needs about {plan.size / 2**30:.2f} GiB, more than the "
+                              f"{memory_budget / 2**30:.2f} GiB the memory budget leaves for a comparison.")
     unknown = sorted(set(loader_options or {}) - known)
     if unknown:
         raise ConfigError(f"No loader of these models takes the option(s) {', '.join(unknown)}.")
@@ -102,6 +112,18 @@ def compare(models: list[str], *, model_dir: Path, text: str, prompts: tuple[str
         manager.close()
         release_memory()
     return rows
+
+
+def budget_beside(manager: ModelManager, budget: int) -> int:
+    """What `budget` (--memory-budget, bytes; 0: none) leaves beside `manager`'s resident models for the model a
+    comparison measures (0: no limit): the comparison loads its models beside them, one at a time."""
+    if not budget:
+        return 0
+    left = budget - manager.pool.memory_used()
+    if left <= 0:
+        raise ConfigError(f"The loaded models take all of the memory budget ({budget / 2**30:.2f} GiB): unload one "
+                          "to compare models.")
+    return left
 
 
 def _import_everything(manager: Any, models: list[str], loader: str | None) -> None:

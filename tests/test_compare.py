@@ -1,10 +1,13 @@
 """python -m modules.compare on two GGUF types of the starter (the Q4_K_M that test_quantize's fixture makes and the
 original Q4_1): one table with a number in every cell, the run saved as JSON and CSV that agree, answers side by
-side; a Stop ends it; bad input is one line and exit 2. Timings are checked for being measured, never for speed."""
+side; a Stop ends it; bad input is one line and exit 2; a memory budget (what the web UI's --memory-budget leaves
+beside its loaded models) refuses a model that needs more before anything loads. Timings are checked for being
+measured, never for speed."""
 from __future__ import annotations
 
 import csv
 import json
+import re
 import subprocess
 import sys
 import threading
@@ -13,8 +16,9 @@ from pathlib import Path
 import pytest
 
 from conftest import FRANCE, ROOT
-from modules.compare import CSV_COLUMNS, compare
-from modules.errors import Cancelled
+from modules.compare import CSV_COLUMNS, budget_beside, compare
+from modules.errors import Cancelled, ConfigError
+from modules.model_manager import ModelManager
 from modules.quantize.job import Progress
 from modules.starter import STARTER_GGUF
 
@@ -119,3 +123,24 @@ def test_csv_columns_cover_every_measurement():
     from modules.compare import Row
 
     assert set(CSV_COLUMNS) == {f.name for f in fields(Row)} - {"answers"}
+
+
+@pytest.mark.slow
+def test_the_memory_budget_bounds_a_comparison_beside_the_loaded_models(starter_gguf: Path, verdict_text: str,
+                                                                          tmp_path: Path):
+    manager = ModelManager(starter_gguf.parent, tmp_path, loader_options={"n_ctx": 512, "parallel": 1})
+    try:
+        manager.load(STARTER_GGUF)
+        used = manager.pool.memory_used()
+        assert used > 0
+        assert budget_beside(manager, 0) == 0  # no budget: no limit
+        assert budget_beside(manager, used + 2**20) == 2**20
+        with pytest.raises(ConfigError, match="take all of the memory budget"):
+            budget_beside(manager, used)
+        steps: list[str] = []
+        with pytest.raises(ConfigError, match=rf"{re.escape(STARTER_GGUF)} needs about .* GiB, more than the"):
+            compare([STARTER_GGUF], model_dir=starter_gguf.parent, text=verdict_text, memory_budget=2**20,
+                    progress=lambda progress: steps.append(progress.stage))
+        assert steps == []  # refused before anything loaded
+    finally:
+        manager.close()

@@ -331,3 +331,34 @@ def test_a_request_naming_a_lora_that_is_not_there_is_refused_by_a_batching_mode
         assert batching.complete("Hi", GenerationParams(max_new_tokens=2)).text is not None
     finally:
         batching.unload()
+
+
+@pytest.mark.slow
+def test_the_memory_budget_evicts_the_least_recently_used_and_refuses_a_model_too_big(starter_gguf: Path,
+                                                                                      tmp_path: Path):
+    models = tmp_path / "models"
+    models.mkdir()
+    for name in ("first.gguf", "second.gguf"):  # the starter under two names: two residents
+        (models / name).symlink_to(starter_gguf)
+    options = {"n_ctx": 512, "parallel": 1}
+    probe = ModelManager(models, tmp_path, loader_options=options)
+    try:
+        probe.load("first.gguf")
+        used, size = probe.pool.memory_used(), probe.plan("second.gguf").size
+    finally:
+        probe.close()
+    manager = ModelManager(models, tmp_path, loader_options=options, max_models=4, memory_budget=used + size - 1)
+    try:
+        manager.load("first.gguf")
+        manager.load("second.gguf")  # both do not fit: the first makes room although the model count would allow it
+        assert [r.name for r in manager.pool.all()] == ["second.gguf"]
+        assert manager.pool.evictions == 1
+    finally:
+        manager.close()
+    small = ModelManager(models, tmp_path, loader_options=options, memory_budget=size // 2)
+    try:
+        with pytest.raises(ModelLoadError, match="more than --memory-budget"):
+            small.load("first.gguf")
+        assert small.pool.all() == []
+    finally:
+        small.close()

@@ -140,6 +140,11 @@ class Residents:
             self._on_unload(name)
         return True
 
+    def memory_used(self) -> int:
+        """The bytes the resident models take together, as the memory budget counts them."""
+        with self._lock:
+            return sum(r.model.info().memory_bytes for r in self._residents.values())
+
     def _make_room(self, name: str, size_hint: int, cancel_running: bool) -> None:
         """Unload least recently used models until `name` fits the model count and the memory budget."""
         if self.memory_budget and size_hint > self.memory_budget:
@@ -148,7 +153,7 @@ class Residents:
         while True:
             with self._lock:
                 count = len(self._residents) + len(self._loading) - 1  # the others being loaded count too
-                used = sum(r.model.info().memory_bytes for r in self._residents.values())
+                used = self.memory_used()
                 over_count = self.max_models and count >= self.max_models
                 over_memory = self.memory_budget and used + size_hint > self.memory_budget
                 if not (over_count or over_memory) or not self._residents:

@@ -12,7 +12,7 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
-from modules.compare import DEFAULT_PROMPTS, Row, compare, list_runs, load_run, save_run
+from modules.compare import DEFAULT_PROMPTS, Row, budget_beside, compare, list_runs, load_run, save_run
 from modules.errors import ConfigError, WorkbenchError
 from modules.quantize.job import ProgressCallback
 from modules.ui.access import refuse_unless_admin
@@ -124,10 +124,12 @@ def build_compare_panel(ctx: UiContext) -> None:
         if limit < 0 or answer_tokens < 1:
             raise ConfigError("Tokens of the text must not be negative and tokens per answer at least 1.")
 
+        budget = budget_beside(manager, settings.memory_budget_bytes)
+
         def run(report: ProgressCallback, cancel: threading.Event) -> tuple[list[Row], list[str], str]:
             rows = compare(models, model_dir=Path(settings.model_dir), text=text, prompts=asked,
                            loader_options=options, max_new_tokens=answer_tokens, max_tokens=limit,
-                           progress=report, cancel=cancel)
+                           memory_budget=budget, progress=report, cancel=cancel)
             json_path, _ = save_run(rows, saved_dir, prompts=asked, text_source=source)
             return rows, asked, json_path.stem
 
