@@ -1,7 +1,7 @@
 """Clients nobody here wrote, unchanged, against a real server with the starter model: SillyTavern's
 text-generation-webui mode (its request bodies replayed field by field), text-generation-webui's own clients, the
 official anthropic SDK (a prefilled reply, count_tokens, streamed tool use) and openai's stream helper on streamed
-tool calls; and the tool-call formats of common chat templates read while they are being written."""
+tool calls (and a reply's logprobs covering its text, not its calls, streamed or not); and the tool-call formats of common chat templates read while they are being written."""
 from __future__ import annotations
 
 import json
@@ -340,6 +340,25 @@ def test_openai_stream_passes_tool_arguments_as_they_are_written(client: openai.
     assert json.loads("".join(pieces)) == json.loads(whole.function.arguments)
     assert final.finish_reason == "tool_calls" and final.message.tool_calls[0].id == first.id
     assert not final.message.content
+
+
+#: The starter does not call tools by itself: this grammar makes it say a sentence, then call get_weather.
+SAY_THEN_CALL = ('root ::= "Let me check the weather.\\n<tool_call>\\n{\\"name\\": \\"get_weather\\", '
+                 '\\"arguments\\": {\\"city\\": \\"Rome\\"}}\\n</tool_call>"')
+
+
+def test_a_reply_with_calls_gives_the_logprobs_of_its_text_alone(client: openai.OpenAI) -> None:
+    request = dict(model=MODEL, messages=IN_ROME, tools=[WEATHER], max_tokens=60, temperature=0, logprobs=True,
+                   top_logprobs=1, extra_body={"grammar_string": SAY_THEN_CALL})
+    whole = client.chat.completions.create(**request).choices[0]
+    assert whole.finish_reason == "tool_calls" and whole.message.content == "Let me check the weather."
+    assert json.loads(whole.message.tool_calls[0].function.arguments) == {"city": "Rome"}
+    tokens = [item.token for item in whole.logprobs.content]
+    assert "".join(tokens).strip() == whole.message.content  # none of the call's markup
+    streamed = [item.token for chunk in client.chat.completions.create(**request, stream=True)
+                for choice in chunk.choices if choice.logprobs and choice.logprobs.content
+                for item in choice.logprobs.content]
+    assert streamed == tokens
 
 
 def test_anthropic_stream_passes_tool_input_as_it_is_written(claude: anthropic.Anthropic) -> None:
