@@ -1,4 +1,4 @@
-"""A tiny MCP server written with the official SDK (MCPServer, FastMCP's name in mcp 2), for tests/test_tools.py.
+"""A tiny MCP server written with the official SDK (MCPServer, FastMCP's name in mcp 2), for tests/test_tools_mcp.py.
 
 Run over stdio: `python tests/mcp_server.py`. Over streamable HTTP: `python -m uvicorn mcp_server:app` from tests/
 (the app serves /mcp)."""
