@@ -131,8 +131,7 @@ def run_turn(services: Services, session: UiSession, chat: ChatSettings, params:
     if with_tools:
         from modules.ui.tool_turns import run_tool_turn  # it builds on this module
         yield from run_tool_turn(services, session, chat, params, history, hooks, tools or ToolPick(), action,
-                                 choice=choice,
-                                 model=name, adapters=adapters, stamp=stamp)
+                                 choice=choice, model=name, adapters=adapters, stamp=stamp)
         return
     impersonate = action == "impersonate"
     base = prompt_messages[-1]["content"] if action == "continue" else text if impersonate else ""
