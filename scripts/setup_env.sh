@@ -27,7 +27,8 @@ PY
     python -m pip install "${args[@]}"
     echo "$digest" > "$stamp"
   fi
-  python -c "import torch, transformers, llama_cpp, gradio, peft" \
+  # `modules` first: it quiets torchao's and torch's import-time warnings (modules/__init__.py)
+  python -c "import modules, torch, transformers, llama_cpp, gradio, peft" \
     || { echo "the Python environment is incomplete; delete .venv and run again" >&2; return 1; }
   # llama.cpp's GGUF converters (LoRA/merged-model export), from the pinned llama-cpp-python sdist, once
   bash scripts/fetch_llama_converters.sh
