@@ -314,8 +314,8 @@ def test_model_tab_reports_a_corrupt_file_and_loads_a_model(page: Page) -> None:
     set_text(page, "#opt-llamacpp-n-ctx", "2048")
     status = run_event(page, lambda: page.click("#model-load"), "#model-status")
     assert "Loaded SmolLM2-135M-Instruct.Q4_1.gguf" in status
-    # the resident list's 2 s refresh also writes this box: a tick computed while the model loaded may land after
-    # the load's own update and show the old state until the next tick
+    # the box is written by the load's last update and by the resident list's 2 s refresh: wait for the loaded
+    # model's details rather than read it once
     info = page.locator("#model-info")
     for text in ("2,048 tokens", "llama.cpp", "Q4_1"):
         expect(info).to_contain_text(text)
